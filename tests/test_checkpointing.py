@@ -1,0 +1,348 @@
+"""checkpointing.py against real files in tmp_path: save -> clobber -> load -> equal, atomicity, legacy
+variants, the guide's lines, refusals, --resume auto, and the inspect/convert CLI."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import checkpointing as ck
+from conftest import ROOT
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def trained(model: nn.Module) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    for _ in range(3):
+        loss = model(torch.randn(5, 4)).square().mean()
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return optimizer, scaler
+
+
+def checkpoint_of(model: nn.Module, optimizer, scaler, **changes) -> dict:
+    fields = dict(model=model, optimizer=optimizer, scaler=scaler, epoch=4, global_step=123, best_val=0.75,
+                  val_loss=0.8, config={"lr": 1e-2, "precision": "fp16", "d_shared": 8},
+                  data_state={"epoch": 5, "samples_seen": 0}, tokenizer=None)
+    return ck.make_checkpoint(**{**fields, **changes})
+
+
+def assert_same_tensors(left, right) -> None:
+    if isinstance(left, torch.Tensor):
+        assert torch.equal(left, right)
+    elif isinstance(left, dict):
+        assert left.keys() == right.keys()
+        for key in left:
+            assert_same_tensors(left[key], right[key])
+    elif isinstance(left, (list, tuple)):
+        assert len(left) == len(right)
+        for a, b in zip(left, right):
+            assert_same_tensors(a, b)
+    else:
+        assert left == right
+
+
+# ----------------------------------------------------------------------------- save -> clobber -> load -> equal
+
+def test_round_trip_restores_model_optimizer_scaler_and_position(tmp_path):
+    model = small_model()
+    optimizer, scaler = trained(model)
+    path = tmp_path / ck.LAST
+    ck.save_checkpoint(checkpoint_of(model, optimizer, scaler), path)
+    saved_model, saved_optimizer, saved_scale = model.state_dict(), optimizer.state_dict(), scaler.get_scale()
+
+    clobbered = small_model(seed=9)
+    fresh_optimizer = torch.optim.AdamW(clobbered.parameters(), lr=1e-2)
+    fresh_scaler = torch.amp.GradScaler("cpu", enabled=True)
+    point = ck.restore_training_state(torch.load(path, weights_only=True), path, clobbered, fresh_optimizer,
+                                      fresh_scaler, "fp16", {"d_shared": 8}, log=lambda line: None)
+
+    assert_same_tensors(clobbered.state_dict(), saved_model)
+    assert_same_tensors(fresh_optimizer.state_dict(), saved_optimizer)
+    assert fresh_scaler.get_scale() == saved_scale != 65536.0
+    assert (point.epoch, point.samples_seen, point.global_step, point.best_val) == (5, 0, 123, 0.75)
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    ck.save_checkpoint({"rng_state": ck.capture_rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.normal(), torch.rand(3))
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    ck.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng_state"])
+    got = (random.random(), np.random.normal(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_capturing_the_rng_draws_nothing():
+    torch.manual_seed(3)
+    ck.capture_rng_state()
+    after_capture = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(after_capture, torch.rand(1))
+
+
+def test_checkpoint_holds_plain_types_and_no_wrapper_prefixes(tmp_path):
+    model = small_model()
+    optimizer, scaler = trained(model)
+    compiled_view = nn.DataParallel(model)  # what a wrapped run holds; we save the plain module
+    path = tmp_path / ck.LAST
+    ck.save_checkpoint(checkpoint_of(compiled_view.module, optimizer, scaler), path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["format_version"] == 2 and loaded["epoch"] == 4 and loaded["global_step"] == 123
+    assert all(not key.startswith(("module.", "_orig_mod.")) for key in loaded["model_state_dict"])
+    assert isinstance(loaded["config"], dict) and "scaler_state_dict" in loaded
+    assert set(loaded["rng_state"]) == {"python", "numpy", "torch", "cuda"}
+    assert set(loaded["versions"]) == {"torch", "transformers"} and loaded["created"]
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def test_a_save_that_fails_midway_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / ck.LAST
+    ck.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+
+    def torn_save(obj, handle):
+        handle.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint({"global_step": 2}, path)
+    assert ck.load_checkpoint(path)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ck.LAST]
+
+
+def test_a_full_disk_is_one_clear_error_and_the_old_file_stays(tmp_path, monkeypatch):
+    path = tmp_path / ck.LAST
+    ck.save_checkpoint({"global_step": 1}, path)
+
+    def disk_full(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(ck.CheckpointError, match=r"could not write .*last_brain_v2.pt: No space left on device; "
+                                                 r"the previous last_brain_v2.pt is intact"):
+        ck.save_checkpoint({"global_step": 2}, path)
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ck.LAST]
+
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import checkpointing as ck
+step = 0
+while True:
+    step += 1
+    ck.save_checkpoint({{"global_step": step, "w": torch.full((4_000_000,), float(step))}}, {path!r})
+    print(step, flush=True)
+"""
+
+
+def test_a_process_killed_mid_write_always_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / ck.LAST
+    rng = random.Random(0)
+    for attempt in range(3):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(ROOT), path=str(path))],
+                                  stdout=subprocess.PIPE, text=True)
+        writer.stdout.readline()  # at least one complete save
+        time.sleep(rng.uniform(0.0, 0.3))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        loaded = ck.load_checkpoint(path)
+        assert torch.all(loaded["w"] == float(loaded["global_step"]))
+    ck.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [ck.LAST]
+
+
+def test_rotation_keeps_the_newest_snapshots_and_never_touches_best_or_last(tmp_path):
+    for name in [ck.LAST, ck.BEST] + [ck.snapshot_name(epoch) for epoch in (1, 2, 3, 10)]:
+        (tmp_path / name).write_bytes(b"x")
+    removed = ck.rotate_snapshots(tmp_path, keep_last=2)
+    assert sorted(p.name for p in removed) == ["epoch_001_brain_v2.pt", "epoch_002_brain_v2.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ck.BEST, ck.LAST, "epoch_003_brain_v2.pt",
+                                                                 "epoch_010_brain_v2.pt"])
+
+
+# ----------------------------------------------------------------------------- the guide's lines
+
+def restore_lines(checkpoint: dict, model: nn.Module, precision: str = "fp16", architecture=None,
+                  scaler_enabled: bool = True) -> tuple[list[str], ck.ResumePoint]:
+    lines: list[str] = []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
+    point = ck.restore_training_state(checkpoint, Path("x.pt"), model, optimizer, scaler, precision,
+                                      architecture or {"d_shared": 8}, log=lines.append)
+    return lines, point
+
+
+def test_full_checkpoint_prints_every_line_of_the_guide():
+    model = small_model()
+    optimizer, scaler = trained(model)
+    lines, _ = restore_lines(checkpoint_of(model, optimizer, scaler, epoch=42, global_step=158250, best_val=0.2345,
+                                           data_state={"epoch": 43, "samples_seen": 0}), small_model(1))
+    assert lines == ["=" * 60, "Resuming from checkpoint: x.pt", "=" * 60,
+                     "✓ New format checkpoint with full training state", "✓ Model state loaded (strict)",
+                     "✓ Optimizer state loaded", "✓ Starting from epoch 43", "✓ Global step restored to 158250",
+                     "✓ Best validation loss: 0.2345", "✓ GradScaler state loaded"]
+
+
+def test_precision_change_drops_or_starts_the_scaler_with_a_warning():
+    model = small_model()
+    optimizer, scaler = trained(model)
+    to_bf16, _ = restore_lines(checkpoint_of(model, optimizer, scaler), small_model(1), "bf16", scaler_enabled=False)
+    assert "⚠ GradScaler state dropped: this run uses bf16, which needs no loss scaling" in to_bf16
+    no_scaler = torch.amp.GradScaler("cpu", enabled=False)
+    from_fp32 = checkpoint_of(model, optimizer, no_scaler, config={"precision": "fp32"})
+    to_fp16, _ = restore_lines(from_fp32, small_model(1), "fp16")
+    assert "⚠ Fresh GradScaler: the checkpoint was trained in fp32" in to_fp16
+
+
+@pytest.mark.parametrize("variant", ["bare", "state_dict", "model", "module_prefix", "orig_mod_prefix"])
+def test_legacy_weight_files_load_strictly_whatever_their_wrapping(variant):
+    weights = small_model().state_dict()
+    prefix = {"module_prefix": "module.", "orig_mod_prefix": "_orig_mod."}.get(variant, "")
+    prefixed = {prefix + key: value for key, value in weights.items()}
+    checkpoint = {variant: prefixed} if variant in ("state_dict", "model") else prefixed
+    target = small_model(5)
+    lines, point = restore_lines(checkpoint, target)
+    assert lines[3:] == ["✓ Old format checkpoint (model weights only)", "✓ Model state loaded (strict)",
+                         "⚠ Optimizer state not in checkpoint (starting fresh)", "⚠ Epoch unknown (starting from epoch 0)"]
+    assert_same_tensors(target.state_dict(), weights)
+    assert (point.epoch, point.global_step, point.best_val) == (0, 0, None)
+
+
+def test_legacy_file_with_extra_keys_and_a_changed_layer_loads_the_rest_non_strictly():
+    old = small_model()
+    weights = {**old.state_dict(), "extra.weight": torch.ones(2)}
+    weights["2.weight"] = torch.ones(5, 8)  # the head had 5 classes then; now 3
+    weights["2.bias"] = torch.ones(5)
+    target = small_model(7)
+    lines, _ = restore_lines(weights, target)
+    assert lines[4:7] == ["⚠ Strict loading failed: 1 unexpected keys, 2 shape mismatches",
+                          "  Attempting to load with strict=False...",
+                          "✓ Model state loaded (partial - may need fine-tuning)"]
+    assert any(line.startswith("  loaded 2/4 tensors") for line in lines)
+    assert "  shape mismatch: 2.weight, 2.bias" in lines and "  unexpected: extra.weight" in lines
+    assert torch.equal(target[0].weight, old[0].weight)
+
+
+def test_a_file_that_matches_nothing_is_refused():
+    with pytest.raises(ck.CheckpointError, match="none of its 1 tensors match this model"):
+        restore_lines({"encoder.layer.weight": torch.ones(3)}, small_model())
+
+
+def test_a_different_architecture_warns_loads_non_strictly_and_skips_the_optimizer():
+    model = small_model()
+    optimizer, scaler = trained(model)
+    bigger = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))
+    lines, _ = restore_lines(checkpoint_of(model, optimizer, scaler), bigger, architecture={"d_shared": 16})
+    assert "⚠ Architecture differs from the checkpoint: d_shared 8 -> 16" in lines
+    assert "⚠ Optimizer state not loaded: the model's parameters differ from the checkpoint's (starting fresh)" in lines
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_missing_file_says_not_found_with_the_ls_hint(tmp_path):
+    with pytest.raises(ck.CheckpointError, match=r"Checkpoint file not found: .*nope.pt \(check the path: ls -lh"):
+        ck.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_folder_without_a_checkpoint_is_named(tmp_path):
+    with pytest.raises(ck.CheckpointError, match="folder holds no last_brain_v2.pt or best_brain_v2.pt"):
+        ck.checkpoint_in_folder(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [(b"", "empty file"), (b"hello, not a checkpoint", "not a PyTorch checkpoint")])
+def test_empty_and_foreign_files_are_named(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.load_checkpoint(path)
+
+
+def test_a_truncated_file_is_named(tmp_path):
+    path = tmp_path / ck.LAST
+    ck.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(ck.CheckpointError, match="last_brain_v2.pt: truncated or not a PyTorch checkpoint"):
+        ck.load_checkpoint(path)
+
+
+class Malicious:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": Malicious(marker), "epoch": 1}, path)
+    with pytest.raises(ck.CheckpointError, match=r"refused: loading it would need unsafe unpickling of .*system"):
+        ck.load_checkpoint(path)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- --resume auto and folders
+
+def test_resume_auto_picks_the_highest_step_and_names_a_truncated_newest(tmp_path):
+    ck.save_checkpoint({"global_step": 30, "epoch": 2, "model_state_dict": {}}, tmp_path / ck.BEST)
+    ck.save_checkpoint({"global_step": 20, "epoch": 1, "model_state_dict": {}}, tmp_path / ck.snapshot_name(1))
+    ck.save_checkpoint({"global_step": 40, "epoch": 3, "model_state_dict": {}}, tmp_path / ck.LAST)
+    assert ck.find_latest_checkpoint(tmp_path, log=lambda line: None) == tmp_path / ck.LAST
+    (tmp_path / ck.LAST).write_bytes((tmp_path / ck.LAST).read_bytes()[:100])
+    lines: list[str] = []
+    assert ck.find_latest_checkpoint(tmp_path, log=lines.append) == tmp_path / ck.BEST
+    assert len(lines) == 1 and lines[0].startswith("⚠ Skipping ") and "last_brain_v2.pt" in lines[0]
+
+
+def test_resume_from_a_folder_takes_its_newer_checkpoint(tmp_path):
+    ck.save_checkpoint({"global_step": 5, "epoch": 0, "model_state_dict": {}}, tmp_path / ck.LAST)
+    ck.save_checkpoint({"global_step": 9, "epoch": 1, "model_state_dict": {}}, tmp_path / ck.BEST)
+    assert ck.checkpoint_in_folder(tmp_path) == tmp_path / ck.BEST
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_inspect_prints_format_epoch_step_and_config(tmp_path, capsys):
+    model = small_model()
+    optimizer, scaler = trained(model)
+    ck.save_checkpoint(checkpoint_of(model, optimizer, scaler), tmp_path / ck.LAST)
+    assert ck.main(["inspect", str(tmp_path / ck.LAST)]) == 0
+    out = capsys.readouterr().out
+    for expected in ("format:     2", "epoch:      4", "step:       123", "best_val:   0.75", "precision:  fp16",
+                     "  d_shared: 8", "tensors:"):
+        assert expected in out
+
+
+def test_convert_wraps_a_legacy_file_that_then_resumes_as_format_2(tmp_path, capsys):
+    weights = {f"module.{k}": v for k, v in small_model().state_dict().items()}
+    torch.save(weights, tmp_path / "old.pt")
+    assert ck.main(["convert", str(tmp_path / "old.pt"), str(tmp_path / "new.pt")]) == 0
+    converted = torch.load(tmp_path / "new.pt", weights_only=True)
+    assert converted["format_version"] == 2 and "0.weight" in converted["model_state_dict"]
+    lines, point = restore_lines(converted, small_model(3))
+    assert "✓ New format checkpoint with full training state" in lines and point.epoch == 0
+    assert ck.main(["convert", str(tmp_path / "old.pt"), str(tmp_path / "new.pt")]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
