@@ -37,9 +37,9 @@ from tqdm import tqdm
 import checkpointing
 from brain_model import BrainConfig, BrainModel, UnsupportedEncoder, retrieval_metrics
 from checkpointing import BEST, LAST, CheckpointError
-from flickr8k_dataset import (CaptionCollator, DatasetError, Flickr8kDataset, JpegImages, ResumableSampler,
-                              Split, UniqueImages, build_image_cache, image_transforms, load_splits,
-                              tokenizer_from_json, train_caption_tokenizer)
+from flickr8k_dataset import (CaptionCollator, DatasetError, Flickr8kDataset, JpegImages, ResumableSampler, Split,
+                              TrainAugment, UniqueImages, build_image_cache, eval_transform, load_splits,
+                              normalize_images, tokenizer_from_json, train_caption_tokenizer)
 from sample_data import write_sample_dataset
 
 DEMO_ROOT = Path("data/flickr8k_sample")
@@ -398,20 +398,21 @@ class Trainer:
             self.config["cache_images"] = False
             train_images, val_images = JpegImages(train_split.image_paths()), JpegImages(val_split.image_paths())
         self.sampler = ResumableSampler(len(train_split), self.train.seed)
-        dataset = Flickr8kDataset(train_split, train_images, image_transforms(self.brain.image_size, True, self.train.hflip),
+        dataset = Flickr8kDataset(train_split, train_images, TrainAugment(self.brain.image_size, hflip=self.train.hflip),
                                   self.train.seed)
         self.train_loader = make_loader(dataset, self.train.batch_size, self.args, self.device, self.train.seed,
                                         sampler=self.sampler, collate_fn=self.collator, drop_last=True)
         self.val_split = val_split
         self.val_images = val_images
-        self.val_loader = make_loader(UniqueImages(val_split, val_images, image_transforms(self.brain.image_size, False)),
+        self.val_loader = make_loader(UniqueImages(val_split, val_images, self.brain.image_size),
                                       self.train.batch_size, self.args, self.device, self.train.seed)
         self.steps_per_epoch = len(train_split) // self.train.batch_size
         self.total_steps = self.steps_per_epoch * self.train.epochs
 
     def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch from the loader -> normalised float on the device (channels-last for CNNs on CUDA)."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        return images.to(self.device, non_blocking=True, memory_format=memory_format)
+        return normalize_images(images.to(self.device, non_blocking=True)).contiguous(memory_format=memory_format)
 
     # -- checkpoints
     def save(self, names: list[str]) -> Path:
@@ -462,8 +463,10 @@ class Trainer:
         interactive = sys.stdout.isatty()
         bar = tqdm(total=self.steps_per_epoch, initial=p.samples_seen // self.train.batch_size,
                    desc=f"epoch {p.epoch}", disable=not interactive, dynamic_ncols=True)
-        losses, window_start, window_samples = [], time.perf_counter(), 0
+        losses, window_start, window_samples, window_wait = [], time.perf_counter(), 0, 0.0
+        fetch_start = time.perf_counter()
         for batch in self.train_loader:
+            window_wait += time.perf_counter() - fetch_start  # time the step waited for data
             if stop.signum:
                 break
             self.note_bad_files(batch)
@@ -479,7 +482,7 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                            "train/samples_per_sec": window_samples / max(elapsed, 1e-9),
-                           "train/skipped_images": p.skipped_images}
+                           "train/data_wait": window_wait / max(elapsed, 1e-9), "train/skipped_images": p.skipped_images}
                 if self.scaler.is_enabled():
                     scalars["train/amp_scale"] = self.scaler.get_scale()
                 for tag, value in scalars.items():
@@ -487,10 +490,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{scalars['train/samples_per_sec']:.0f}")
                 if not interactive:
                     print(f"epoch {p.epoch} step {p.global_step} loss {loss:.4f} lr {lr:.2e} "
-                          f"{scalars['train/samples_per_sec']:.0f} samples/s", flush=True)
-                window_start, window_samples = time.perf_counter(), 0
+                          f"{scalars['train/samples_per_sec']:.0f} samples/s, data wait "
+                          f"{100 * scalars['train/data_wait']:.0f}%", flush=True)
+                window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
             if self.train.save_every_steps and p.global_step % self.train.save_every_steps == 0:
                 self.save([LAST])
+            fetch_start = time.perf_counter()
         bar.close()
         if stop.signum:
             return None
@@ -534,7 +539,7 @@ class Trainer:
         canvas = Image.new("RGB", (width, side * count), "white")
         draw = ImageDraw.Draw(canvas)
         font = ImageFont.load_default(size=15)
-        thumbnail = v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(side)])
+        thumbnail = eval_transform(side)
         for row in range(min(count, similarity.shape[0])):
             try:
                 pixels = thumbnail(self.val_images.load(row))
@@ -671,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_only:
             split = data.splits[args.eval_split]
             images = image_source(split, brain, args, train.cache_images)
-            loader = make_loader(UniqueImages(split, images, image_transforms(brain.image_size, False)),
+            loader = make_loader(UniqueImages(split, images, brain.image_size),
                                  train.batch_size, args, device, train.seed)
             print_metrics_table(trainer.evaluate(split, loader), args.eval_split)
             return 0

@@ -210,7 +210,7 @@ def test_shards_are_disjoint_and_cover_the_rest_of_the_epoch_for_any_world_size(
 # ----------------------------------------------------------------------------- images and augmentation
 
 def train_dataset(split: fd.Split, images, seed: int = 0) -> fd.Flickr8kDataset:
-    return fd.Flickr8kDataset(split, images, fd.image_transforms(32, train=True), seed)
+    return fd.Flickr8kDataset(split, images, fd.TrainAugment(32), seed)
 
 
 def test_augmentation_is_keyed_by_seed_epoch_and_index_not_by_the_global_rng(sample_root):
@@ -224,6 +224,18 @@ def test_augmentation_is_keyed_by_seed_epoch_and_index_not_by_the_global_rng(sam
     before = torch.get_rng_state()
     dataset[(0, 1)]
     assert torch.equal(before, torch.get_rng_state()), "loading a sample must not consume global randomness"
+
+
+def test_flips_happen_only_when_asked_and_leave_the_crop_unchanged(sample_root):
+    pixels = fd.JpegImages(load_quietly(sample_root)[0]["train"].image_paths()).load(0)
+    flipped = 0
+    for seed in range(20):
+        plain = fd.TrainAugment(32)(pixels, seed)
+        maybe = fd.TrainAugment(32, hflip=True)(pixels, seed)
+        assert plain.shape == (3, 32, 32) and plain.dtype == torch.uint8
+        assert torch.equal(maybe, plain) or torch.equal(maybe, plain.flip(-1))
+        flipped += not torch.equal(maybe, plain)
+    assert 3 <= flipped <= 17
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -274,11 +286,11 @@ def test_scratch_tokenizer_is_the_same_on_every_run(sample_root):
 def test_cached_and_decoded_images_agree_within_resize_tolerance(sample_root, tmp_path):
     split = load_quietly(sample_root)[0]["val"]
     cache = fd.build_image_cache(split.image_paths(), 32, tmp_path, progress=False)
-    evaluate = fd.image_transforms(32, train=False)
+    evaluate = fd.eval_transform(32)
     for index in range(len(split.images)):
-        cached = evaluate(cache.load(index))
-        decoded = evaluate(fd.JpegImages(split.image_paths()).load(index))
-        assert cached.shape == decoded.shape == (3, 32, 32)
+        cached = fd.normalize_images(evaluate(cache.load(index))[None])
+        decoded = fd.normalize_images(evaluate(fd.JpegImages(split.image_paths()).load(index))[None])
+        assert cached.shape == decoded.shape == (1, 3, 32, 32)
         assert (cached - decoded).abs().mean() < 0.1  # normalised units; a wrong image differs by ~1
 
 

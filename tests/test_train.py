@@ -15,7 +15,8 @@ from brain_model import BrainConfig, BrainModel
 from checkpointing import BEST, LAST
 from conftest import run_args
 
-TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_sec", "train/skipped_images"}
+TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_sec", "train/data_wait",
+              "train/skipped_images"}
 VAL_TAGS = {f"val/{name}" for name in ("loss", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")}
 
 
