@@ -440,7 +440,10 @@ class CaptionCollator:
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
     def __call__(self, samples: list[dict]) -> dict:
-        return {"images": torch.stack([s["image"] for s in samples]),
+        # Augmented images are channels-last in memory: stacked as (H, W, 3) views the copy is plain (20x faster
+        # than a strided one), and the batch comes out (B, 3, H, W) in channels-last memory, as CNNs prefer.
+        images = torch.stack([s["image"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
+        return {"images": images,
                 **self.tokenize([s["caption"] for s in samples]),
                 "image_index": torch.tensor([s["image_index"] for s in samples]),
                 "bad_files": [name for s in samples for name in s["bad_files"]]}
