@@ -267,3 +267,42 @@ def test_resume_from_a_legacy_weights_file_starts_at_epoch_0_with_the_guides_lin
     for line in ("✓ Old format checkpoint (model weights only)", "⚠ Optimizer state not in checkpoint (starting fresh)",
                  "⚠ Epoch unknown (starting from epoch 0)", "Training epochs: 0 -> 1"):
         assert line in out
+
+
+# ----------------------------------------------------------------------------- options around the loop
+
+def test_a_cache_that_cannot_be_built_falls_back_to_jpegs_and_records_it(sample_root, tmp_path, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer, "build_image_cache", disk_full)
+    status, out, _ = run(capsys, *run_args(sample_root, tmp_path, "--epochs", "1"))
+    assert status == 0
+    assert out.count("⚠ Image cache could not be built (No space left on device); decoding JPEGs instead") == 1
+    assert load(tmp_path / "ckpt" / LAST)["config"]["cache_images"] is False
+
+
+def test_a_local_torchvision_weights_file_initialises_the_image_trunk(sample_root, tmp_path, capsys):
+    import torchvision
+
+    torch.manual_seed(5)
+    reference = torchvision.models.mobilenet_v3_small()
+    torch.save(reference.state_dict(), tmp_path / "mobilenet.pth")
+    status, out, _ = run(capsys, *run_args(sample_root, tmp_path, "--epochs", "1", "--lr", "1e-12", "--warmup_steps", "0",
+                                           "--image_weights", str(tmp_path / "mobilenet.pth")))
+    assert status == 0 and f"✓ Image weights from {tmp_path / 'mobilenet.pth'}: " in out and "(100% of the trunk)" in out
+    trained = load(tmp_path / "ckpt" / LAST)["model_state_dict"]
+    first_conv = "image_encoder.trunk.features.0.0.weight"
+    assert torch.allclose(trained[first_conv], reference.state_dict()["features.0.0.weight"], atol=1e-6)
+
+
+def test_compiled_runs_save_plain_keys(sample_root, tmp_path, capsys, monkeypatch):
+    # Inductor's C++ build takes minutes on 2 cores; dynamo's graph capture with the eager backend keeps the
+    # wrapper (and its `_orig_mod.` names) while running in seconds.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))
+    status, _, _ = run(capsys, *run_args(sample_root, tmp_path, "--epochs", "1", "--compile"))
+    assert status == 0
+    keys = list(load(tmp_path / "ckpt" / LAST)["model_state_dict"])
+    assert "image_encoder.trunk.features.0.0.weight" in keys
+    assert all("_orig_mod" not in key and not key.startswith("module.") for key in keys)
