@@ -47,10 +47,15 @@ class BrainConfig:
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
+def is_weights_file(image_weights: str) -> bool:
+    """`--image_weights` names a local torchvision weights file (loaded by the trainer, not here)."""
+    return image_weights.endswith((".pt", ".pth"))
+
+
 def torchvision_weights(config: BrainConfig, pretrained: bool):
     """The torchvision weights enum to build with, or None (no weights, or a local file loaded later)."""
     name = config.image_weights
-    if not pretrained or name.lower() == "none" or name.endswith((".pt", ".pth", ".safetensors")):
+    if not pretrained or name.lower() == "none" or is_weights_file(name):
         return None
     weights = torchvision.models.get_model_weights(config.image_encoder)
     return weights.DEFAULT if name == "DEFAULT" else weights[name.split(".")[-1]]  # IMAGENET1K_V1 or its full name

@@ -35,7 +35,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import checkpointing
-from brain_model import BrainConfig, BrainModel, UnsupportedEncoder, retrieval_metrics
+from brain_model import BrainConfig, BrainModel, UnsupportedEncoder, is_weights_file, retrieval_metrics
 from checkpointing import BEST, LAST, CheckpointError
 from flickr8k_dataset import (CaptionCollator, DatasetError, Flickr8kDataset, JpegImages, ResumableSampler, Split,
                               TrainAugment, UniqueImages, build_image_cache, eval_transform, load_splits,
@@ -204,19 +204,31 @@ def validate(args: argparse.Namespace, brain: BrainConfig, train: TrainSettings)
     need(brain.image_encoder in models, "image_encoder", brain.image_encoder,
          "not a torchvision classification model; try resnet50, resnet18 or convnext_tiny")
     weights = brain.image_weights
-    if weights not in ("DEFAULT", "none") and not weights.endswith((".pt", ".pth")):
+    if is_weights_file(weights):
+        need(Path(weights).is_file(), "image_weights", weights, "no such file; give a torchvision weights file or none")
+    elif weights not in ("DEFAULT", "none"):
         known = [w.name for w in torchvision.models.get_model_weights(brain.image_encoder)]
         need(weights.split(".")[-1] in known, "image_weights", weights,
              f"use DEFAULT, none, a local .pth file or one of {', '.join(known)}")
-    elif weights.endswith((".pt", ".pth")):
-        need(Path(weights).is_file(), "image_weights", weights, "no such file; give a torchvision weights file or none")
     need(args.device != "cuda" or torch.cuda.is_available(), "device", args.device,
          "CUDA is not available on this machine; use --device cpu")
     need(not args.eval_only or args.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
 
 
 def resolve_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not deterministic  # autotuning picks kernels nondeterministically
 
 
 def resolve_precision(precision: str, device: torch.device):
@@ -380,6 +392,7 @@ class Trainer:
         self.config = {**brain.to_dict(), **asdict(train)}
         self.fingerprint = data.splits["train"].fingerprint()
         self.bad_files: set[str] = set()
+        self.last_metrics: dict | None = None  # the latest epoch's evaluation
         self.channels_last = device.type == "cuda"
         if self.channels_last:
             self.model.image_encoder.to(memory_format=torch.channels_last)
@@ -618,6 +631,27 @@ def chance_recall_at(k: int, num_images: int, captions_per_image: int) -> tuple[
     return 100 * (1 - miss), 100 * min(1.0, k / num_images)
 
 
+def report_resume_plan(checkpoint: dict, overridden: list[str], data: Data) -> None:
+    restored = ["settings" if checkpoint.get("config") else "", "RNG" if checkpoint.get("rng_state") else "",
+                "data position" if checkpoint.get("data_state") else ""]
+    print(f"Plan: restored {', '.join(item for item in restored if item) or 'weights only'} from the checkpoint")
+    print(f"      overridden on the command line: {'; '.join(overridden) or 'nothing'}")
+    saved_fingerprint = (checkpoint.get("data_state") or {}).get("fingerprint")
+    current = data.splits["train"].fingerprint()
+    if saved_fingerprint and saved_fingerprint != current:
+        print(f"⚠ Training data differs from the checkpoint's: {saved_fingerprint['samples']} samples "
+              f"({saved_fingerprint['sha256']}) -> {current['samples']} samples ({current['sha256']})")
+
+
+def report_demo(trainer: Trainer) -> None:
+    metrics = trainer.last_metrics
+    num_images = len(trainer.val_split.images)
+    chance_i2t, chance_t2i = chance_recall_at(5, num_images, round(len(trainer.val_split) / num_images))
+    print(f"Demo retrieval on {num_images} val images: Recall@5 image->text {metrics['i2t_R@5']:.1f}% "
+          f"(chance {chance_i2t:.1f}%), text->image {metrics['t2i_R@5']:.1f}% (chance {chance_t2i:.1f}%)")
+
+
+
 def find_checkpoint(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
     if not args.resume:
         return None, None
@@ -641,22 +675,16 @@ def main(argv: list[str] | None = None) -> int:
         brain, train, overridden = resolve_settings(args, (checkpoint or {}).get("config"))
         validate(args, brain, train)
         device = resolve_device(args.device)
-        train = replace(train, precision=train.precision if train.precision != "auto" else
-                        ("fp16" if device.type == "cuda" else "fp32"))
-        if args.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = not args.deterministic
-        random.seed(train.seed)
-        np.random.seed(train.seed)
-        torch.manual_seed(train.seed)
+        if train.precision == "auto":  # the checkpoint records the resolved choice
+            train = replace(train, precision="fp16" if device.type == "cuda" else "fp32")
+        seed_everything(train.seed, args.deterministic)
 
         # build: data, tokenizer, model, optimizer, precision
         data = load_data(args, brain, train, checkpoint)
         if brain.text_encoder == "scratch":
             brain = replace(brain, text_vocab_size=len(data.tokenizer))
         model = build_model(brain, pretrained=checkpoint is None).to(device)
-        if checkpoint is None and brain.image_weights.endswith((".pt", ".pth")):
+        if checkpoint is None and is_weights_file(brain.image_weights):
             load_image_weights_file(model, brain.image_weights)
         optimizer = build_optimizer(model, train, device)
         autocast, scaler = resolve_precision(train.precision, device)
@@ -687,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.build_loaders()
         checkpointing.remove_stale_temporaries(args.savedir)
         print_banner(trainer, progress.epoch)
-        if checkpoint is not None and "rng_state" in checkpoint and checkpoint["rng_state"]:
+        if checkpoint and checkpoint.get("rng_state"):
             checkpointing.restore_rng_state(checkpoint["rng_state"])
 
         # loop
@@ -712,26 +740,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if stop is not None:
             stop.close()
-
-
-def report_resume_plan(checkpoint: dict, overridden: list[str], data: Data) -> None:
-    restored = ["settings" if checkpoint.get("config") else "", "RNG" if checkpoint.get("rng_state") else "",
-                "data position" if checkpoint.get("data_state") else ""]
-    print(f"Plan: restored {', '.join(item for item in restored if item) or 'weights only'} from the checkpoint")
-    print(f"      overridden on the command line: {'; '.join(overridden) or 'nothing'}")
-    saved_fingerprint = (checkpoint.get("data_state") or {}).get("fingerprint")
-    current = data.splits["train"].fingerprint()
-    if saved_fingerprint and saved_fingerprint != current:
-        print(f"⚠ Training data differs from the checkpoint's: {saved_fingerprint['samples']} samples "
-              f"({saved_fingerprint['sha256']}) -> {current['samples']} samples ({current['sha256']})")
-
-
-def report_demo(trainer: Trainer) -> None:
-    metrics = trainer.last_metrics
-    num_images = len(trainer.val_split.images)
-    chance_i2t, chance_t2i = chance_recall_at(5, num_images, round(len(trainer.val_split) / num_images))
-    print(f"Demo retrieval on {num_images} val images: Recall@5 image->text {metrics['i2t_R@5']:.1f}% "
-          f"(chance {chance_i2t:.1f}%), text->image {metrics['t2i_R@5']:.1f}% (chance {chance_t2i:.1f}%)")
 
 
 if __name__ == "__main__":
