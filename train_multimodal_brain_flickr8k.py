@@ -200,6 +200,9 @@ def validate(args: argparse.Namespace, brain: BrainConfig, train: TrainSettings)
     need(train.vocab_size >= 100, "vocab_size", train.vocab_size, "must be at least 100")
     need(args.num_workers >= 0, "num_workers", args.num_workers, "must not be negative")
     need(args.log_every >= 1, "log_every", args.log_every, "must be a positive integer")
+    for flag in ("savedir", "logdir"):
+        folder = getattr(args, flag)
+        need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
     models = torchvision.models.list_models(module=torchvision.models)
     need(brain.image_encoder in models, "image_encoder", brain.image_encoder,
          "not a torchvision classification model; try resnet50, resnet18 or convnext_tiny")
@@ -440,7 +443,8 @@ class Trainer:
         return self.args.savedir / names[0]
 
     # -- one optimisation step
-    def step(self, batch: dict) -> tuple[float, float]:
+    def step(self, batch: dict) -> tuple[float, torch.Tensor]:
+        """One optimisation step; returns the loss and the (unclipped) gradient norm, left on the device."""
         lr = learning_rate(self.progress.global_step, self.train, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -459,7 +463,7 @@ class Trainer:
         if not math.isfinite(loss_value) and not self.scaler.is_enabled():  # fp16 overflow is the scaler's job
             raise TrainingError(f"loss is {loss_value} at step {self.progress.global_step + 1} "
                                 f"({self.config['precision']}); lower --lr or check the data")
-        return loss_value, grad_norm.item()
+        return loss_value, grad_norm
 
     def note_bad_files(self, batch: dict) -> None:
         self.progress.skipped_images += len(batch["bad_files"])
@@ -493,7 +497,7 @@ class Trainer:
             if p.global_step % self.args.log_every == 0:
                 elapsed = time.perf_counter() - window_start
                 lr = self.optimizer.param_groups[0]["lr"]
-                scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
                            "train/samples_per_sec": window_samples / max(elapsed, 1e-9),
                            "train/data_wait": window_wait / max(elapsed, 1e-9), "train/skipped_images": p.skipped_images}
                 if self.scaler.is_enabled():

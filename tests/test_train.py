@@ -54,6 +54,7 @@ BAD_FLAGS = [
     (["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1)"),
     (["--num_workers", "-1"], "--num_workers -1: must not be negative"),
     (["--eval_only"], "--eval_only : needs --resume PATH"),
+    (["--savedir", __file__], f"--savedir {__file__}: is a file; name a folder"),
     (["--resume", "/nowhere/last.pt"], "Checkpoint file not found: /nowhere/last.pt (check the path: ls -lh"),
     (["--text_encoder", "no-such-org/no-such-model"], "--text_encoder no-such-org/no-such-model: its tokenizer could not be loaded"),
     (["--batch_size", "abc"], "argument --batch_size: invalid int value: 'abc'"),
@@ -61,7 +62,7 @@ BAD_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f).replace(__file__, "FILE") for f, _ in BAD_FLAGS])
 def test_a_bad_flag_is_one_line_naming_it_with_status_2(sample_root, tmp_path, capsys, flags, message):
     try:
         status = trainer.main(run_args(sample_root, tmp_path, *flags))
