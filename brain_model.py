@@ -89,13 +89,18 @@ class ImageEncoder(nn.Module):
         return grid.flatten(2).transpose(1, 2)  # (B, h*w, C)
 
 
+def scratch_text_heads(width: int) -> int:
+    """Attention heads of the scratch text encoder: one per 64 channels, at least one."""
+    return max(1, width // 64)
+
+
 def build_text_backbone(config: BrainConfig, pretrained: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
     if config.text_encoder == "scratch":
         return BertModel(BertConfig(
             vocab_size=config.text_vocab_size, hidden_size=config.scratch_text_width,
-            num_hidden_layers=config.scratch_text_layers, num_attention_heads=max(1, config.scratch_text_width // 64),
+            num_hidden_layers=config.scratch_text_layers, num_attention_heads=scratch_text_heads(config.scratch_text_width),
             intermediate_size=4 * config.scratch_text_width, max_position_embeddings=max(config.max_text_len, 8),
             hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout), add_pooling_layer=False)
     if pretrained:

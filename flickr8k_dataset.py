@@ -304,7 +304,10 @@ def build_image_cache(paths: list[Path], shorter_side: int, cache_dir: Path, num
     try:
         index = np.zeros((len(paths), 3), dtype=np.int64)
         offset = 0
-        loader = DataLoader(_DecodeForCache(paths, shorter_side), batch_size=None, num_workers=num_workers)
+        # Its own generator: an iterator would otherwise draw from the global torch RNG, and only on the run that
+        # builds the cache, so two runs of one command would no longer match bit for bit.
+        loader = DataLoader(_DecodeForCache(paths, shorter_side), batch_size=None, num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(0))
         with open(building / "pixels.u8", "wb") as pixels_file:
             for image_index, pixels in enumerate(tqdm(loader, desc=f"Caching images at {shorter_side}px",
                                                       disable=not progress, unit="img")):
@@ -407,7 +410,7 @@ class Flickr8kDataset(Dataset):
         else:
             raise DatasetError(f"{self.split.image_dir}: no image of the {self.split.name} split can be read")
         return {"image": self.augment(pixels, derive_seed(self.seed, epoch, index)), "caption": self.split.captions[sample],
-                "image_index": image_index, "bad_files": bad_files}
+                "bad_files": bad_files}
 
 
 class UniqueImages(Dataset):
@@ -423,7 +426,7 @@ class UniqueImages(Dataset):
         try:
             return self.transform(self.images.load(index))
         except (OSError, ValueError, SyntaxError):
-            return self.transform(torch.zeros(3, 8, 8, dtype=torch.uint8))  # scored, but never a good match
+            return self.transform(torch.zeros(3, 8, 8, dtype=torch.uint8))  # an unreadable image is scored as black
 
 
 # ----------------------------------------------------------------------------- text
@@ -445,7 +448,6 @@ class CaptionCollator:
         images = torch.stack([s["image"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
         return {"images": images,
                 **self.tokenize([s["caption"] for s in samples]),
-                "image_index": torch.tensor([s["image_index"] for s in samples]),
                 "bad_files": [name for s in samples for name in s["bad_files"]]}
 
 

@@ -35,7 +35,8 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import checkpointing
-from brain_model import BrainConfig, BrainModel, UnsupportedEncoder, is_weights_file, retrieval_metrics
+from brain_model import (BrainConfig, BrainModel, UnsupportedEncoder, is_weights_file, retrieval_metrics,
+                         scratch_text_heads)
 from checkpointing import BEST, LAST, CheckpointError
 from flickr8k_dataset import (CaptionCollator, DatasetError, Flickr8kDataset, JpegImages, ResumableSampler, Split,
                               TrainAugment, UniqueImages, build_image_cache, eval_transform, load_splits,
@@ -197,6 +198,9 @@ def validate(args: argparse.Namespace, brain: BrainConfig, train: TrainSettings)
     need(brain.image_size >= 32, "image_size", brain.image_size, "must be at least 32 pixels")
     need(brain.d_shared % brain.brain_heads == 0, "d_shared", brain.d_shared,
          f"must be divisible by --brain_heads {brain.brain_heads}")
+    width = brain.scratch_text_width
+    need(width % scratch_text_heads(width) == 0, "scratch_text_width", width,
+         "must be below 64 or a multiple of 64 (one attention head per 64 channels)")
     need(train.vocab_size >= 100, "vocab_size", train.vocab_size, "must be at least 100")
     need(args.num_workers >= 0, "num_workers", args.num_workers, "must not be negative")
     need(args.log_every >= 1, "log_every", args.log_every, "must be a positive integer")
@@ -289,14 +293,6 @@ def load_data(args: argparse.Namespace, brain: BrainConfig, train: TrainSettings
     saved_json = (checkpoint or {}).get("tokenizer")
     tokenizer_json = saved_json or train_caption_tokenizer(splits["train"].captions, train.vocab_size).backend_tokenizer.to_str()
     return Data(splits, tokenizer_from_json(tokenizer_json), tokenizer_json)
-
-
-def image_source(split: Split, brain: BrainConfig, args: argparse.Namespace, use_cache: bool):
-    if not use_cache:
-        return JpegImages(split.image_paths())
-    cache_dir = args.cache_dir or args.root_dir / ".brain_cache"
-    return build_image_cache(split.image_paths(), brain.image_size, cache_dir, args.num_workers,
-                             progress=sys.stdout.isatty())
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -401,18 +397,24 @@ class Trainer:
             self.model.image_encoder.to(memory_format=torch.channels_last)
 
     # -- data
+    def image_source(self, split: Split):
+        """The split's images: from the decode-once cache when the run uses it, else from the JPEG files. A cache
+        that cannot be built is one ⚠ line, and the run records that it decodes JPEGs."""
+        if self.train.cache_images:
+            try:
+                return build_image_cache(split.image_paths(), self.brain.image_size,
+                                         self.args.cache_dir or self.args.root_dir / ".brain_cache",
+                                         self.args.num_workers, progress=sys.stdout.isatty())
+            except OSError as error:
+                print(f"⚠ Image cache could not be built ({error.strerror or error}); decoding JPEGs instead "
+                      f"(recorded as cache_images=False)")
+                self.train = replace(self.train, cache_images=False)
+                self.config["cache_images"] = False
+        return JpegImages(split.image_paths())
+
     def build_loaders(self) -> None:
         train_split, val_split = self.data.splits["train"], self.data.splits["val"]
-        use_cache = self.train.cache_images
-        try:
-            train_images = image_source(train_split, self.brain, self.args, use_cache)
-            val_images = image_source(val_split, self.brain, self.args, use_cache)
-        except OSError as error:
-            print(f"⚠ Image cache could not be built ({error.strerror or error}); decoding JPEGs instead "
-                  f"(recorded as cache_images=False)")
-            self.train = replace(self.train, cache_images=False)
-            self.config["cache_images"] = False
-            train_images, val_images = JpegImages(train_split.image_paths()), JpegImages(val_split.image_paths())
+        train_images, val_images = self.image_source(train_split), self.image_source(val_split)
         self.sampler = ResumableSampler(len(train_split), self.train.seed)
         dataset = Flickr8kDataset(train_split, train_images, TrainAugment(self.brain.image_size, hflip=self.train.hflip),
                                   self.train.seed)
@@ -707,8 +709,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.eval_only:
             split = data.splits[args.eval_split]
-            images = image_source(split, brain, args, train.cache_images)
-            loader = make_loader(UniqueImages(split, images, brain.image_size),
+            loader = make_loader(UniqueImages(split, trainer.image_source(split), brain.image_size),
                                  train.batch_size, args, device, train.seed)
             print_metrics_table(trainer.evaluate(split, loader), args.eval_split)
             return 0

@@ -294,6 +294,14 @@ def test_cached_and_decoded_images_agree_within_resize_tolerance(sample_root, tm
         assert (cached - decoded).abs().mean() < 0.1  # normalised units; a wrong image differs by ~1
 
 
+def test_building_the_cache_draws_nothing_from_the_global_rng(sample_root, tmp_path):
+    paths = load_quietly(sample_root)[0]["val"].image_paths()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    fd.build_image_cache(paths, 32, tmp_path, num_workers=0, progress=False)
+    assert torch.equal(before, torch.get_rng_state()), "a run that builds the cache must match one that finds it"
+
+
 def test_cache_is_reused_and_rebuilt_when_size_or_image_list_changes(sample_root, tmp_path):
     paths = load_quietly(sample_root)[0]["train"].image_paths()
     first = fd.build_image_cache(paths, 32, tmp_path, progress=False)

@@ -52,6 +52,7 @@ BAD_FLAGS = [
     (["--image_weights", "/nowhere/w.pth"], "--image_weights /nowhere/w.pth: no such file"),
     (["--image_encoder", "vit_b_16"], "--image_encoder vit_b_16: not a convolutional classifier"),
     (["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1)"),
+    (["--scratch_text_width", "200"], "--scratch_text_width 200: must be below 64 or a multiple of 64"),
     (["--num_workers", "-1"], "--num_workers -1: must not be negative"),
     (["--eval_only"], "--eval_only : needs --resume PATH"),
     (["--savedir", __file__], f"--savedir {__file__}: is a file; name a folder"),
@@ -80,7 +81,7 @@ def test_missing_root_dir_is_one_line_with_where_to_get_flickr8k(tmp_path, capsy
 
 
 def test_cuda_on_a_machine_without_it_names_the_fix(sample_root, tmp_path, capsys):
-    status, _, err = run(capsys, *run_args(sample_root, tmp_path, "--device", "cuda"))
+    status, _, err = run(capsys, *run_args(sample_root, tmp_path, "--device", "cuda", "--epochs", "1"))
     if torch.cuda.is_available():
         assert status == 0
     else:
@@ -162,12 +163,11 @@ def test_one_tiny_epoch_writes_both_checkpoints_and_the_named_tensorboard_scalar
 
 
 def test_a_corrupt_image_is_warned_once_and_counted(fresh_root, tmp_path, capsys):
-    images = sorted((fresh_root / "Flicker8k_Dataset").iterdir())
     train_names = (fresh_root / "Flickr8k_text" / "Flickr_8k.trainImages.txt").read_text().split()
     bad = fresh_root / "Flicker8k_Dataset" / train_names[0]
     bad.write_bytes(b"not a jpeg at all")
     status, out, _ = run(capsys, *run_args(fresh_root, tmp_path, "--epochs", "1", "--no-cache_images"))
-    assert status == 0 and len(images) == 20
+    assert status == 0
     assert out.count(f"⚠ Could not read image {bad.name}") == 1
     skipped = events(tmp_path / "runs").Scalars("train/skipped_images")
     assert skipped[-1].value >= 1
@@ -281,6 +281,9 @@ def test_a_cache_that_cannot_be_built_falls_back_to_jpegs_and_records_it(sample_
     assert status == 0
     assert out.count("⚠ Image cache could not be built (No space left on device); decoding JPEGs instead") == 1
     assert load(tmp_path / "ckpt" / LAST)["config"]["cache_images"] is False
+    status, out, _ = run(capsys, *run_args(sample_root, tmp_path / "eval", "--eval_only", "--cache_images",
+                                           "--resume", str(tmp_path / "ckpt" / LAST)))
+    assert status == 0 and out.count("⚠ Image cache could not be built") == 1 and "image -> text" in out
 
 
 def test_a_local_torchvision_weights_file_initialises_the_image_trunk(sample_root, tmp_path, capsys):
