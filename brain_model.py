@@ -1,12 +1,14 @@
 """The multimodal brain: a torchvision image encoder and a transformers text encoder whose token
 features are projected into one shared space, pass through one shared transformer core ("the brain",
 told apart only by a learned modality embedding), and are pooled into L2-normalised embeddings that
-a CLIP-style symmetric InfoNCE loss pulls together. Architecture only: no files, no optimisers.
+a CLIP-style symmetric InfoNCE loss pulls together. Architecture and loss only: no files, no optimisers,
+no processes (the loss gets its gather from the runtime).
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -133,7 +135,8 @@ class BrainModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
         nn.init.normal_(self.image_pos, std=0.02)
 
-    def _think(self, tokens: torch.Tensor, modality: int, padding: torch.Tensor | None) -> torch.Tensor:
+    def _pool(self, tokens: torch.Tensor, modality: int, padding: torch.Tensor | None) -> torch.Tensor:
+        """Tokens of one modality through the shared core, mean-pooled over the real tokens, L2-normalised."""
         tokens = tokens + self.modality.weight[modality]
         hidden = self.brain(tokens, src_key_padding_mask=padding)  # (B, T, d)
         if padding is None:
@@ -145,39 +148,40 @@ class BrainModel(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.image_proj(self.image_encoder(images)) + self.image_pos  # (B, h*w, d)
-        return self._think(tokens, IMAGE, None)
+        return self._pool(tokens, IMAGE, None)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        return self._think(self.text_proj(hidden), TEXT, attention_mask == 0)
+        return self._pool(self.text_proj(hidden), TEXT, attention_mask == 0)
 
-    def contrastive_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE: row i of each batch is the positive pair, every other row a negative."""
-        scale = self.logit_scale.exp().clamp(max=100.0)  # CLIP's clamp: temperature never below 0.01
-        logits = scale * image_emb @ text_emb.T  # (B, B)
-        labels = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.contrastive_loss(self.encode_image(images), self.encode_text(input_ids, attention_mask))
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image and text embeddings of a batch of pairs, and the loss's temperature (as open_clip returns it)."""
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.logit_scale
 
 
-def retrieval_metrics(similarity: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
-    """Recall@1/5/10 (in %) and median rank both ways, from a (num_images, num_captions) similarity matrix.
+def identity_gather(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
-    Image-to-text is a hit when any caption of the image is in its top K; text-to-image when the caption's
-    own image is. Ties count against the model (rank = 1 + the number of wrong items scoring at least as
-    high as the best right one), so a model that scores everything equally gets no credit.
+
+class ContrastiveLoss:
+    """CLIP's symmetric InfoNCE over the global batch: row i of each modality is the positive pair of row i of
+    the other, every other row of the global batch a negative.
+
+    With several processes, `gather` concatenates every process's rows in rank order *with gradient*
+    (the runtime's `all_gather`), and each process scores its own rows against all columns, its labels offset
+    by `rank`: open_clip's `--gather-with-grad --local-loss`. The mean of the processes' losses is then the
+    single-process loss of the global batch, and so is the gradient once DDP has averaged it. A gather without
+    gradient would keep only 1/world_size of it (open_clip#616).
     """
-    num_images = similarity.shape[0]
-    positive = caption_image.unsqueeze(0) == torch.arange(num_images, device=similarity.device).unsqueeze(1)
-    best_right_i2t = similarity.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
-    i2t_rank = 1 + ((similarity >= best_right_i2t) & ~positive).sum(dim=1)  # (num_images,)
-    right_t2i = similarity.gather(0, caption_image.unsqueeze(0))  # (1, num_captions)
-    t2i_rank = 1 + ((similarity >= right_t2i) & ~positive).sum(dim=0)  # (num_captions,)
-    metrics = {}
-    for direction, ranks in (("i2t", i2t_rank), ("t2i", t2i_rank)):
-        for k in (1, 5, 10):
-            metrics[f"{direction}_R@{k}"] = 100.0 * (ranks <= k).float().mean().item()
-        metrics[f"{direction}_median_rank"] = ranks.float().median().item()
-    return metrics
+
+    def __init__(self, gather: Callable[[torch.Tensor], torch.Tensor] = identity_gather, rank: int = 0):
+        self.gather, self.rank = gather, rank
+
+    def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        scale = logit_scale.exp().clamp(max=100.0)  # CLIP's clamp: temperature never below 0.01
+        all_image, all_text = self.gather(image_emb), self.gather(text_emb)
+        logits_image = scale * image_emb @ all_text.T  # (B_local, B_global)
+        logits_text = scale * text_emb @ all_image.T
+        labels = torch.arange(len(image_emb), device=image_emb.device) + self.rank * len(image_emb)
+        return (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2

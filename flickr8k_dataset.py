@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
-import math
 import os
 import re
 import shutil
@@ -22,10 +22,12 @@ from typing import Iterator, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
+
+from augment import TrainAugment, eval_transform
 
 SPLITS = ("train", "val", "test")
 LAYOUTS = ("token", "karpathy", "kaggle")
@@ -40,9 +42,7 @@ KAGGLE_HELD_OUT = 1000  # val and test images each, on the full 8,091-image set;
 FULL_SET_IMAGES = 8091
 WHERE_TO_GET = ("get Flickr8k from its distributors (the Kaggle copy 'adityajn105/flickr8k' has Images/ and "
                 "captions.txt), or write a small sample set with `python sample_data.py data/flickr8k_sample`")
-# Every torchvision classification weight set expects the ImageNet statistics.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 TOKEN_LINE = re.compile(r"^(?P<file>.+?)#(?P<k>\d+)\s+(?P<caption>.*)$")
 
 
@@ -121,9 +121,19 @@ def detect_layout(root: Path, annotations: str = "auto") -> Layout:
     return Layout(kind, image_dir, files)
 
 
+def read_text(path: Path) -> str:
+    """The file as text; utf-8-sig drops a BOM. A byte that is not UTF-8 is one line naming the file and offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: byte {error.start} (0x{data[error.start]:02x}) is not UTF-8 ({error.reason}); "
+                           f"re-save the file as UTF-8") from None
+
+
 def _read_lines(path: Path) -> list[str]:
-    # utf-8-sig drops a BOM; splitlines() takes CRLF and LF alike; blank lines are not data.
-    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    # splitlines() takes CRLF and LF alike; blank lines are not data.
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 def _parse_token_layout(layout: Layout) -> tuple[dict[str, list[str]], dict[str, list[str]], Counter]:
@@ -143,7 +153,7 @@ def _parse_token_layout(layout: Layout) -> tuple[dict[str, list[str]], dict[str,
 def _parse_karpathy_layout(layout: Layout) -> tuple[dict[str, list[str]], dict[str, list[str]], Counter]:
     path = layout.annotation_files["captions"]
     try:
-        entries = json.loads(path.read_text(encoding="utf-8-sig"))["images"]
+        entries = json.loads(read_text(path))["images"]
         captions = {entry["filename"]: [s["raw"].strip() for s in entry["sentences"] if s["raw"].strip()]
                     for entry in entries}
         # Karpathy's splits for COCO also have 'restval', which is training data.
@@ -166,16 +176,15 @@ def _parse_kaggle_layout(layout: Layout) -> tuple[dict[str, list[str]], dict[str
     path = layout.annotation_files["captions"]
     captions: dict[str, list[str]] = {}
     skipped = Counter()
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        header = [column.strip().lower() for column in next(reader, [])]
-        if header[:2] != ["image", "caption"]:
-            raise DatasetError(f"{path}: expected a CSV header 'image,caption', found {','.join(header)!r}")
-        for row in reader:
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                skipped["unparseable caption lines"] += int(any(cell.strip() for cell in row))
-                continue
-            captions.setdefault(row[0].strip(), []).append(",".join(row[1:]).strip())
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    header = [column.strip().lower() for column in next(reader, [])]
+    if header[:2] != ["image", "caption"]:
+        raise DatasetError(f"{path}: expected a CSV header 'image,caption', found {','.join(header)!r}")
+    for row in reader:
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            skipped["unparseable caption lines"] += int(any(cell.strip() for cell in row))
+            continue
+        captions.setdefault(row[0].strip(), []).append(",".join(row[1:]).strip())
     return captions, kaggle_split(list(captions)), skipped
 
 
@@ -229,7 +238,8 @@ def decode_image(path: Path, shorter_side: int | None = None) -> torch.Tensor:
     with Image.open(path) as image:
         if shorter_side is not None:
             image.draft("RGB", (shorter_side, shorter_side))  # JPEG DCT scaling: decode at >= the size we keep
-        pixels = v2.functional.to_image(image.convert("RGB"))
+        # Cameras store rotation as an EXIF tag: turn the pixels upright, as every viewer shows them.
+        pixels = v2.functional.to_image(ImageOps.exif_transpose(image).convert("RGB"))
     if shorter_side is not None:
         pixels = v2.functional.resize(pixels, [shorter_side], antialias=True)
     return pixels
@@ -281,17 +291,23 @@ class _DecodeForCache(Dataset):
 def cache_key(paths: list[Path], shorter_side: int) -> str:
     digest = hashlib.sha256(f"format={CACHE_FORMAT} side={shorter_side}\n".encode())
     for path in paths:
-        digest.update(f"{path.name}\t{path.stat().st_size if path.exists() else -1}\n".encode())
+        stat = path.stat() if path.exists() else None  # a replaced file has a new mtime, even at the same size
+        digest.update(f"{path.name}\t{stat.st_size if stat else -1}\t{stat.st_mtime_ns if stat else -1}\n".encode())
     return digest.hexdigest()[:16]
 
 
+class Interrupted(Exception):
+    """A stop signal arrived while the image cache was being built: nothing to save."""
+
+
 def build_image_cache(paths: list[Path], shorter_side: int, cache_dir: Path, num_workers: int = 0,
-                      progress: bool = True) -> CachedImages:
+                      progress: bool = True, should_stop=lambda: False) -> CachedImages:
     """Return the cache of `paths` at `shorter_side`, building it first if no complete one exists.
 
     The folder name is a hash of the cache format, the size and the image list (names and file sizes), so
     a change of any of them builds a new cache. It is built under a temporary name and renamed into place
-    when complete, so a half-built cache is never found. Raises OSError when it cannot be written.
+    when complete, so a half-built cache is never found. Raises OSError when it cannot be written, and
+    Interrupted (leaving no partial cache) when `should_stop()` turns true.
     """
     final = Path(cache_dir) / f"images_{shorter_side}px_{cache_key(paths, shorter_side)}"
     if (final / "meta.json").is_file():
@@ -311,6 +327,8 @@ def build_image_cache(paths: list[Path], shorter_side: int, cache_dir: Path, num
         with open(building / "pixels.u8", "wb") as pixels_file:
             for image_index, pixels in enumerate(tqdm(loader, desc=f"Caching images at {shorter_side}px",
                                                       disable=not progress, unit="img")):
+                if should_stop():
+                    raise Interrupted("the image cache build")
                 if pixels is not None:
                     pixels_file.write(pixels.numpy().tobytes())
                     index[image_index] = (offset, pixels.shape[0], pixels.shape[1])
@@ -328,56 +346,6 @@ def build_image_cache(paths: list[Path], shorter_side: int, cache_dir: Path, num
         shutil.rmtree(building, ignore_errors=True)
         raise
     return CachedImages(final)
-
-
-class TrainAugment:
-    """CLIP-style random resized crop (mild scale range) and, only on request, a horizontal flip (captions
-    say "left" and "right"), on uint8 pixels, drawing only from a generator seeded per sample.
-
-    torchvision's random transforms draw from the global RNG, and reseeding it costs ~0.3 ms a sample, so
-    the box is drawn here (torchvision's RandomResizedCrop algorithm) and torchvision does the resizing.
-    """
-
-    def __init__(self, size: int, scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: bool = False):
-        self.size, self.scale, self.hflip = size, scale, hflip
-        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-
-    def crop_box(self, height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
-        uniform = lambda low, high: low + (high - low) * torch.rand(1, generator=generator).item()
-        for _ in range(10):
-            area = height * width * uniform(*self.scale)
-            aspect = math.exp(uniform(*self.log_ratio))
-            crop_w, crop_h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-            if 0 < crop_w <= width and 0 < crop_h <= height:
-                top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator))
-                left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator))
-                return top, left, crop_h, crop_w
-        side = min(height, width)  # fallback, as torchvision's: a central crop
-        return (height - side) // 2, (width - side) // 2, side, side
-
-    def __call__(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        top, left, crop_h, crop_w = self.crop_box(pixels.shape[1], pixels.shape[2], generator)
-        # (3, h, w) -> (1, 3, h, w) in channels-last memory: torch's vectorised uint8 resize path, 2x faster
-        crop = pixels[None, :, top:top + crop_h, left:left + crop_w].contiguous(memory_format=torch.channels_last)
-        image = v2.functional.resize(crop, [self.size, self.size], antialias=True)[0]
-        if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
-            image = v2.functional.horizontal_flip(image)
-        return image
-
-
-def eval_transform(size: int) -> v2.Compose:
-    """uint8 (3, H, W) -> uint8 (3, size, size): shorter side to `size`, then the centre."""
-    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, normalised as torchvision's classification weights expect. Runs on the
-    device after the copy, so loaders move a quarter of the bytes and do no float work."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
 
 
 class Flickr8kDataset(Dataset):
@@ -422,11 +390,12 @@ class UniqueImages(Dataset):
     def __len__(self) -> int:
         return len(self.split.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
+        """(pixels, readable): an unreadable image is scored as black, and counted by the evaluation."""
         try:
-            return self.transform(self.images.load(index))
+            return self.transform(self.images.load(index)), True
         except (OSError, ValueError, SyntaxError):
-            return self.transform(torch.zeros(3, 8, 8, dtype=torch.uint8))  # an unreadable image is scored as black
+            return self.transform(torch.zeros(3, 8, 8, dtype=torch.uint8)), False
 
 
 # ----------------------------------------------------------------------------- text
@@ -492,16 +461,20 @@ def tokenizer_from_json(tokenizer_json: str):
 # ----------------------------------------------------------------------------- the resumable sampler
 
 class ResumableSampler(Sampler[tuple[int, int]]):
-    """Yields (epoch, index) keys of one epoch, starting `samples_seen` samples into its order.
+    """Yields this process's (epoch, index) keys of one epoch, starting `samples_seen` samples into its order.
 
     The order of epoch e is a permutation drawn from (seed, e). Its whole state is (epoch, samples_seen),
-    counted in samples, not batches, so a resume with another batch size starts at the right sample;
-    skipped samples are never loaded. With `world_size` > 1 the rest of the order is dealt out round-robin
-    from the offset, so shards are disjoint, cover everything, and a change of world size resumes too.
+    counted in samples over all processes, not in batches, so a resume with another batch size or world size
+    starts at the right sample; skipped samples are never loaded. The rest of the order is cut into global
+    batches of `global_batch` samples (a short last one is dropped), and process r takes slice r of each:
+    gathered in rank order, the processes' rows are the one-process batch, row for row.
     """
 
-    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+    def __init__(self, num_samples: int, seed: int, global_batch: int, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} does not divide by {world_size} processes")
+        self.num_samples, self.seed, self.global_batch = num_samples, seed, global_batch
+        self.rank, self.local_batch = rank, global_batch // world_size
         self.epoch, self.samples_seen = 0, 0
 
     def set_position(self, epoch: int, samples_seen: int = 0) -> None:
@@ -511,11 +484,15 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         return torch.randperm(self.num_samples, generator=generator)
 
+    def steps_left(self) -> int:
+        return max(0, self.num_samples - self.samples_seen) // self.global_batch
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         remaining = self.epoch_order(self.epoch)[self.samples_seen:]
-        for index in remaining[self.rank::self.world_size].tolist():
-            yield self.epoch, index
+        for step in range(self.steps_left()):
+            start = step * self.global_batch + self.rank * self.local_batch
+            for index in remaining[start:start + self.local_batch].tolist():
+                yield self.epoch, index
 
     def __len__(self) -> int:
-        return len(range(self.samples_seen + self.rank, self.num_samples, self.world_size))
-
+        return self.steps_left() * self.local_batch

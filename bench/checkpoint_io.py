@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpointing  # noqa: E402
 from brain_model import BrainConfig, BrainModel  # noqa: E402
+from trainer import TrainState  # noqa: E402
 
 
 def timed(action) -> float:
@@ -44,9 +45,10 @@ def main() -> None:
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()  # allocates the AdamW moments, as in a real run
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = checkpointing.make_checkpoint(model=model, optimizer=optimizer, scaler=scaler, epoch=0, global_step=1,
-                                          best_val=None, val_loss=None, config=config.to_dict(),
-                                          data_state={"epoch": 0, "samples_seen": 0}, tokenizer=None)
+    state = checkpointing.make_checkpoint(model=model, optimizer=optimizer, scaler=scaler,
+                                          train_state=TrainState(global_step=1).state_dict(), config=config.to_dict(),
+                                          tokenizer=None, rng_states=[checkpointing.capture_rng_state()],
+                                          run={"id": "bench", "parent": None, "started_ns": 0})
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         ours, bare = Path(folder) / "ours.pt", Path(folder) / "bare.pt"
         times = {"save": [], "bare_save": [], "load": [], "bare_load": []}

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flickr8k_dataset as fd  # noqa: E402
+from augment import TrainAugment  # noqa: E402
 from sample_data import write_sample_dataset  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def photo_like_dataset(root: Path, images: int) -> Path:
 
 
 def samples_per_second(dataset: fd.Flickr8kDataset, collate, workers: int, batch_size: int = 32) -> float:
-    sampler = fd.ResumableSampler(len(dataset), seed=0)
+    sampler = fd.ResumableSampler(len(dataset), seed=0, global_batch=batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                         drop_last=True, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     for _ in loader:  # one pass to start the workers and warm the page cache
@@ -59,7 +60,7 @@ def main() -> None:
         root = photo_like_dataset(Path(folder) / "flickr8k", args.images)
         split = fd.load_splits(root)["train"]
         collate = fd.CaptionCollator(fd.train_caption_tokenizer(split.captions, 1000), max_text_len=32)
-        augment = fd.TrainAugment(args.image_size)
+        augment = TrainAugment(args.image_size)
         started = time.perf_counter()
         cache = fd.build_image_cache(split.image_paths(), args.image_size, Path(folder) / "cache", args.workers,
                                      progress=False)

@@ -1,4 +1,4 @@
-"""The brain model: config round trip, shapes, loss, learning, and retrieval metrics by hand."""
+"""The brain model: config round trip, shapes, the contrastive loss, learning."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from brain_model import BrainConfig, BrainModel, UnsupportedEncoder, retrieval_metrics
+from brain_model import BrainConfig, BrainModel, ContrastiveLoss, UnsupportedEncoder
 
 TINY = BrainConfig(image_encoder="mobilenet_v3_small", image_weights="none", image_size=32, text_encoder="scratch",
                    text_vocab_size=50, scratch_text_width=32, scratch_text_layers=1, max_text_len=12, d_shared=32,
@@ -36,7 +36,7 @@ def test_embeddings_are_unit_vectors_in_the_shared_space():
     assert image_emb.shape == text_emb.shape == (6, 32)
     assert torch.allclose(image_emb.norm(dim=-1), torch.ones(6), atol=1e-5)
     assert torch.allclose(text_emb.norm(dim=-1), torch.ones(6), atol=1e-5)
-    loss = model(images, ids, mask)
+    loss = ContrastiveLoss()(*model(images, ids, mask))
     assert loss.shape == () and math.isfinite(loss.item())
 
 
@@ -58,7 +58,7 @@ def test_temperature_starts_at_clip_value_and_is_clamped_at_100():
     emb = torch.cat([same[:1], other[:1]])
     with torch.no_grad():
         model.logit_scale.fill_(10.0)  # exp(10) >> 100
-    loss = model.contrastive_loss(emb, emb).item()
+    loss = ContrastiveLoss()(emb, emb, model.logit_scale).item()
     expected = torch.nn.functional.cross_entropy(100.0 * emb @ emb.T, torch.arange(2)).item()
     assert loss == pytest.approx(expected)
 
@@ -68,9 +68,10 @@ def test_overfitting_one_batch_drives_the_loss_far_down():
     model = BrainModel(TINY, pretrained=False)
     images, ids, mask = tiny_batch(size=8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    first = model(images, ids, mask).item()
+    loss_of = ContrastiveLoss()
+    first = loss_of(*model(images, ids, mask)).item()
     for _ in range(60):
-        loss = model(images, ids, mask)
+        loss = loss_of(*model(images, ids, mask))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -89,50 +90,12 @@ def test_a_transformer_classifier_is_refused_with_the_flag_named():
         BrainModel(BrainConfig(**{**TINY.to_dict(), "image_encoder": "vit_b_16", "image_size": 224}), pretrained=False)
 
 
-# ----------------------------------------------------------------------------- retrieval metrics
-
-def test_perfect_similarity_gives_full_recall_and_rank_one():
-    caption_image = torch.tensor([0, 0, 1, 1, 2, 2])
-    similarity = (caption_image.unsqueeze(0) == torch.arange(3).unsqueeze(1)).float()  # (3 images, 6 captions)
-    metrics = retrieval_metrics(similarity, caption_image)
-    assert metrics["i2t_R@1"] == metrics["t2i_R@1"] == 100.0
-    assert metrics["i2t_median_rank"] == metrics["t2i_median_rank"] == 1.0
-
-
-def test_ties_count_against_the_model():
-    caption_image = torch.tensor([0, 1, 2, 3])
-    metrics = retrieval_metrics(torch.zeros(4, 4), caption_image)
-    assert metrics["i2t_R@1"] == metrics["t2i_R@1"] == 0.0
-    assert metrics["i2t_median_rank"] == metrics["t2i_median_rank"] == 4.0
-
-
-def test_duplicate_captions_score_by_the_hand_computed_ranks():
-    # Image 0 owns captions 0 and 1; image 1 owns caption 2, a duplicate of caption 0 (same column).
-    similarity = torch.tensor([[0.9, 0.2, 0.9],
-                               [0.5, 0.1, 0.5]])
-    metrics = retrieval_metrics(similarity, torch.tensor([0, 0, 1]))
-    # i2t: image 0's best right caption (0.9) ties with caption 2 (wrong): rank 2. Image 1's right caption (0.5)
-    # ties with caption 0 (wrong): rank 2.
-    assert metrics["i2t_R@1"] == 0.0 and metrics["i2t_R@5"] == 100.0
-    # t2i: caption 0 -> image 0 (0.9 > 0.5) rank 1; caption 1 -> image 0 (0.2 > 0.1) rank 1;
-    # caption 2 -> image 1 (0.5 < 0.9) rank 2.
-    assert metrics["t2i_R@1"] == pytest.approx(200 / 3)
-    assert metrics["t2i_median_rank"] == 1.0
-
-
-def test_five_captions_per_image_any_one_in_the_top_k_is_an_image_to_text_hit():
-    torch.manual_seed(0)
-    num_images = 20
-    caption_image = torch.arange(num_images).repeat_interleave(5)
-    similarity = torch.rand(num_images, 5 * num_images)
-    # Image i's fourth caption is ranked (i % 12 + 1)-th: ahead of all but (i % 12) wrong captions.
-    ranks = []
-    for image in range(num_images):
-        wrong = similarity[image][caption_image != image].sort(descending=True).values
-        rank = image % 12 + 1
-        similarity[image, 5 * image: 5 * image + 5] = -1.0
-        similarity[image, 5 * image + 3] = (wrong[rank - 2] - 1e-3) if rank > 1 else wrong[0] + 1e-3
-        ranks.append(rank)
-    metrics = retrieval_metrics(similarity, caption_image)
-    for k in (1, 5, 10):
-        assert metrics[f"i2t_R@{k}"] == pytest.approx(100 * sum(r <= k for r in ranks) / num_images)
+def test_the_loss_is_symmetric_infonce_with_the_positive_on_the_diagonal():
+    generator = torch.Generator().manual_seed(3)
+    image = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1)
+    scale = torch.tensor(2.0)
+    logits = scale.exp() * image @ text.T
+    by_hand = (torch.nn.functional.cross_entropy(logits, torch.arange(5))
+               + torch.nn.functional.cross_entropy(logits.T, torch.arange(5))) / 2
+    assert ContrastiveLoss()(image, text, scale).item() == pytest.approx(by_hand.item(), rel=1e-6)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import checkpointing as ck
-from conftest import ROOT
+from conftest import ROOT, assert_bitwise_equal
+from trainer import TrainState
 
 
 def small_model(seed: int = 0) -> nn.Module:
@@ -36,26 +37,17 @@ def trained(model: nn.Module) -> tuple[torch.optim.Optimizer, torch.amp.GradScal
     return optimizer, scaler
 
 
-def checkpoint_of(model: nn.Module, optimizer, scaler, **changes) -> dict:
-    fields = dict(model=model, optimizer=optimizer, scaler=scaler, epoch=4, global_step=123, best_val=0.75,
-                  val_loss=0.8, config={"lr": 1e-2, "precision": "fp16", "d_shared": 8},
-                  data_state={"epoch": 5, "samples_seen": 0}, tokenizer=None)
+def checkpoint_of(model: nn.Module, optimizer, scaler, epoch: int = 4, global_step: int = 123, best_val=0.75,
+                  samples_seen: int = 0, **changes) -> dict:
+    state = TrainState(epoch=epoch + 1, samples_seen=samples_seen, global_step=global_step, best_val=best_val,
+                       val_loss=0.8)
+    fields = dict(model=model, optimizer=optimizer, scaler=scaler, train_state=state.state_dict(),
+                  config={"lr": 1e-2, "precision": "fp16", "d_shared": 8}, tokenizer=None,
+                  rng_states=[ck.capture_rng_state()], run={"id": "a", "parent": None, "started_ns": 1})
     return ck.make_checkpoint(**{**fields, **changes})
 
 
-def assert_same_tensors(left, right) -> None:
-    if isinstance(left, torch.Tensor):
-        assert torch.equal(left, right)
-    elif isinstance(left, dict):
-        assert left.keys() == right.keys()
-        for key in left:
-            assert_same_tensors(left[key], right[key])
-    elif isinstance(left, (list, tuple)):
-        assert len(left) == len(right)
-        for a, b in zip(left, right):
-            assert_same_tensors(a, b)
-    else:
-        assert left == right
+assert_same_tensors = assert_bitwise_equal
 
 
 # ----------------------------------------------------------------------------- save -> clobber -> load -> equal
@@ -70,8 +62,9 @@ def test_round_trip_restores_model_optimizer_scaler_and_position(tmp_path):
     clobbered = small_model(seed=9)
     fresh_optimizer = torch.optim.AdamW(clobbered.parameters(), lr=1e-2)
     fresh_scaler = torch.amp.GradScaler("cpu", enabled=True)
-    point = ck.restore_training_state(torch.load(path, weights_only=True), path, clobbered, fresh_optimizer,
-                                      fresh_scaler, "fp16", {"d_shared": 8}, log=lambda line: None)
+    point = TrainState()
+    ck.restore_training_state(torch.load(path, weights_only=True), path, clobbered, fresh_optimizer,
+                              fresh_scaler, "fp16", {"d_shared": 8}, point, log=lambda line: None)
 
     assert_same_tensors(clobbered.state_dict(), saved_model)
     assert_same_tensors(fresh_optimizer.state_dict(), saved_optimizer)
@@ -105,10 +98,11 @@ def test_checkpoint_holds_plain_types_and_no_wrapper_prefixes(tmp_path):
     path = tmp_path / ck.LAST
     ck.save_checkpoint(checkpoint_of(compiled_view.module, optimizer, scaler), path)
     loaded = torch.load(path, weights_only=True)
-    assert loaded["format_version"] == 2 and loaded["epoch"] == 4 and loaded["global_step"] == 123
+    assert loaded["format_version"] == 3 and loaded["epoch"] == 4 and loaded["global_step"] == 123
     assert all(not key.startswith(("module.", "_orig_mod.")) for key in loaded["model_state_dict"])
     assert isinstance(loaded["config"], dict) and "scaler_state_dict" in loaded
-    assert set(loaded["rng_state"]) == {"python", "numpy", "torch", "cuda"}
+    assert len(loaded["rng_state"]) == loaded["world_size"] == 1
+    assert set(loaded["rng_state"][0]) == {"python", "numpy", "torch", "cuda"}
     assert set(loaded["versions"]) == {"torch", "transformers"} and loaded["created"]
 
 
@@ -173,32 +167,49 @@ def test_a_process_killed_mid_write_always_leaves_a_loadable_checkpoint(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == [ck.LAST]
 
 
-def test_rotation_keeps_the_newest_snapshots_and_never_touches_best_or_last(tmp_path):
-    for name in [ck.LAST, ck.BEST] + [ck.snapshot_name(epoch) for epoch in (1, 2, 3, 10)]:
-        (tmp_path / name).write_bytes(b"x")
+def write_at(path: Path, seconds: int) -> None:
+    path.write_bytes(b"x")
+    os.utime(path, ns=(seconds * 10**9, seconds * 10**9))
+
+
+def test_rotation_keeps_the_most_recently_written_snapshots_and_never_touches_best_or_last(tmp_path):
+    for name in (ck.LAST, ck.BEST):
+        write_at(tmp_path / name, 1)
+    for seconds, epoch in enumerate((1, 2, 3, 10), start=10):
+        write_at(tmp_path / ck.snapshot_name(epoch), seconds)
     removed = ck.rotate_snapshots(tmp_path, keep_last=2)
     assert sorted(p.name for p in removed) == ["epoch_001_brain_v2.pt", "epoch_002_brain_v2.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ck.BEST, ck.LAST, "epoch_003_brain_v2.pt",
                                                                  "epoch_010_brain_v2.pt"])
 
 
+def test_rotation_after_a_resume_from_an_older_epoch_keeps_the_new_snapshot_not_the_abandoned_ones(tmp_path):
+    for seconds, epoch in enumerate((0, 1, 2), start=10):  # the abandoned run's epochs 0..2
+        write_at(tmp_path / ck.snapshot_name(epoch), seconds)
+    write_at(tmp_path / ck.snapshot_name(1), 20)  # the new continuation (resumed at epoch 0) just wrote epoch 1
+    removed = ck.rotate_snapshots(tmp_path, keep_last=1, keep=tmp_path / ck.snapshot_name(1))
+    assert [p.name for p in tmp_path.iterdir()] == [ck.snapshot_name(1)]
+    assert sorted(p.name for p in removed) == [ck.snapshot_name(0), ck.snapshot_name(2)]
+
+
 # ----------------------------------------------------------------------------- the guide's lines
 
 def restore_lines(checkpoint: dict, model: nn.Module, precision: str = "fp16", architecture=None,
-                  scaler_enabled: bool = True) -> tuple[list[str], ck.ResumePoint]:
+                  scaler_enabled: bool = True) -> tuple[list[str], TrainState]:
     lines: list[str] = []
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
-    point = ck.restore_training_state(checkpoint, Path("x.pt"), model, optimizer, scaler, precision,
-                                      architecture or {"d_shared": 8}, log=lines.append)
-    return lines, point
+    state = TrainState()
+    ck.restore_training_state(checkpoint, Path("x.pt"), model, optimizer, scaler, precision,
+                              architecture or {"d_shared": 8}, state, log=lines.append)
+    return lines, state
 
 
 def test_full_checkpoint_prints_every_line_of_the_guide():
     model = small_model()
     optimizer, scaler = trained(model)
-    lines, _ = restore_lines(checkpoint_of(model, optimizer, scaler, epoch=42, global_step=158250, best_val=0.2345,
-                                           data_state={"epoch": 43, "samples_seen": 0}), small_model(1))
+    lines, _ = restore_lines(checkpoint_of(model, optimizer, scaler, epoch=42, global_step=158250, best_val=0.2345),
+                             small_model(1))
     assert lines == ["=" * 60, "Resuming from checkpoint: x.pt", "=" * 60,
                      "✓ New format checkpoint with full training state", "✓ Model state loaded (strict)",
                      "✓ Optimizer state loaded", "✓ Starting from epoch 43", "✓ Global step restored to 158250",
@@ -267,7 +278,7 @@ def test_missing_file_says_not_found_with_the_ls_hint(tmp_path):
 
 
 def test_folder_without_a_checkpoint_is_named(tmp_path):
-    with pytest.raises(ck.CheckpointError, match="folder holds no last_brain_v2.pt or best_brain_v2.pt"):
+    with pytest.raises(ck.CheckpointError, match="folder holds no last_brain_v2.pt, best_brain_v2.pt or epoch snapshot"):
         ck.checkpoint_in_folder(tmp_path)
 
 
@@ -306,20 +317,38 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
 
 # ----------------------------------------------------------------------------- --resume auto and folders
 
-def test_resume_auto_picks_the_highest_step_and_names_a_truncated_newest(tmp_path):
-    ck.save_checkpoint({"global_step": 30, "epoch": 2, "model_state_dict": {}}, tmp_path / ck.BEST)
-    ck.save_checkpoint({"global_step": 20, "epoch": 1, "model_state_dict": {}}, tmp_path / ck.snapshot_name(1))
-    ck.save_checkpoint({"global_step": 40, "epoch": 3, "model_state_dict": {}}, tmp_path / ck.LAST)
-    assert ck.find_latest_checkpoint(tmp_path, log=lambda line: None) == tmp_path / ck.LAST
+def full(step: int, started_ns: int = 1) -> dict:
+    return {"global_step": step, "epoch": 0, "model_state_dict": {}, "run": {"id": str(started_ns), "started_ns": started_ns}}
+
+
+def test_resume_auto_picks_the_furthest_step_of_the_newest_run_and_names_an_unreadable_file(tmp_path):
+    ck.save_checkpoint(full(30), tmp_path / ck.BEST)
+    ck.save_checkpoint(full(20), tmp_path / ck.snapshot_name(1))
+    ck.save_checkpoint(full(40), tmp_path / ck.LAST)
+    assert ck.find_latest_checkpoint(tmp_path, log=lambda line: None).path == tmp_path / ck.LAST
     (tmp_path / ck.LAST).write_bytes((tmp_path / ck.LAST).read_bytes()[:100])
     lines: list[str] = []
-    assert ck.find_latest_checkpoint(tmp_path, log=lines.append) == tmp_path / ck.BEST
+    found = ck.find_latest_checkpoint(tmp_path, log=lines.append)
+    assert found.path == tmp_path / ck.BEST
     assert len(lines) == 1 and lines[0].startswith("⚠ Skipping ") and "last_brain_v2.pt" in lines[0]
+    assert [path for path, _ in found.unreadable] == [tmp_path / ck.LAST]
 
 
-def test_resume_from_a_folder_takes_its_newer_checkpoint(tmp_path):
-    ck.save_checkpoint({"global_step": 5, "epoch": 0, "model_state_dict": {}}, tmp_path / ck.LAST)
-    ck.save_checkpoint({"global_step": 9, "epoch": 1, "model_state_dict": {}}, tmp_path / ck.BEST)
+def test_resume_auto_follows_the_newest_run_not_the_abandoned_one_with_more_steps(tmp_path):
+    ck.save_checkpoint(full(24, started_ns=1), tmp_path / ck.BEST)  # the old run went further...
+    ck.save_checkpoint(full(16, started_ns=2), tmp_path / ck.LAST)  # ...but this run resumed from its step 8
+    assert ck.find_latest_checkpoint(tmp_path, log=lambda line: None).path == tmp_path / ck.LAST
+
+
+def test_resume_auto_reads_a_file_of_the_old_serialisation_as_an_explicit_resume_does(tmp_path):
+    torch.save(full(7), tmp_path / ck.LAST, _use_new_zipfile_serialization=False)
+    found = ck.find_latest_checkpoint(tmp_path, log=lambda line: None)
+    assert found.path == tmp_path / ck.LAST and found.unreadable == []
+
+
+def test_resume_from_a_folder_takes_its_newest_checkpoint(tmp_path):
+    ck.save_checkpoint(full(5), tmp_path / ck.LAST)
+    ck.save_checkpoint(full(9), tmp_path / ck.BEST)
     assert ck.checkpoint_in_folder(tmp_path) == tmp_path / ck.BEST
 
 
@@ -331,17 +360,17 @@ def test_inspect_prints_format_epoch_step_and_config(tmp_path, capsys):
     ck.save_checkpoint(checkpoint_of(model, optimizer, scaler), tmp_path / ck.LAST)
     assert ck.main(["inspect", str(tmp_path / ck.LAST)]) == 0
     out = capsys.readouterr().out
-    for expected in ("format:     2", "epoch:      4", "step:       123", "best_val:   0.75", "precision:  fp16",
+    for expected in ("format:     3", "epoch:      4", "step:       123", "best_val:   0.75", "precision:  fp16",
                      "  d_shared: 8", "tensors:"):
         assert expected in out
 
 
-def test_convert_wraps_a_legacy_file_that_then_resumes_as_format_2(tmp_path, capsys):
+def test_convert_wraps_a_legacy_file_that_then_resumes_as_the_current_format(tmp_path, capsys):
     weights = {f"module.{k}": v for k, v in small_model().state_dict().items()}
     torch.save(weights, tmp_path / "old.pt")
     assert ck.main(["convert", str(tmp_path / "old.pt"), str(tmp_path / "new.pt")]) == 0
     converted = torch.load(tmp_path / "new.pt", weights_only=True)
-    assert converted["format_version"] == 2 and "0.weight" in converted["model_state_dict"]
+    assert converted["format_version"] == 3 and "0.weight" in converted["model_state_dict"]
     lines, point = restore_lines(converted, small_model(3))
     assert "✓ New format checkpoint with full training state" in lines and point.epoch == 0
     assert ck.main(["convert", str(tmp_path / "old.pt"), str(tmp_path / "new.pt")]) == 2  # never overwrites

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import shutil
@@ -15,9 +16,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import flickr8k_dataset as fd
+from augment import TrainAugment, eval_transform, normalize_images
+from conftest import DATA
 from sample_data import write_sample_dataset
 
-SHARED_TEXT = Path(os.environ.get("BRAIN_FLICKR8K_TEXT", Path(__file__).resolve().parents[2] / "shared" / "flickr8k_text"))
+REAL_TEXT = DATA / "flickr8k_text"  # the real annotation files, gzipped (tests/data/flickr8k_text/README.md)
 
 
 def load_quietly(root: Path, annotations: str = "auto") -> tuple[dict, list[str]]:
@@ -112,9 +115,10 @@ def test_a_key_like_jpg_dot_1_is_its_own_key_and_skips_are_summed_in_one_warning
 
 
 def test_real_flickr8k_text_files_give_the_real_sample_counts(tmp_path):
-    assert SHARED_TEXT.is_dir(), f"the real annotation files are expected in {SHARED_TEXT}"
     root = tmp_path / "real"
-    shutil.copytree(SHARED_TEXT, root / "Flickr8k_text")
+    (root / "Flickr8k_text").mkdir(parents=True)
+    for packed in REAL_TEXT.glob("*.txt.gz"):
+        (root / "Flickr8k_text" / packed.stem).write_bytes(gzip.decompress(packed.read_bytes()))
     (root / "Flicker8k_Dataset").mkdir()
     names = {line.split("#")[0].strip() for line in (root / "Flickr8k_text" / fd.TOKEN_FILE).read_text().splitlines()}
     template = root / "placeholder.jpg"
@@ -166,7 +170,7 @@ def test_karpathy_file_that_is_not_json_is_named(tmp_path):
 # ----------------------------------------------------------------------------- the sampler
 
 def test_sampler_order_depends_only_on_seed_and_epoch():
-    order = lambda seed, epoch: fd.ResumableSampler(50, seed).epoch_order(epoch).tolist()
+    order = lambda seed, epoch: fd.ResumableSampler(50, seed, global_batch=1).epoch_order(epoch).tolist()
     assert order(3, 1) == order(3, 1)
     assert order(3, 1) != order(3, 2) and order(3, 1) != order(4, 1)
     assert sorted(order(3, 1)) == list(range(50))
@@ -177,7 +181,7 @@ def keys(sampler: fd.ResumableSampler) -> list[int]:
 
 
 def test_sampler_resumed_at_an_offset_yields_the_tail_of_the_full_order():
-    sampler = fd.ResumableSampler(50, seed=7)
+    sampler = fd.ResumableSampler(50, seed=7, global_batch=1)
     sampler.set_position(2, 0)
     full = keys(sampler)
     sampler.set_position(2, 17)
@@ -186,31 +190,40 @@ def test_sampler_resumed_at_an_offset_yields_the_tail_of_the_full_order():
 
 
 def test_sampler_resume_with_another_batch_size_continues_at_the_same_sample():
-    sampler = fd.ResumableSampler(60, seed=1)
-    full = keys(sampler)
-    first = [b.tolist() for b in DataLoader(full, batch_size=4)][:5]  # 5 batches of 4, then a stop
-    sampler.set_position(0, sum(len(b) for b in first))
-    rest = [i for b in DataLoader(keys(sampler), batch_size=6) for i in b.tolist()]
-    assert [i for b in first for i in b] + rest == full
+    full = fd.ResumableSampler(60, seed=1, global_batch=1).epoch_order(0).tolist()
+    first = fd.ResumableSampler(60, seed=1, global_batch=4)
+    assert keys(first)[:20] == full[:20]  # 5 steps of 4, then a stop at sample 20
+    rest = fd.ResumableSampler(60, seed=1, global_batch=6)
+    rest.set_position(0, 20)
+    assert keys(rest) == full[20:56], "6 more steps of 6; the short tail of 4 is dropped, as drop_last does"
 
 
-def test_shards_are_disjoint_and_cover_the_rest_of_the_epoch_for_any_world_size():
-    for world_size in (2, 3):
-        shards = []
-        for rank in range(world_size):
-            sampler = fd.ResumableSampler(47, seed=5, rank=rank, world_size=world_size)
-            sampler.set_position(1, 11)
-            shards.append(keys(sampler))
-            assert len(sampler) == len(shards[-1])
-        merged = [i for shard in shards for i in shard]
-        assert len(merged) == len(set(merged)) == 36
-        assert set(merged) == set(fd.ResumableSampler(47, seed=5).epoch_order(1)[11:].tolist())
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_each_process_takes_its_slice_of_every_global_batch_of_the_one_order(world_size):
+    one = fd.ResumableSampler(47, seed=5, global_batch=6)
+    one.set_position(1, 11)
+    global_batches = [keys(one)[k:k + 6] for k in range(0, len(one), 6)]
+    shards = []
+    for rank in range(world_size):
+        sampler = fd.ResumableSampler(47, seed=5, global_batch=6, rank=rank, world_size=world_size)
+        sampler.set_position(1, 11)
+        shards.append(keys(sampler))
+        assert len(sampler) == len(shards[-1]) == 6 // world_size * len(global_batches)
+    local = 6 // world_size
+    for step, expected in enumerate(global_batches):
+        gathered = [i for shard in shards for i in shard[step * local:(step + 1) * local]]
+        assert gathered == expected, "gathered in rank order, the slices are the one-process batch, row for row"
+
+
+def test_a_global_batch_that_does_not_divide_by_the_processes_is_refused():
+    with pytest.raises(ValueError, match="global batch 6 does not divide by 4 processes"):
+        fd.ResumableSampler(47, seed=5, global_batch=6, rank=0, world_size=4)
 
 
 # ----------------------------------------------------------------------------- images and augmentation
 
 def train_dataset(split: fd.Split, images, seed: int = 0) -> fd.Flickr8kDataset:
-    return fd.Flickr8kDataset(split, images, fd.TrainAugment(32), seed)
+    return fd.Flickr8kDataset(split, images, TrainAugment(32), seed)
 
 
 def test_augmentation_is_keyed_by_seed_epoch_and_index_not_by_the_global_rng(sample_root):
@@ -226,24 +239,12 @@ def test_augmentation_is_keyed_by_seed_epoch_and_index_not_by_the_global_rng(sam
     assert torch.equal(before, torch.get_rng_state()), "loading a sample must not consume global randomness"
 
 
-def test_flips_happen_only_when_asked_and_leave_the_crop_unchanged(sample_root):
-    pixels = fd.JpegImages(load_quietly(sample_root)[0]["train"].image_paths()).load(0)
-    flipped = 0
-    for seed in range(20):
-        plain = fd.TrainAugment(32)(pixels, seed)
-        maybe = fd.TrainAugment(32, hflip=True)(pixels, seed)
-        assert plain.shape == (3, 32, 32) and plain.dtype == torch.uint8
-        assert torch.equal(maybe, plain) or torch.equal(maybe, plain.flip(-1))
-        flipped += not torch.equal(maybe, plain)
-    assert 3 <= flipped <= 17
-
-
 @pytest.mark.parametrize("cached", [False, True])
 def test_augmented_batches_are_the_same_with_0_or_2_workers(sample_root, tmp_path, cached):
     split = load_quietly(sample_root)[0]["train"]
     images = fd.build_image_cache(split.image_paths(), 32, tmp_path, progress=False) if cached else fd.JpegImages(split.image_paths())
     dataset = train_dataset(split, images, seed=11)
-    sampler = fd.ResumableSampler(len(dataset), seed=11)
+    sampler = fd.ResumableSampler(len(dataset), seed=11, global_batch=1)
     sampler.set_position(1, 3)
     batches = [torch.cat([b["image"] for b in DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers)])
                for workers in (0, 2)]
@@ -286,10 +287,10 @@ def test_scratch_tokenizer_is_the_same_on_every_run(sample_root):
 def test_cached_and_decoded_images_agree_within_resize_tolerance(sample_root, tmp_path):
     split = load_quietly(sample_root)[0]["val"]
     cache = fd.build_image_cache(split.image_paths(), 32, tmp_path, progress=False)
-    evaluate = fd.eval_transform(32)
+    evaluate = eval_transform(32)
     for index in range(len(split.images)):
-        cached = fd.normalize_images(evaluate(cache.load(index))[None])
-        decoded = fd.normalize_images(evaluate(fd.JpegImages(split.image_paths()).load(index))[None])
+        cached = normalize_images(evaluate(cache.load(index))[None])
+        decoded = normalize_images(evaluate(fd.JpegImages(split.image_paths()).load(index))[None])
         assert cached.shape == decoded.shape == (1, 3, 32, 32)
         assert (cached - decoded).abs().mean() < 0.1  # normalised units; a wrong image differs by ~1
 

@@ -3,7 +3,6 @@ real signals (SIGTERM, SIGINT, SLURM's SIGUSR1, SIGKILL) at random steps, resume
 and compared bit for bit with an uninterrupted run: checkpoint tensors and TensorBoard train/loss."""
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
@@ -14,62 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpointing as ck
-from conftest import ROOT, run_args
+from conftest import (ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, finish, load, run_args, run_to_end, scalars, start,
+                      wait_for_step)
 
-SCRIPT = str(ROOT / "train_multimodal_brain_flickr8k.py")
-EPOCHS = ["--epochs", "2"]  # 8 steps an epoch: 70 samples, batches of 8
-TOTAL_STEPS = 16
+pytestmark = pytest.mark.slow
 
-
-def start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-
-
-def wait_for_step(process: subprocess.Popen, step: int) -> list[str]:
-    """Read the run's output until it reports a step >= `step` (it prints one line a step: --log_every 1)."""
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        match = re.match(r"epoch \d+ step (\d+) ", line)
-        if match and int(match[1]) >= step:
-            return lines
-    raise AssertionError(f"the run ended before step {step}:\n{''.join(lines)}")
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    out, _ = process.communicate(timeout=timeout)
-    return process.returncode, out
-
-
-def run_to_end(args: list[str]) -> str:
-    status, out = finish(start(args))
-    assert status == 0, out
-    return out
+EPOCHS = ["--epochs", "2"]
+TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 
 
 def train_losses(logdir: Path) -> list[tuple[int, float]]:
-    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return [(event.step, event.value) for event in accumulator.Scalars("train/loss")]
-
-
-def assert_bitwise_equal(left, right, where: str = "") -> None:
-    if isinstance(left, torch.Tensor):
-        assert torch.equal(left, right), f"{where} differs"
-    elif isinstance(left, dict):
-        assert left.keys() == right.keys(), where
-        for key in left:
-            assert_bitwise_equal(left[key], right[key], f"{where}/{key}")
-    elif isinstance(left, (list, tuple)):
-        for index, (a, b) in enumerate(zip(left, right, strict=True)):
-            assert_bitwise_equal(a, b, f"{where}[{index}]")
-    else:
-        assert left == right, f"{where}: {left} != {right}"
+    return scalars(logdir, "train/loss")
 
 
 def assert_same_as_uninterrupted(run_dir: Path, reference_dir: Path) -> None:
@@ -164,24 +120,6 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_last_and_no_duplicat
     assert_same_as_uninterrupted(tmp_path, reference)
 
 
-DOUBLE_CTRL_C = """
-import signal, sys
-sys.path.insert(0, {root!r})
-from train_multimodal_brain_flickr8k import StopFlag
-stop = StopFlag()
-signal.raise_signal(signal.SIGINT)
-print("first: stop requested" if stop.signum == signal.SIGINT else "first: ignored", flush=True)
-signal.raise_signal(signal.SIGINT)
-print("still running after the second Ctrl-C", flush=True)
-"""
-
-
-def test_a_second_ctrl_c_quits_at_once():
-    child = subprocess.run([sys.executable, "-c", DOUBLE_CTRL_C.format(root=str(ROOT))], capture_output=True, text=True)
-    assert child.returncode == 130
-    assert "first: stop requested" in child.stdout and "still running" not in child.stdout
-
-
 def test_a_second_ctrl_c_during_a_run_exits_130_and_leaves_no_torn_checkpoint(sample_root, tmp_path):
     process = start(run_args(sample_root, tmp_path, *EPOCHS, "--save_every_steps", "1"))
     wait_for_step(process, 2)
@@ -194,17 +132,22 @@ def test_a_second_ctrl_c_during_a_run_exits_130_and_leaves_no_torn_checkpoint(sa
     assert status == 130
     assert ck.load_checkpoint(tmp_path / "ckpt" / ck.LAST)["global_step"] >= 1
     ck.remove_stale_temporaries(tmp_path / "ckpt")  # what the next start does with a save cut short
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [ck.LAST]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [ck.LOCK_FILE, ck.LAST]
 
 
 def test_resume_auto_skips_a_truncated_newest_checkpoint_and_names_it(sample_root, tmp_path):
     args = run_args(sample_root, tmp_path, "--epochs", "1", "--keep_last", "2")
     run_to_end(args)
     last = tmp_path / "ckpt" / ck.LAST
-    last.write_bytes(last.read_bytes()[:1000])
+    torn = last.read_bytes()[:1000]
+    last.unlink()  # best and the snapshot are hard links to last: tear this name only
+    last.write_bytes(torn)
     out = run_to_end(run_args(sample_root, tmp_path, "--epochs", "2", "--resume", "auto"))
     assert f"⚠ Skipping {last}: truncated or not a PyTorch checkpoint" in out
     assert "Resuming from checkpoint: " in out and "✓ Starting from epoch 1" in out
+    kept = list((tmp_path / "ckpt").glob("last_brain_v2.pt.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == torn, "an unreadable file is moved aside, never overwritten"
+    assert f"⚠ Moved {last} aside to {kept[0].name}" in out
 
 
 def test_resume_auto_with_nothing_to_resume_says_so_and_starts_fresh(sample_root, tmp_path):

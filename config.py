@@ -1,0 +1,265 @@
+"""The command line and the run's settings: the flags, the demo preset, precedence on resume
+(command line > checkpoint > demo preset > defaults) and every check of the options, in one place.
+
+Two kinds of values: *settings* of the run (architecture, optimisation, precision, seed, save policy) are saved
+in the checkpoint and come back on resume; *options* say where things are and how this process runs (paths,
+device, workers, logging) and never come back.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torchvision
+
+from brain_model import BrainConfig, is_weights_file
+
+DEMO_ROOT = Path("data/flickr8k_sample")
+PRECISIONS = ("fp32", "fp16", "bf16")
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+class ConfigError(Exception):
+    """A bad value: one line naming the flag (or the checkpoint field), the value and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Settings of the run besides the architecture: saved in the checkpoint and restored on resume."""
+    epochs: int = 50
+    batch_size: int = 8  # pairs per optimizer step over all processes (the global batch)
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"  # fp16 on CUDA, fp32 on CPU; the resolved value is what gets saved
+    hflip: bool = False
+    vocab_size: int = 4000  # scratch tokenizer only
+    cache_images: bool = True
+    save_every_steps: int = 0
+    keep_last: int = 0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where things are and how this process runs; never saved, never restored."""
+    root_dir: Path | None
+    annotations: str
+    num_workers: int
+    cache_dir: Path | None
+    device: str
+    deterministic: bool
+    compile: bool
+    savedir: Path
+    resume: str | None
+    overwrite: bool
+    sync_saves: bool
+    allow_nonfinite: bool
+    logdir: Path
+    log_every: int
+    eval_only: bool
+    eval_split: str
+    demo: bool
+    argv: tuple[str, ...]  # as typed, for the printed resume command
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    options: RunOptions
+    given: dict  # the settings typed on the command line, by name
+
+
+# A small configuration that trains in about two minutes on 2 CPU cores and needs no download.
+DEMO_SETTINGS = {"image_encoder": "shufflenet_v2_x0_5", "image_weights": "none", "image_size": 64, "text_encoder": "scratch",
+                 "scratch_text_width": 128, "scratch_text_layers": 2, "max_text_len": 24, "d_shared": 128,
+                 "brain_layers": 1, "brain_heads": 4, "epochs": 8, "batch_size": 32, "lr": 1e-3, "warmup_steps": 30,
+                 "vocab_size": 600}
+SETTING_FIELDS = [f for f in fields(BrainConfig) if f.name != "text_vocab_size"] + list(fields(TrainSettings))
+SETTING_DEFAULTS = {**BrainConfig().to_dict(), **asdict(TrainSettings())}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and status 2, like every other user mistake
+        self.exit(2, f"Error: {message} (see --help)\n")
+
+
+def parse_args(argv: list[str] | None = None, description: str = "") -> CommandLine:
+    """Settings default to None here: None means "not given", so that on resume the checkpoint's value
+    applies (see `resolve_settings`)."""
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def setting(group, name: str, kind=None, **options) -> None:
+        help_text = f"{options.pop('help')} (default: {SETTING_DEFAULTS[name]}; on resume: the checkpoint's)"
+        if kind is bool:
+            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(f"--{name}", type=kind, default=None, help=help_text, **options)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--root_dir", type=Path, help="Flickr8k folder (token, Karpathy or Kaggle layout)")
+    data.add_argument("--annotations", choices=("auto", "token", "karpathy", "kaggle"), default="auto",
+                      help="annotation layout to read (default: detected)")
+    data.add_argument("--num_workers", type=int, default=2, help="data loader processes per training process (default: 2)")
+    data.add_argument("--cache_dir", type=Path, help="image cache folder (default: ROOT_DIR/.brain_cache)")
+    setting(data, "image_size", int, help="image side in pixels")
+    setting(data, "max_text_len", int, help="captions are cut at this many tokens")
+    setting(data, "hflip", bool, help="random horizontal flips (off: captions say left and right)")
+    setting(data, "cache_images", bool, help="decode each image once into a memory-mapped cache")
+
+    model = parser.add_argument_group("model")
+    setting(model, "image_encoder", str, help="torchvision CNN classifier, e.g. resnet50, resnet18, convnext_tiny")
+    setting(model, "image_weights", str, help="DEFAULT, a torchvision weights name, a local .pth file, or none")
+    setting(model, "text_encoder", str, help="Hugging Face model name or local folder, or scratch")
+    setting(model, "vocab_size", int, help="WordPiece vocabulary size for --text_encoder scratch")
+    setting(model, "scratch_text_width", int, help="hidden size of the scratch text encoder")
+    setting(model, "scratch_text_layers", int, help="layers of the scratch text encoder")
+    setting(model, "d_shared", int, help="width of the shared space and the brain core")
+    setting(model, "brain_layers", int, help="shared transformer layers")
+    setting(model, "brain_heads", int, help="attention heads in the brain core")
+    setting(model, "dropout", float, help="dropout in the brain core and scratch text encoder")
+
+    optimisation = parser.add_argument_group("optimisation")
+    setting(optimisation, "epochs", int, help="train until this many epochs are done")
+    setting(optimisation, "batch_size", int, help="pairs per step over all processes (must divide by their number)")
+    setting(optimisation, "lr", float, help="peak learning rate (AdamW, linear warmup, cosine decay)")
+    setting(optimisation, "weight_decay", float, help="AdamW weight decay on matrices")
+    setting(optimisation, "warmup_steps", int, help="linear warmup steps")
+    setting(optimisation, "min_lr_ratio", float, help="final lr as a fraction of --lr")
+    setting(optimisation, "grad_clip", float, help="clip the gradient norm at this value (0: no clipping)")
+    setting(optimisation, "seed", int, help=f"seed of every random choice in the run, 0 to {MAX_SEED}")
+
+    device = parser.add_argument_group("precision and device")
+    setting(device, "precision", str, choices=("auto",) + PRECISIONS, help="autocast precision; auto: fp16 on CUDA, fp32 on CPU")
+    device.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="default: cuda if available (cuda:LOCAL_RANK under torchrun)")
+    device.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (slower)")
+    device.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
+
+    saving = parser.add_argument_group("checkpointing")
+    saving.add_argument("--savedir", type=Path, default=Path("checkpoints_brain_v2"), help="default: checkpoints_brain_v2")
+    saving.add_argument("--resume", help="checkpoint file, a folder holding one, or auto (newest in --savedir)")
+    saving.add_argument("--overwrite", action="store_true",
+                        help="let this run replace the checkpoints another run left in --savedir")
+    saving.add_argument("--sync_saves", action="store_true",
+                        help="write checkpoints in the training loop instead of a background writer")
+    saving.add_argument("--allow_nonfinite", action="store_true",
+                        help="load a checkpoint whose weights hold NaN or inf (for forensics)")
+    setting(saving, "save_every_steps", int, help="also save last_brain_v2.pt every N steps (0: epoch ends only)")
+    setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
+
+    logging = parser.add_argument_group("logging and evaluation")
+    logging.add_argument("--logdir", type=Path, default=Path("runs_brain_v2"), help="TensorBoard folder (default: runs_brain_v2)")
+    logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
+    logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
+    logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
+    logging.add_argument("--demo", action="store_true",
+                         help=f"train a small model on generated data in {DEMO_ROOT} (written if absent)")
+    args = vars(parser.parse_args(argv))
+    given = {f.name: args.pop(f.name) for f in SETTING_FIELDS if args[f.name] is not None}
+    for f in SETTING_FIELDS:
+        args.pop(f.name, None)
+    if args["demo"] and args["root_dir"] is None:
+        args["root_dir"] = DEMO_ROOT
+    args["argv"] = tuple(sys.argv[1:] if argv is None else argv)
+    return CommandLine(RunOptions(**args), given)
+
+
+def _expected_type(name: str) -> tuple[type, ...]:
+    default = SETTING_DEFAULTS[name]
+    return (int, float) if isinstance(default, float) else (type(default),)
+
+
+def _check_saved_value(name: str, value, source: str) -> None:
+    kinds = _expected_type(name)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ConfigError(f"{source}: field 'config.{name}' is {value!r} (expected a {kinds[-1].__name__}); "
+                          f"the checkpoint is damaged: pass --{name} to override it, or resume from another file")
+
+
+def resolve_settings(given: dict, saved: dict | None, demo: bool,
+                     source: str = "") -> tuple[BrainConfig, TrainSettings, list[str], dict[str, str]]:
+    """Command line > checkpoint config > demo settings (with --demo) > defaults.
+
+    Returns the architecture, the training settings, the overrides ("lr 0.001 -> 0.0005") and, for each setting
+    that came from the checkpoint, its source, so an error about it can say where it came from.
+    """
+    defaults = {**SETTING_DEFAULTS, **(DEMO_SETTINGS if demo else {})}
+    saved = saved or {}
+    values, overridden, from_checkpoint = {}, [], {}
+    for name in [f.name for f in SETTING_FIELDS]:
+        if name in given:
+            values[name] = given[name]
+            if name in saved and saved[name] != given[name]:
+                overridden.append(f"{name} {saved[name]} -> {given[name]}")
+        elif name in saved:
+            _check_saved_value(name, saved[name], source)
+            values[name], from_checkpoint[name] = saved[name], source
+        else:
+            values[name] = defaults[name]
+    vocab = saved.get("text_vocab_size", 0)
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 0:
+        raise ConfigError(f"{source}: field 'config.text_vocab_size' is {vocab!r} (expected an integer >= 0)")
+    values["text_vocab_size"] = vocab
+    model_config = BrainConfig.from_dict(values)
+    settings = TrainSettings(**{f.name: values[f.name] for f in fields(TrainSettings)})
+    return model_config, settings, overridden, from_checkpoint
+
+
+def check_settings(options: RunOptions, model_config: BrainConfig, settings: TrainSettings, world_size: int = 1,
+                   from_checkpoint: dict[str, str] | None = None) -> None:
+    """Every check of the options, in one place; raises ConfigError naming the flag, the value and the fix
+    (and the checkpoint, when the value came from one)."""
+    from_checkpoint = from_checkpoint or {}
+
+    def need(ok: bool, flag: str, value, fix: str) -> None:
+        if not ok:
+            where = f" (from {from_checkpoint[flag]}; pass --{flag} to override)" if flag in from_checkpoint else ""
+            raise ConfigError(f"--{flag} {value}: {fix}{where}")
+
+    need(options.root_dir is not None, "root_dir", "(missing)", "give the Flickr8k folder, or use --demo")
+    values = {**model_config.to_dict(), **asdict(settings)}
+    for flag in ("epochs", "image_size", "max_text_len", "d_shared", "brain_layers", "brain_heads",
+                 "scratch_text_width", "scratch_text_layers"):
+        need(values[flag] >= 1, flag, values[flag], "must be a positive integer")
+    need(settings.batch_size >= 2, "batch_size", settings.batch_size, "must be at least 2 (contrastive pairs need negatives)")
+    need(settings.batch_size % world_size == 0, "batch_size", settings.batch_size,
+         f"the global batch must divide by the {world_size} processes; use a multiple of {world_size}")
+    need(settings.lr > 0 and math.isfinite(settings.lr), "lr", settings.lr, "must be a positive number such as 2e-4")
+    need(0 < settings.min_lr_ratio <= 1, "min_lr_ratio", settings.min_lr_ratio, "must be in (0, 1]")
+    for flag in ("weight_decay", "warmup_steps", "grad_clip", "save_every_steps", "keep_last"):
+        value = getattr(settings, flag)
+        need(value >= 0 and math.isfinite(value), flag, value, "must be a number >= 0")
+    need(0 <= settings.seed <= MAX_SEED, "seed", settings.seed, f"must be in 0 .. {MAX_SEED}")
+    need(0 <= model_config.dropout < 1, "dropout", model_config.dropout, "must be in [0, 1)")
+    need(model_config.image_size >= 32, "image_size", model_config.image_size, "must be at least 32 pixels")
+    need(model_config.d_shared % model_config.brain_heads == 0, "d_shared", model_config.d_shared,
+         f"must be divisible by --brain_heads {model_config.brain_heads}")
+    width = model_config.scratch_text_width
+    need(width < 64 or width % 64 == 0, "scratch_text_width", width,
+         "must be below 64 or a multiple of 64 (one attention head per 64 channels)")
+    need(settings.vocab_size >= 100, "vocab_size", settings.vocab_size, "must be at least 100")
+    need(settings.precision in ("auto",) + PRECISIONS, "precision", settings.precision, f"use one of {', '.join(PRECISIONS)}")
+    need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
+    need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
+    for flag in ("savedir", "logdir"):
+        folder = getattr(options, flag)
+        need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
+    models = torchvision.models.list_models(module=torchvision.models)
+    need(model_config.image_encoder in models, "image_encoder", model_config.image_encoder,
+         "not a torchvision classification model; try resnet50, resnet18 or convnext_tiny")
+    weights = model_config.image_weights
+    if is_weights_file(weights):
+        need(Path(weights).is_file(), "image_weights", weights, "no such file; give a torchvision weights file or none")
+    elif weights not in ("DEFAULT", "none"):
+        known = [w.name for w in torchvision.models.get_model_weights(model_config.image_encoder)]
+        need(weights.split(".")[-1] in known, "image_weights", weights,
+             f"use DEFAULT, none, a local .pth file or one of {', '.join(known)}")
+    need(options.device != "cuda" or torch.cuda.is_available(), "device", options.device,
+         "CUDA is not available on this machine; use --device cpu")
+    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")

@@ -1,0 +1,141 @@
+"""Every line the program prints and every event it logs, through one object: the banner and resume reports,
+the step line or tqdm bar, the epoch line, TensorBoard. Only the main process speaks; the others hold a
+silent RunLog, so the loop never asks which process it is in.
+"""
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from evaluation import chance_recall_at
+
+RULE = "=" * 60
+SCRIPT = "train_multimodal_brain_flickr8k.py"
+
+
+class RunLog:
+    def __init__(self, *, enabled: bool = True):
+        self.enabled = enabled
+        self.interactive = enabled and sys.stdout.isatty()
+        self.writer: SummaryWriter | None = None
+        self.warned: set[str] = set()
+
+    # -- plain lines
+    def print(self, line: str = "") -> None:
+        if self.enabled:
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+
+    def error(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=sys.stderr, flush=True)
+
+    def warn_once(self, key: str, line: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            self.print(line)
+
+    # -- TensorBoard
+    def open_tensorboard(self, logdir: Path, purge_step: int, config: dict, step: int) -> None:
+        """purge_step drops events a previous run logged after this checkpoint, so curves never overlap."""
+        if self.enabled:
+            self.writer = SummaryWriter(logdir, purge_step=purge_step)
+            self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())), step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        if self.writer:
+            self.writer.add_image(tag, image, step)
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+
+    # -- the loop
+    def progress_bar(self, *, total: int, initial: int, desc: str) -> tqdm:
+        return tqdm(total=total, initial=initial, desc=desc, disable=not self.interactive, dynamic_ncols=True)
+
+    def step(self, bar: tqdm, *, epoch: int, step: int, loss: float, lr: float, samples_per_sec: float,
+             data_wait: float) -> None:
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_sec:.0f}")
+        if not self.interactive:
+            self.print(f"epoch {epoch} step {step} loss {loss:.4f} lr {lr:.2e} {samples_per_sec:.0f} samples/s, "
+                       f"data wait {100 * data_wait:.0f}%")
+
+    def epoch_end(self, *, epoch: int, epochs: int, train_loss: float | None, metrics: dict, improved: bool,
+                  seconds: float) -> None:
+        train = f"{train_loss:.4f}" if train_loss is not None else "n/a (no step this epoch)"
+        self.print(f"Epoch {epoch}/{epochs}: train loss {train}, val loss {metrics['loss']:.4f}"
+                   f"{' (best)' if improved else ''}, i2t R@1/5/10 {metrics['i2t_R@1']:.1f}/{metrics['i2t_R@5']:.1f}/"
+                   f"{metrics['i2t_R@10']:.1f}, t2i R@1/5/10 {metrics['t2i_R@1']:.1f}/{metrics['t2i_R@5']:.1f}/"
+                   f"{metrics['t2i_R@10']:.1f}, {seconds:.0f} s")
+
+    # -- reports
+    def banner(self, *, train_samples: int, val_samples: int, device: torch.device, precision: str, batch_size: int,
+               lr: float, start_epoch: int, epochs: int, world_size: int) -> None:
+        self.print(f"\nTrain samples: {train_samples}")
+        self.print(f"Val samples:   {val_samples}")
+        self.print(f"Device: {device.type}" + (f" ({world_size} processes)" if world_size > 1 else ""))
+        self.print(f"Precision: {precision}")
+        self.print(f"Batch size: {batch_size}" + (f" ({batch_size // world_size} per process)" if world_size > 1 else ""))
+        self.print(f"Learning rate: {lr}")
+        self.print(f"Training epochs: {start_epoch} -> {epochs}")
+
+    def resume_plan(self, *, checkpoint: dict, overridden: list[str], fingerprint: dict) -> None:
+        restored = ["settings" if checkpoint.get("config") else "", "RNG" if checkpoint.get("rng_state") else "",
+                    "data position" if checkpoint.get("data_state") else ""]
+        self.print(RULE)
+        self.print(f"Plan: restored {', '.join(item for item in restored if item) or 'weights only'} from the checkpoint")
+        self.print(f"      overridden on the command line: {'; '.join(overridden) or 'nothing'}")
+        saved = (checkpoint.get("data_state") or {}).get("fingerprint")
+        if isinstance(saved, dict) and saved != fingerprint:
+            self.print(f"⚠ Training data differs from the checkpoint's: {saved.get('samples')} samples "
+                       f"({saved.get('sha256')}) -> {fingerprint['samples']} samples ({fingerprint['sha256']})")
+
+    def metrics_table(self, metrics: dict, split: str) -> None:
+        self.print(f"{split} loss {metrics['loss']:.4f}")
+        self.print(f"{'':16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median rank':>14}")
+        for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
+            self.print(f"{label:16}" + "".join(f"{metrics[f'{direction}_R@{k}']:8.1f}" for k in (1, 5, 10))
+                       + f"{metrics[f'{direction}_median_rank']:14.0f}")
+
+    def demo_report(self, metrics: dict, num_images: int, num_captions: int) -> None:
+        chance_i2t, chance_t2i = chance_recall_at(5, num_images, round(num_captions / num_images))
+        self.print(f"Demo retrieval on {num_images} val images: Recall@5 image->text {metrics['i2t_R@5']:.1f}% "
+                   f"(chance {chance_i2t:.1f}%), text->image {metrics['t2i_R@5']:.1f}% (chance {chance_t2i:.1f}%)")
+
+    def stopped(self, *, signum: int, where: str, path: Path | None, argv: tuple[str, ...], world_size: int) -> None:
+        saved = f"; saved {path}" if path else "; nothing to save yet"
+        self.print(f"Stopped by {signal.Signals(signum).name} {where}{saved}")
+        self.print(f"Resume with: {resume_command(argv, path, world_size)}" if path else
+                   f"Run the same command again: {resume_command(argv, None, world_size)}")
+
+
+def resume_command(argv: tuple[str, ...], checkpoint: Path | None, world_size: int = 1) -> str:
+    """The command line as given, with --resume pointing at `checkpoint`; under torchrun, its launcher too."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--resume":
+            skip = True
+        elif not token.startswith("--resume="):
+            kept.append(token)
+    launcher = ["python"] if world_size == 1 else ["torchrun", "--nproc_per_node", str(world_size)]
+    resume = ["--resume", str(checkpoint)] if checkpoint else []
+    return shlex.join([*launcher, SCRIPT, *kept, *resume])

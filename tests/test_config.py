@@ -1,0 +1,70 @@
+"""Settings: precedence (command line > checkpoint > demo > defaults), the checks with their one-line messages,
+and a checkpoint's damaged config named as such."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from brain_model import BrainConfig
+from config import (DEMO_SETTINGS, ConfigError, TrainSettings, check_settings, parse_args, resolve_settings)
+
+
+def test_the_command_line_beats_the_checkpoint_which_beats_the_defaults():
+    saved = {**BrainConfig(d_shared=48).to_dict(), **asdict(TrainSettings(lr=3e-3, batch_size=10))}
+    model_config, settings, overridden, from_checkpoint = resolve_settings({"lr": 5e-4}, saved, demo=False, source="x.pt")
+    assert settings.lr == 5e-4 and settings.batch_size == 10 and model_config.d_shared == 48
+    assert overridden == ["lr 0.003 -> 0.0005"]
+    assert from_checkpoint["batch_size"] == "x.pt" and "lr" not in from_checkpoint
+
+
+def test_the_demo_preset_applies_only_where_nothing_else_speaks():
+    model_config, settings, _, _ = resolve_settings({"epochs": 2}, None, demo=True)
+    assert settings.epochs == 2 and settings.batch_size == DEMO_SETTINGS["batch_size"]
+    assert model_config.image_encoder == DEMO_SETTINGS["image_encoder"]
+
+
+def test_options_and_settings_are_kept_apart_and_argv_is_recorded():
+    command = parse_args(["--demo", "--lr", "1e-3", "--num_workers", "0"])
+    assert command.given == {"lr": 1e-3}
+    assert command.options.num_workers == 0 and command.options.root_dir == Path("data/flickr8k_sample")
+    assert command.options.argv == ("--demo", "--lr", "1e-3", "--num_workers", "0")
+
+
+@pytest.mark.parametrize("field, value, expected", [("lr", "fast", "float"), ("batch_size", 8.5, "int"),
+                                                     ("hflip", "yes", "bool"), ("epochs", True, "int")])
+def test_a_damaged_config_value_in_a_checkpoint_is_named_with_the_file(field, value, expected):
+    with pytest.raises(ConfigError, match=rf"x\.pt: field 'config\.{field}' is .* \(expected a {expected}\)"):
+        resolve_settings({}, {field: value}, demo=False, source="x.pt")
+
+
+def check(*argv: str, world_size: int = 1, saved: dict | None = None) -> None:
+    command = parse_args(["--root_dir", "somewhere", *argv])
+    model_config, settings, _, from_checkpoint = resolve_settings(command.given, saved, False, "ckpt.pt")
+    check_settings(command.options, model_config, settings, world_size, from_checkpoint)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "-1"], "--seed -1: must be in 0 .. 4294967295"),
+    (["--scratch_text_width", "100"], "--scratch_text_width 100: must be below 64 or a multiple of 64"),
+    (["--warmup_steps", "-3"], "--warmup_steps -3: must be a number >= 0"),
+    (["--grad_clip", "nan"], "--grad_clip nan: must be a number >= 0"),
+])
+def test_each_bad_value_names_its_flag_and_the_fix(argv, message):
+    with pytest.raises(ConfigError) as refusal:
+        check(*argv)
+    assert str(refusal.value).startswith(message)
+
+
+def test_the_global_batch_must_divide_by_the_processes():
+    with pytest.raises(ConfigError, match=r"--batch_size 10: the global batch must divide by the 4 processes; "
+                                          r"use a multiple of 4"):
+        check("--batch_size", "10", world_size=4)
+    check("--batch_size", "12", world_size=4)
+
+
+def test_a_bad_value_from_a_checkpoint_says_where_it_came_from_and_how_to_override_it():
+    with pytest.raises(ConfigError, match=r"--batch_size 1: must be at least 2 .*\(from ckpt\.pt; pass --batch_size "
+                                          r"to override\)"):
+        check(saved={"batch_size": 1})

@@ -1,0 +1,72 @@
+"""The loop's pieces: the schedule, the train state's round trip, and the real optimisation step of a Trainer
+assembled as the CLI assembles it, in each precision."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import train_multimodal_brain_flickr8k as cli
+from config import TrainSettings, parse_args
+from conftest import run_args
+from run_log import RunLog
+from runtime import Runtime
+from trainer import TrainState, learning_rate
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    settings = TrainSettings(lr=1e-3, warmup_steps=9, min_lr_ratio=0.1)
+    assert learning_rate(0, settings, 100) == pytest.approx(1e-4)
+    assert learning_rate(8, settings, 100) == pytest.approx(9e-4)
+    assert learning_rate(9, settings, 100) == pytest.approx(1e-3)
+    assert learning_rate(100, settings, 100) == pytest.approx(1e-4)
+    middle = 9 + (100 - 9) / 2
+    assert learning_rate(middle, settings, 100) == pytest.approx(1e-4 + 0.5 * 9e-4)
+
+
+def test_train_state_saves_clobbers_loads_and_is_equal():
+    state = TrainState(epoch=3, samples_seen=40, global_step=77, best_val=0.5, val_loss=0.6, skipped_images=2,
+                       epoch_loss_sum=12.25, epoch_loss_steps=5)
+    saved = state.state_dict()
+    assert saved["epoch"] == 2 and saved["data_state"]["epoch"] == 3, "`epoch` is the last completed one"
+    restored = TrainState(epoch=9, global_step=1)
+    restored.load_state_dict(saved)
+    assert restored == state and restored.epoch_loss() == pytest.approx(2.45)
+
+
+def test_a_checkpoint_without_a_data_position_resumes_at_the_next_epoch_start():
+    restored = TrainState()
+    restored.load_state_dict({"epoch": 4, "global_step": 50, "best_val": None})
+    assert (restored.epoch, restored.samples_seen, restored.global_step) == (5, 0, 50)
+
+
+@pytest.fixture
+def runtime():
+    runtime = Runtime.start("cpu")
+    yield runtime
+    runtime.close()
+
+
+def assembled_trainer(runtime: Runtime, *argv: str):
+    """A Trainer built by the CLI's own build steps, nothing re-implemented."""
+    command = parse_args(list(argv))
+    log = RunLog(enabled=False)
+    resume = cli.choose_checkpoint(command.options, runtime, log)
+    run = cli.build(command, resume, runtime, log)
+    return cli.make_trainer(run, resume, command.options, runtime, log)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_the_real_step_updates_the_weights_in_every_precision(sample_root, tmp_path, runtime, precision):
+    trainer = assembled_trainer(runtime, *run_args(sample_root, tmp_path, "--precision", precision, "--dropout", "0"))
+    batch = next(iter(trainer.loaders.train))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    for _ in range(5):  # fp16's first steps may overflow at the initial scale: the scaler skips them and backs off
+        loss, grad_norm = trainer.step(batch)
+        assert math.isfinite(loss)
+        assert math.isfinite(grad_norm.item()) or precision == "fp16", "only fp16 overflows, and the scaler skips it"
+    changed = sum(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    assert changed > len(before) // 2
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(0, trainer.settings, trainer.total_steps))
