@@ -4,6 +4,7 @@ silent RunLog, so the loop never asks which process it is in.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -126,8 +127,26 @@ class RunLog:
                    f"Run the same command again: {resume_command(argv, None, world_size)}")
 
 
+def launcher(world_size: int) -> list[str]:
+    """How this process was started, for the printed resume command: python, or the torchrun command line as the
+    user typed it (read from the parent process, torchrun's agent), or srun."""
+    if world_size == 1:
+        return ["python"]
+    try:
+        tokens = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        tokens = []
+    script_at = next((index for index, token in enumerate(tokens) if token.endswith(SCRIPT)), None)
+    for index, token in enumerate(tokens[:script_at] if script_at else []):
+        if token.endswith("torchrun") or token == "torch.distributed.run":
+            return ["torchrun", *tokens[index + 1:script_at]]
+    if "SLURM_PROCID" in os.environ:
+        return ["srun", "python"]
+    return ["torchrun", "--nproc_per_node", str(world_size)]
+
+
 def resume_command(argv: tuple[str, ...], checkpoint: Path | None, world_size: int = 1) -> str:
-    """The command line as given, with --resume pointing at `checkpoint`; under torchrun, its launcher too."""
+    """The command line as given, with --resume pointing at `checkpoint`, behind the launcher that started it."""
     kept, skip = [], False
     for token in argv:
         if skip:
@@ -136,6 +155,5 @@ def resume_command(argv: tuple[str, ...], checkpoint: Path | None, world_size: i
             skip = True
         elif not token.startswith("--resume="):
             kept.append(token)
-    launcher = ["python"] if world_size == 1 else ["torchrun", "--nproc_per_node", str(world_size)]
     resume = ["--resume", str(checkpoint)] if checkpoint else []
-    return shlex.join([*launcher, SCRIPT, *kept, *resume])
+    return shlex.join([*launcher(world_size), SCRIPT, *kept, *resume])

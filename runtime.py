@@ -19,7 +19,7 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as functional_collectives
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -129,11 +129,11 @@ class Runtime:
         return [int(v) for v in self._reduce(values, dist.ReduceOp.MAX)]
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every process's `tensor` concatenated in rank order, with gradient: the backward pass sums each
-        process's gradient of its own rows (torch.distributed.nn's all_gather)."""
+        """Every process's `tensor` concatenated in rank order, with gradient: the backward pass sums every
+        process's gradient of this process's rows (torch's functional all_gather with autograd)."""
         if not self.distributed:
             return tensor
-        return torch.cat(dist_nn.all_gather(tensor), dim=0)
+        return functional_collectives.all_gather_single_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
     def shard(self, total: int) -> range:
         """This process's contiguous share of `total` items (the last may be shorter or empty)."""

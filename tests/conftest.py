@@ -105,12 +105,13 @@ def assert_bitwise_equal(left, right, where: str = "") -> None:
 
 # ----------------------------------------------------------------------------- the CLI in a subprocess
 
-def start(args: list[str], processes: int = 0, extra_env: dict | None = None) -> subprocess.Popen:
+def start(args: list[str], processes: int = 0, extra_env: dict | None = None,
+          signals: tuple[str, ...] = ("--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1")) -> subprocess.Popen:
     """The CLI as a user starts it: `python SCRIPT ...`, or `torchrun --nproc_per_node N SCRIPT ...`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     launcher = [sys.executable] if not processes else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-        "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"]
+        *signals]
     return subprocess.Popen([*launcher, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=ROOT)
 
