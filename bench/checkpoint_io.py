@@ -1,16 +1,22 @@
-"""Checkpoint save and load time against a bare torch.save / torch.load of the same state, same disk.
+"""Checkpoint saves and loads against bare torch.save / torch.load of the same state, on the same disk.
 
-The state is a full training checkpoint of the default architecture's size (resnet50 and a 6-layer,
-768-wide text encoder: ~90M parameters, with AdamW moments), built offline. Our save is atomic (temporary
-file, fsync, rename, folder fsync); the bare save is not. Median of --repeats, alternating order.
+The state is a full training checkpoint of the default architecture's size (resnet50 and a 6-layer, 768-wide text
+encoder: ~90M parameters, with AdamW moments), built offline, on --device. Measured, as medians of --repeats
+(alternating order):
+  stall    how long `Checkpointer.save` blocks the caller (the snapshot into reused CPU buffers), against a bare
+           `torch.save` of the same state: what the training loop waits for;
+  durable  from the call until the file is durable (`wait()`: temporary file, fsync, rename, folder fsync),
+           against a bare `torch.save` + fsync;
+  load     `load_checkpoint` (weights-only) against a bare `torch.load(weights_only=True)`.
 Prints one JSON object.
 
-    python bench/checkpoint_io.py [--repeats 3] [--dir /path/on/the/disk/to/measure]
+    python bench/checkpoint_io.py [--repeats 5] [--dir /path/on/the/disk/to/measure] [--device cpu|cuda]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -31,41 +37,66 @@ def timed(action) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
-    parser.add_argument("--device", default="cpu", help="ignored: checkpoints are saved from and loaded to CPU")
-    args = parser.parse_args()
+def full_state(device: str) -> dict:
     config = BrainConfig(image_encoder="resnet50", image_weights="none", text_encoder="scratch", text_vocab_size=30522,
                          scratch_text_width=768, scratch_text_layers=6)
-    model = BrainModel(config, pretrained=False)
+    model = BrainModel(config, pretrained=False).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()  # allocates the AdamW moments, as in a real run
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = checkpointing.make_checkpoint(model=model, optimizer=optimizer, scaler=scaler,
-                                          train_state=TrainState(global_step=1).state_dict(), config=config.to_dict(),
-                                          tokenizer=None, rng_states=[checkpointing.capture_rng_state()],
-                                          run={"id": "bench", "parent": None, "started_ns": 0})
+    scaler = torch.amp.GradScaler(device, enabled=False)
+    return checkpointing.make_checkpoint(model=model, optimizer=optimizer, scaler=scaler,
+                                         train_state=TrainState(global_step=1).state_dict(), config=config.to_dict(),
+                                         tokenizer=None, rng_states=[checkpointing.capture_rng_state()],
+                                         run={"id": "bench", "parent": None, "started_ns": 0})
+
+
+def bare_save_and_fsync(state: dict, path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
+    parser.add_argument("--device", default="cpu", help="where the state lives (cuda: snapshot into pinned memory)")
+    args = parser.parse_args()
+    state = full_state(args.device)
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-        ours, bare = Path(folder) / "ours.pt", Path(folder) / "bare.pt"
-        times = {"save": [], "bare_save": [], "load": [], "bare_load": []}
+        checkpointer = checkpointing.Checkpointer(savedir=Path(folder), background=True)
+        ours, bare, synced = Path(folder) / checkpointing.LAST, Path(folder) / "bare.pt", Path(folder) / "synced.pt"
+        times = {name: [] for name in ("stall", "bare_save", "durable", "bare_save_fsync", "load", "bare_load")}
+        checkpointer.save(state, [checkpointing.LAST])  # allocates the snapshot buffers, as a run's first save does
+        checkpointer.wait()
         for repeat in range(args.repeats):
-            pairs = [("save", lambda: checkpointing.save_checkpoint(state, ours)),
-                     ("bare_save", lambda: torch.save(state, bare))]
-            for name, action in pairs if repeat % 2 == 0 else pairs[::-1]:
-                times[name].append(timed(action))
+            def ours_save() -> None:
+                started = time.perf_counter()
+                times["stall"].append(timed(lambda: checkpointer.save(state, [checkpointing.LAST])))
+                checkpointer.wait()
+                times["durable"].append(time.perf_counter() - started)
+
+            actions = [("ours", ours_save), ("bare_save", lambda: torch.save(state, bare)),
+                       ("bare_save_fsync", lambda: bare_save_and_fsync(state, synced))]
+            for name, action in actions if repeat % 2 == 0 else actions[::-1]:
+                if name == "ours":
+                    action()
+                else:
+                    times[name].append(timed(action))
             loads = [("load", lambda: checkpointing.load_checkpoint(ours)),
                      ("bare_load", lambda: torch.load(bare, map_location="cpu", weights_only=True))]
             for name, action in loads if repeat % 2 == 0 else loads[::-1]:
                 times[name].append(timed(action))
+        checkpointer.close()
         size_mb = ours.stat().st_size / 2**20
     median = {name: statistics.median(values) for name, values in times.items()}
-    print(json.dumps({"bench": "checkpoint_io", "size_mb": round(size_mb), "repeats": args.repeats,
+    print(json.dumps({"bench": "checkpoint_io", "device": args.device, "size_mb": round(size_mb), "repeats": args.repeats,
                       **{f"{name}_s": round(value, 3) for name, value in median.items()},
-                      "save_over_bare": round(median["save"] / median["bare_save"], 3),
+                      "stall_over_bare_save": round(median["stall"] / median["bare_save"], 3),
+                      "durable_over_bare_save_fsync": round(median["durable"] / median["bare_save_fsync"], 3),
                       "load_over_bare": round(median["load"] / median["bare_load"], 3)}))
 
 

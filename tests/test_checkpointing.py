@@ -2,11 +2,16 @@
 variants, the guide's lines, refusals, --resume auto, and the inspect/convert CLI."""
 from __future__ import annotations
 
+import argparse
+import errno
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,8 +117,8 @@ def test_a_save_that_fails_midway_leaves_the_previous_file_and_no_temporary(tmp_
     path = tmp_path / ck.LAST
     ck.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
 
-    def torn_save(obj, handle):
-        handle.write(b"PK\x03\x04 half a zip")
+    def torn_save(obj, file):
+        Path(file).write_bytes(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", torn_save)
@@ -375,3 +380,235 @@ def test_convert_wraps_a_legacy_file_that_then_resumes_as_the_current_format(tmp
     assert "✓ New format checkpoint with full training state" in lines and point.epoch == 0
     assert ck.main(["convert", str(tmp_path / "old.pt"), str(tmp_path / "new.pt")]) == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the Checkpointer: snapshot, persist
+
+def held_writer(monkeypatch) -> threading.Event:
+    """Hold the background writer at the start of its write until the returned event is set."""
+    release, real_save = threading.Event(), ck.save_checkpoint
+
+    def held(checkpoint, path):
+        release.wait(timeout=30)
+        real_save(checkpoint, path)
+
+    monkeypatch.setattr(ck, "save_checkpoint", held)
+    return release
+
+
+def test_changes_after_the_snapshot_never_reach_the_file(tmp_path, monkeypatch):
+    model = small_model()
+    optimizer, scaler = trained(model)
+    checkpoint = checkpoint_of(model, optimizer, scaler)
+    expected_model = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_moments = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    release = held_writer(monkeypatch)
+    checkpointer = ck.Checkpointer(savedir=tmp_path, background=True)
+    checkpointer.save(checkpoint, [ck.LAST])
+    for _ in range(2):  # training goes on while the writer waits: weights and Adam moments change in place
+        optimizer.zero_grad()
+        model(torch.randn(5, 4)).square().mean().backward()
+        optimizer.step()
+    assert not torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], expected_moments)
+    release.set()
+    checkpointer.close()
+    saved = ck.load_checkpoint(tmp_path / ck.LAST)
+    assert_same_tensors(saved["model_state_dict"], expected_model)
+    assert torch.equal(saved["optimizer_state_dict"]["state"][0]["exp_avg"], expected_moments)
+
+
+def test_an_epoch_end_is_written_once_and_the_other_names_are_links_to_it(tmp_path):
+    model = small_model()
+    optimizer, scaler = trained(model)
+    checkpointer = ck.Checkpointer(savedir=tmp_path, keep_last=1, background=True)
+    checkpointer.save(checkpoint_of(model, optimizer, scaler, epoch=0), [ck.LAST, ck.BEST, ck.snapshot_name(0)])
+    checkpointer.save(checkpoint_of(model, optimizer, scaler, epoch=1), [ck.LAST, ck.snapshot_name(1)])
+    checkpointer.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [ck.BEST, ck.snapshot_name(1), ck.LAST], "rotation kept the newest snapshot only"
+    assert (tmp_path / ck.LAST).stat().st_ino == (tmp_path / ck.snapshot_name(1)).stat().st_ino
+    assert (tmp_path / ck.BEST).stat().st_ino != (tmp_path / ck.LAST).stat().st_ino
+    assert ck.load_checkpoint(tmp_path / ck.BEST)["epoch"] == 0 and ck.load_checkpoint(tmp_path / ck.LAST)["epoch"] == 1
+
+
+def test_a_link_refused_by_the_file_system_falls_back_to_a_durable_copy(tmp_path, monkeypatch):
+    ck.save_checkpoint({"global_step": 3}, tmp_path / ck.LAST)
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    ck.publish_copy(tmp_path / ck.LAST, tmp_path / ck.BEST)
+    assert ck.load_checkpoint(tmp_path / ck.BEST)["global_step"] == 3
+    assert (tmp_path / ck.BEST).stat().st_ino != (tmp_path / ck.LAST).stat().st_ino
+
+
+def test_a_failed_background_write_is_reported_and_the_previous_file_stays(tmp_path, monkeypatch):
+    checkpointer = ck.Checkpointer(savedir=tmp_path, background=True)
+    checkpointer.save({"global_step": 1, "w": torch.ones(3)}, [ck.LAST])
+    checkpointer.wait()
+
+    def disk_full(obj, file):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs 4352")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    checkpointer.save({"global_step": 2, "w": torch.ones(3)}, [ck.LAST])
+    for _ in range(100):
+        if checkpointer.failed():
+            break
+        time.sleep(0.05)
+    assert checkpointer.failed()
+    with pytest.raises(ck.CheckpointError, match=r"could not write .*last_brain_v2.pt: No space left on device \(.*\); "
+                                                 r"the previous last_brain_v2.pt is intact"):
+        checkpointer.wait()
+    monkeypatch.undo()
+    assert ck.load_checkpoint(tmp_path / ck.LAST)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ck.LAST]
+    checkpointer.close()
+
+
+KILL_DURING_PERSIST = """
+import json, os, random, signal, sys, time
+sys.path.insert(0, {root!r})
+import torch
+import checkpointing as ck
+from pathlib import Path
+
+folder, rng, results = Path({folder!r}), random.Random(0), []
+for trial in range({trials}):
+    child = os.fork()
+    if child == 0:  # a run that saves as fast as it can, every save in the background
+        checkpointer = ck.Checkpointer(savedir=folder, background=True)
+        step = 0
+        while True:
+            step += 1
+            checkpointer.save({{"global_step": step, "w": torch.full((1_000_000,), float(step))}}, [ck.LAST, ck.BEST])
+    time.sleep(0.05 + rng.uniform(0.0, 0.3))
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    last, best = ck.load_checkpoint(folder / ck.LAST), ck.load_checkpoint(folder / ck.BEST)
+    results.append(bool(torch.all(last["w"] == last["global_step"])) and bool(torch.all(best["w"] == best["global_step"])))
+    ck.remove_stale_temporaries(folder)
+print(json.dumps({{"trials": len(results), "all_loadable_and_whole": all(results),
+                   "left": sorted(p.name for p in folder.iterdir())}}))
+"""
+
+
+def test_sigkill_during_background_persists_always_leaves_loadable_whole_checkpoints(tmp_path):
+    ck.save_checkpoint({"global_step": 0, "w": torch.zeros(1_000_000)}, tmp_path / ck.LAST)
+    ck.save_checkpoint({"global_step": 0, "w": torch.zeros(1_000_000)}, tmp_path / ck.BEST)
+    script = KILL_DURING_PERSIST.format(root=str(ROOT), folder=str(tmp_path), trials=50)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"trials": 50, "all_loadable_and_whole": True, "left": [ck.BEST, ck.LAST]}
+
+
+# ----------------------------------------------------------------------------- one run per folder
+
+def test_a_second_run_on_a_folder_is_refused_naming_the_first(tmp_path):
+    first = ck.claim_savedir(tmp_path, resume=None, overwrite=False, unreadable=[])
+    holder = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import checkpointing as ck; "
+                             f"ck.claim_savedir(ck.Path({str(tmp_path)!r}), resume=None, overwrite=False, unreadable=[])"],
+                            capture_output=True, text=True)
+    assert f"another run (PID {os.getpid()} on " in holder.stderr
+    first.release()
+    ck.claim_savedir(tmp_path, resume=None, overwrite=False, unreadable=[]).release()
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_needs_consent(tmp_path):
+    ck.save_checkpoint(full(12), tmp_path / ck.LAST)
+    with pytest.raises(ck.CheckpointError, match=r"already holds a run's checkpoints \(last_brain_v2.pt; newest at step "
+                                                 r"12\); continue it with --resume auto, or pass --overwrite"):
+        ck.claim_savedir(tmp_path, resume=None, overwrite=False, unreadable=[])
+    outside = tmp_path.parent / "elsewhere.pt"
+    with pytest.raises(ck.CheckpointError, match=r"holds another run's checkpoints \(last_brain_v2.pt\), which this run "
+                                                 r"would replace as it saves; pass --overwrite"):
+        ck.claim_savedir(tmp_path, resume=outside, overwrite=False, unreadable=[])
+    ck.claim_savedir(tmp_path, resume=tmp_path / ck.LAST, overwrite=False, unreadable=[]).release()
+    ck.claim_savedir(tmp_path, resume=None, overwrite=True, unreadable=[]).release()
+    assert ck.load_checkpoint(tmp_path / ck.LAST)["global_step"] == 12, "claiming writes nothing over a checkpoint"
+
+
+def test_only_temporaries_whose_writer_is_gone_are_removed(tmp_path):
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()  # reaped: its PID names no process now
+        mine = tmp_path / f".{ck.LAST}.tmp-{alive.pid}"
+        stale = tmp_path / f".{ck.LAST}.tmp-{dead.pid}"
+        mine.write_bytes(b"in flight")
+        stale.write_bytes(b"left by a crash")
+        assert ck.remove_stale_temporaries(tmp_path) == [stale]
+        assert mine.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_folder_that_cannot_be_written_is_found_at_startup(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ck.CheckpointError, match=r"--savedir .*a_file/ckpt: cannot be written \(.*\); choose a folder"):
+        ck.probe_folder(blocker / "ckpt", "savedir")
+
+
+# ----------------------------------------------------------------------------- startup checks of a checkpoint
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epoch", -5, "field 'epoch' is -5 (expected an integer >= -1)"),
+    ("epoch", "3", "field 'epoch' is '3' (expected an integer >= -1)"),
+    ("global_step", "ten", "field 'global_step' is 'ten' (expected an integer >= 0)"),
+    ("data_state", {"samples_seen": 0}, "field 'data_state.epoch' is None (expected an integer >= 0)"),
+    ("rng_state", [{"torch": 1}], "field 'rng_state[0]' is 'dict'"),
+    ("best_val", float("nan"), "field 'best_val' is nan (expected a finite number or None)"),
+    ("format_version", 99, "format 99 was written by a newer brain-trainer"),
+])
+def test_a_damaged_field_is_one_line_naming_the_file_and_the_field(tmp_path, field, value, message):
+    model = small_model()
+    optimizer, scaler = trained(model)
+    checkpoint = checkpoint_of(model, optimizer, scaler)
+    checkpoint[field] = value
+    ck.save_checkpoint(checkpoint, tmp_path / "damaged.pt")
+    with pytest.raises(ck.CheckpointError) as refusal:
+        ck.load_for_resume(tmp_path / "damaged.pt")
+    assert str(refusal.value).startswith(f"{tmp_path / 'damaged.pt'}: ") and message in str(refusal.value)
+
+
+def test_weights_holding_nan_are_refused_unless_asked_for(tmp_path):
+    model = small_model()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    ck.save_checkpoint({"model_state_dict": model.state_dict(), "epoch": 0}, tmp_path / "nan.pt")
+    with pytest.raises(ck.CheckpointError, match=r"1 weight tensors hold NaN or inf \(e.g. 0.weight\)"):
+        ck.load_for_resume(tmp_path / "nan.pt")
+    assert torch.isnan(ck.load_for_resume(tmp_path / "nan.pt", allow_nonfinite=True)["model_state_dict"]["0.weight"]).any()
+
+
+def test_a_plain_pickle_is_refused_without_inviting_unsafe_loading(tmp_path):
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}, protocol=4))
+    with pytest.raises(ck.CheckpointError) as refusal:
+        ck.load_checkpoint(path)
+    assert "not a PyTorch checkpoint that loads safely" in str(refusal.value)
+    assert "weights_only=False" not in str(refusal.value)
+
+
+def test_convert_refuses_a_full_checkpoint_rather_than_dropping_its_state(tmp_path, capsys):
+    model = small_model()
+    optimizer, scaler = trained(model)
+    ck.save_checkpoint(checkpoint_of(model, optimizer, scaler), tmp_path / "full.pt")
+    assert ck.main(["convert", str(tmp_path / "full.pt"), str(tmp_path / "out.pt")]) == 2
+    assert "is already a full training checkpoint" in capsys.readouterr().err and not (tmp_path / "out.pt").exists()
+
+
+def test_convert_trust_unpickles_a_file_safe_loading_refuses(tmp_path):
+    weights = small_model().state_dict()
+    torch.save({"state_dict": weights, "args": argparse.Namespace(lr=1)}, tmp_path / "old.pt")
+    with pytest.raises(ck.CheckpointError, match="refused: loading it would need unsafe unpickling"):
+        ck.load_checkpoint(tmp_path / "old.pt")
+    assert ck.main(["convert", "--trust", str(tmp_path / "old.pt"), str(tmp_path / "new.pt")]) == 0
+    assert_same_tensors(ck.load_checkpoint(tmp_path / "new.pt")["model_state_dict"], weights)
