@@ -320,8 +320,9 @@ class Checkpointer:
     def _snapshot(self, value, key: tuple):
         if isinstance(value, torch.Tensor):
             buffer = self._buffers.get(key)
-            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-                buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
+            if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype) != (value.shape, value.stride(), value.dtype):
+                # the same strides (channels-last weights stay channels-last in the file), in pinned memory on CUDA
+                buffer = torch.empty_like(value, device="cpu", pin_memory=value.is_cuda)
                 self._buffers[key] = buffer
             return buffer.copy_(value.detach(), non_blocking=value.is_cuda)
         if isinstance(value, dict):
@@ -359,6 +360,18 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------------------------- one run per folder
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Whether `folder` can be created and written, without creating it: its nearest existing ancestor must be a
+    writable folder (a file in the way, or a read-only file system, is refused)."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "a file is in the way" if not existing.is_dir() else "not writable"
+        raise CheckpointError(f"--{flag} {folder}: cannot be written ({existing}: {reason}); "
+                              f"choose a folder this user can write")
+
 
 def probe_folder(folder: Path, flag: str) -> None:
     """Create `folder` and write a file in it, so a folder that cannot hold the run's files fails at startup."""
@@ -654,6 +667,7 @@ def restore_training_state(checkpoint: dict, path: Path, model: torch.nn.Module,
     else:
         try:
             optimizer.load_state_dict(optimizer_state)
+            match_parameter_layout(optimizer)
             log("✓ Optimizer state loaded")
         except (ValueError, KeyError, RuntimeError, TypeError) as error:
             log(f"⚠ Optimizer state not loaded ({str(error).splitlines()[0]}); starting fresh")
@@ -665,8 +679,23 @@ def restore_training_state(checkpoint: dict, path: Path, model: torch.nn.Module,
     if state.best_val is not None:
         log(f"✓ Best validation loss: {state.best_val:.4f}")
 
+    _restore_scaler(checkpoint, scaler, precision, log)
+
+
+def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each state tensor its parameter's strides: a checkpoint written from contiguous tensors (a CPU run)
+    resumed where the weights are channels-last (CUDA) would otherwise stop fused AdamW ("same layout")."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def _restore_scaler(checkpoint: dict, scaler: torch.amp.GradScaler, precision: str, log: Log) -> None:
     scaler_state = checkpoint.get("scaler_state_dict")
-    saved_precision = saved_config.get("precision", "fp16" if scaler_state else "fp32")
+    saved_precision = (checkpoint.get("config") or {}).get("precision", "fp16" if scaler_state else "fp32")
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)
         log("✓ GradScaler state loaded")

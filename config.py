@@ -250,6 +250,13 @@ def check_settings(options: RunOptions, model_config: BrainConfig, settings: Tra
     for flag in ("savedir", "logdir"):
         folder = getattr(options, flag)
         need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
+    _check_image_encoder(model_config, need)
+    need(options.device != "cuda" or torch.cuda.is_available(), "device", options.device,
+         "CUDA is not available on this machine; use --device cpu")
+    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
+
+
+def _check_image_encoder(model_config: BrainConfig, need) -> None:
     models = torchvision.models.list_models(module=torchvision.models)
     need(model_config.image_encoder in models, "image_encoder", model_config.image_encoder,
          "not a torchvision classification model; try resnet50, resnet18 or convnext_tiny")
@@ -260,6 +267,3 @@ def check_settings(options: RunOptions, model_config: BrainConfig, settings: Tra
         known = [w.name for w in torchvision.models.get_model_weights(model_config.image_encoder)]
         need(weights.split(".")[-1] in known, "image_weights", weights,
              f"use DEFAULT, none, a local .pth file or one of {', '.join(known)}")
-    need(options.device != "cuda" or torch.cuda.is_available(), "device", options.device,
-         "CUDA is not available on this machine; use --device cpu")
-    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")

@@ -612,3 +612,30 @@ def test_convert_trust_unpickles_a_file_safe_loading_refuses(tmp_path):
         ck.load_checkpoint(tmp_path / "old.pt")
     assert ck.main(["convert", "--trust", str(tmp_path / "old.pt"), str(tmp_path / "new.pt")]) == 0
     assert_same_tensors(ck.load_checkpoint(tmp_path / "new.pt")["model_state_dict"], weights)
+
+
+def test_restored_optimizer_state_takes_the_strides_of_channels_last_weights(tmp_path):
+    conv = nn.Conv2d(3, 4, 3)
+    optimizer = torch.optim.AdamW(conv.parameters(), lr=1e-2)
+    conv(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    ck.save_checkpoint({"model_state_dict": conv.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                        "epoch": 0}, tmp_path / "contiguous.pt")  # written by a run whose weights were contiguous
+    resumed = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)  # as CUDA runs hold their CNN weights
+    fresh = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    lines: list[str] = []
+    ck.restore_training_state(ck.load_checkpoint(tmp_path / "contiguous.pt"), tmp_path / "contiguous.pt", resumed,
+                              fresh, torch.amp.GradScaler("cpu", enabled=False), "fp32", {}, TrainState(), lines.append)
+    state = fresh.state[resumed.weight]
+    assert "✓ Optimizer state loaded" in lines
+    assert state["exp_avg"].stride() == state["exp_avg_sq"].stride() == resumed.weight.stride()
+    assert torch.equal(state["exp_avg"], optimizer.state[conv.weight]["exp_avg"])
+
+
+def test_a_snapshot_keeps_the_strides_of_channels_last_tensors(tmp_path):
+    weight = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    checkpointer = ck.Checkpointer(savedir=tmp_path, background=True)
+    checkpointer.save({"w": weight}, [ck.LAST])
+    checkpointer.close()
+    saved = ck.load_checkpoint(tmp_path / ck.LAST)["w"]
+    assert saved.stride() == weight.stride() and torch.equal(saved, weight)

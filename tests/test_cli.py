@@ -2,7 +2,11 @@
 EventAccumulator and torch.load(weights_only=True), and the resume rules. Runs the CLI's main() in-process."""
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,7 @@ import torch
 import data
 import train_multimodal_brain_flickr8k as cli
 from checkpointing import BEST, LAST
-from conftest import DATA, events, load, run_args
+from conftest import DATA, ROOT, SCRIPT, events, finish, load, run_args, start, wait_for_step
 from trainer import TrainState, learning_rate
 from config import TrainSettings
 
@@ -52,6 +56,12 @@ BAD_FLAGS = [
     (["--text_encoder", "no-such-org/no-such-model"], "--text_encoder no-such-org/no-such-model: its tokenizer could not be loaded"),
     (["--batch_size", "abc"], "argument --batch_size: invalid int value: 'abc'"),
     (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["--seed", "-1"], "--seed -1: must be in 0 .. 4294967295"),
+    (["--scratch_text_width", "100"], "--scratch_text_width 100: must be below 64 or a multiple of 64"),
+    (["--batch_size", "80"], "the train split has 70 samples, fewer than one batch (--batch_size 80)"),
+    (["--savedir", f"{__file__}/ckpt"], f"--savedir {__file__}/ckpt: cannot be written"),
+    (["--logdir", f"{__file__}/runs"], f"--logdir {__file__}/runs: cannot be written"),
+    (["--eval_only", "--resume", "auto"], "--eval_only --resume auto: no checkpoint in"),
 ]
 
 
@@ -260,3 +270,200 @@ def test_a_checkpoint_written_by_the_single_process_main_still_resumes_and_train
     resumed = load(tmp_path / "ckpt" / LAST)
     assert resumed["global_step"] == 16 and resumed["format_version"] == 3
     assert resumed["config"]["image_encoder"] == "shufflenet_v2_x0_5"
+
+
+def test_an_empty_text_encoder_folder_is_one_line(sample_root, tmp_path, capsys):
+    (tmp_path / "empty_model").mkdir()
+    status, _, err = run(capsys, *run_args(sample_root, tmp_path, "--text_encoder", str(tmp_path / "empty_model")))
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"Error: --text_encoder {tmp_path / 'empty_model'}: its tokenizer could not be loaded")
+
+
+# ----------------------------------------------------------------------------- nothing lost, ever
+
+def files_of(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_fresh_run_never_replaces_another_runs_checkpoints_without_consent(sample_root, trained, capsys):
+    before = files_of(trained / "ckpt")
+    status, _, err = run(capsys, *run_args(sample_root, trained, "--epochs", "1"))
+    assert status == 2 and err.count("\n") == 1
+    assert f"--savedir {trained / 'ckpt'} already holds a run's checkpoints" in err and "newest at step 8" in err
+    assert "--resume auto" in err and "--overwrite" in err
+    assert files_of(trained / "ckpt") == before
+    status, _, _ = run(capsys, *run_args(sample_root, trained, "--epochs", "1", "--overwrite", "--seed", "3"))
+    assert status == 0 and load(trained / "ckpt" / LAST)["config"]["seed"] == 3
+
+
+def test_a_resume_from_a_file_outside_the_folder_names_what_it_would_replace(sample_root, trained, tmp_path, capsys):
+    (tmp_path / "other").mkdir()
+    outside = tmp_path / "other" / "start.pt"
+    outside.write_bytes((trained / "ckpt" / LAST).read_bytes())
+    before = files_of(trained / "ckpt")
+    status, _, err = run(capsys, *run_args(sample_root, trained, "--epochs", "2", "--resume", str(outside)))
+    assert status == 2 and "holds another run's checkpoints (last_brain_v2.pt, best_brain_v2.pt)" in err
+    assert files_of(trained / "ckpt") == before
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(sample_root, tmp_path, capsys):
+    first = start(run_args(sample_root, tmp_path, "--epochs", "50"))
+    try:
+        wait_for_step(first, 1)
+        status, _, err = run(capsys, *run_args(sample_root, tmp_path, "--epochs", "50", "--resume", "auto"))
+        assert status == 2 and err.count("\n") == 1
+        assert f"--savedir {tmp_path / 'ckpt'}: another run (PID {first.pid} on " in err
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_a_checkpoint_of_nan_weights_is_refused_and_scores_no_hit_when_allowed(sample_root, trained, capsys):
+    checkpoint = load(trained / "ckpt" / LAST)
+    for value in checkpoint["model_state_dict"].values():
+        if value.is_floating_point():
+            value.fill_(float("nan"))
+    torch.save(checkpoint, trained / "nan.pt")
+    status, _, err = run(capsys, *run_args(sample_root, trained, "--eval_only", "--resume", str(trained / "nan.pt")))
+    assert status == 2 and "weight tensors hold NaN or inf" in err and "--allow_nonfinite" in err
+    status, out, _ = run(capsys, *run_args(sample_root, trained, "--eval_only", "--allow_nonfinite",
+                                           "--resume", str(trained / "nan.pt")))
+    assert status == 0
+    assert re.search(r"^image -> text +0\.0 +0\.0 +0\.0 +\d+$", out, re.M), "NaN scores are misses, never hits"
+
+
+def test_a_damaged_checkpoint_field_is_one_line_at_startup(sample_root, trained, capsys):
+    checkpoint = load(trained / "ckpt" / LAST)
+    checkpoint["epoch"] = -5
+    torch.save(checkpoint, trained / "ckpt" / LAST)
+    status, _, err = run(capsys, *run_args(sample_root, trained, "--epochs", "2", "--resume", "auto"))
+    assert status == 2
+    assert err == (f"Error: {trained / 'ckpt' / LAST}: field 'epoch' is -5 (expected an integer >= -1); the file is "
+                   f"damaged: resume from another checkpoint\n")
+
+
+@pytest.mark.parametrize("split, lines, message", [
+    ("devImages", "", "the val split has 0 images and 0 captions"),
+    ("testImages", "", "the test split has 0 images and 0 captions"),
+])
+def test_a_split_too_small_to_evaluate_is_one_line_before_any_training(fresh_root, trained, capsys, split, lines, message):
+    (fresh_root / "Flickr8k_text" / f"Flickr_8k.{split}.txt").write_text(lines)
+    extra = ("--eval_only", "--eval_split", "test", "--resume", str(trained / "ckpt" / LAST)) if split == "testImages" else ()
+    status, out, err = run(capsys, *run_args(fresh_root, trained / "again", "--epochs", "1", *extra))
+    assert status == 2 and message in err and "Train samples" not in out
+
+
+def test_a_val_split_of_one_caption_is_refused(fresh_root, tmp_path, capsys):
+    token = fresh_root / "Flickr8k_text" / "Flickr8k.token.txt"
+    val = (fresh_root / "Flickr8k_text" / "Flickr_8k.devImages.txt").read_text().split()
+    (fresh_root / "Flickr8k_text" / "Flickr_8k.devImages.txt").write_text(val[0] + "\n")
+    token.write_text("".join(line + "\n" for line in token.read_text().splitlines()
+                             if not line.startswith(val[0]) or line.startswith(f"{val[0]}#0")))
+    status, _, err = run(capsys, *run_args(fresh_root, tmp_path, "--epochs", "1"))
+    assert status == 2 and "the val split has 1 images and 1 captions" in err
+
+
+def test_an_annotation_file_with_a_byte_that_is_not_utf8_is_one_line(fresh_root, tmp_path, capsys):
+    token = fresh_root / "Flickr8k_text" / "Flickr8k.token.txt"
+    data = token.read_bytes()
+    token.write_bytes(data[:100] + b"\xff" + data[100:])
+    status, _, err = run(capsys, *run_args(fresh_root, tmp_path, "--epochs", "1"))
+    assert status == 2 and err == (f"Error: {token}: byte 100 (0xff) is not UTF-8 (invalid start byte); "
+                                   f"re-save the file as UTF-8\n")
+
+
+def test_unreadable_val_images_are_warned_once_and_score_as_misses(fresh_root, tmp_path, capsys):
+    val = (fresh_root / "Flickr8k_text" / "Flickr_8k.devImages.txt").read_text().split()
+    (fresh_root / "Flicker8k_Dataset" / val[0]).write_bytes(b"not a jpeg")
+    status, out, _ = run(capsys, *run_args(fresh_root, tmp_path, "--epochs", "2"))
+    assert status == 0
+    assert out.count("⚠ 1 val images could not be read: they are scored as black squares (counted as misses)") == 1
+
+
+def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_the_previous_file_intact(
+        sample_root, tmp_path, capsys, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def full_on_the_second_save(obj, file, *args, **kwargs):
+        calls.append(file)
+        if len(calls) >= 2:
+            raise OSError(28, "No space left on device")
+        real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_the_second_save)
+    status, _, err = run(capsys, *run_args(sample_root, tmp_path, "--epochs", "1", "--save_every_steps", "2"))
+    monkeypatch.undo()
+    assert status == 2
+    assert err == (f"Error: could not write {tmp_path / 'ckpt' / LAST}: No space left on device; the previous "
+                   f"{LAST} is intact; free some space or choose another --savedir\n")
+    assert load(tmp_path / "ckpt" / LAST)["global_step"] == 2
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".brain_run.lock", LAST]
+
+
+def test_synchronous_saves_give_the_same_run_and_every_save_logs_its_stall(sample_root, trained, tmp_path, capsys):
+    status, _, _ = run(capsys, *run_args(sample_root, tmp_path / "sync", "--epochs", "1", "--sync_saves"))
+    assert status == 0
+    synced, background = load(tmp_path / "sync" / "ckpt" / LAST), load(trained / "ckpt" / LAST)
+    for key in synced["model_state_dict"]:
+        assert torch.equal(synced["model_state_dict"][key], background["model_state_dict"][key])
+    stalls = events(trained / "runs").Scalars("train/ckpt_stall_ms")
+    assert [event.step for event in stalls] == [8] and stalls[0].value >= 0
+
+
+SLOW_WRITER = """
+import runpy, sys, time
+sys.path.insert(0, {root!r})
+import checkpointing
+real_save = checkpointing.save_checkpoint
+def slow_save(checkpoint, path):
+    time.sleep(1.0)  # a slow disk: the persist is in flight whenever the signal comes
+    real_save(checkpoint, path)
+checkpointing.save_checkpoint = slow_save
+sys.argv = [{script!r}, *{args!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_a_stop_during_a_persist_exits_only_once_the_file_holds_the_stopped_step(sample_root, tmp_path):
+    args = run_args(sample_root, tmp_path, "--epochs", "2", "--save_every_steps", "1")
+    process = subprocess.Popen([sys.executable, "-c", SLOW_WRITER.format(root=str(ROOT), script=SCRIPT, args=args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for_step(process, 3)
+    process.send_signal(signal.SIGTERM)
+    status, out = finish(process)
+    on_disk = load(tmp_path / "ckpt" / LAST)["global_step"]  # read the moment the process is gone
+    assert status == 143, out
+    assert f"step {on_disk} (sample" in out and f"Stopped by SIGTERM at epoch 0, step {on_disk} " in out
+
+
+def test_a_signal_during_the_first_image_cache_build_stops_cleanly(sample_root, tmp_path):
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        run_dir = tmp_path / signal.Signals(signum).name
+        args = run_args(sample_root, run_dir, "--epochs", "1")
+        process = subprocess.Popen([sys.executable, "-c", SLOW_DECODE.format(root=str(ROOT), script=SCRIPT, args=args)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in process.stdout:
+            if line.startswith("decoding"):
+                break
+        process.send_signal(signum)
+        status, out = finish(process)
+        assert status == 128 + signum, out
+        assert f"Stopped by {signal.Signals(signum).name} during the image cache build; nothing to save yet" in out
+        assert "Traceback" not in out and not list((run_dir / "cache").rglob("pixels.u8"))
+
+
+SLOW_DECODE = """
+import runpy, sys, time
+sys.path.insert(0, {root!r})
+import flickr8k_dataset
+real_decode = flickr8k_dataset.decode_image
+def slow_decode(*args, **kwargs):
+    print("decoding", flush=True)
+    time.sleep(0.3)
+    return real_decode(*args, **kwargs)
+flickr8k_dataset.decode_image = slow_decode
+sys.argv = [{script!r}, *{args!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""

@@ -344,3 +344,34 @@ def test_an_unreadable_image_in_the_cache_is_substituted_like_a_jpeg(fresh_root,
         cache.load(0)
     sample = train_dataset(split, cache)[(0, 0)]
     assert sample["bad_files"] == [split.images[0]]
+
+
+# ----------------------------------------------------------------------------- inputs that must not crash or mislead
+
+def test_an_exif_rotated_photo_is_decoded_upright(tmp_path):
+    landscape = Image.new("RGB", (40, 20), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    landscape.save(tmp_path / "rotated.jpg", exif=exif)
+    assert tuple(fd.decode_image(tmp_path / "rotated.jpg").shape) == (3, 40, 20)
+
+
+def test_a_replaced_image_of_the_same_size_gets_a_new_cache(sample_root, tmp_path):
+    root = Path(shutil.copytree(sample_root, tmp_path / "copy"))
+    paths = load_quietly(root)[0]["val"].image_paths()
+    first = fd.build_image_cache(paths, 32, tmp_path / "cache", progress=False)
+    data = bytearray(paths[0].read_bytes())
+    data[-10] ^= 0xFF  # other pixels, the same byte size
+    paths[0].write_bytes(bytes(data))
+    os.utime(paths[0], ns=(paths[0].stat().st_atime_ns, paths[0].stat().st_mtime_ns + 10**9))
+    assert fd.build_image_cache(paths, 32, tmp_path / "cache", progress=False).folder != first.folder
+
+
+@pytest.mark.parametrize("layout, file_name", [("kaggle", "captions.txt"), ("karpathy", "dataset_flickr8k.json")])
+def test_a_byte_that_is_not_utf8_names_the_file_and_its_offset(tmp_path, layout, file_name):
+    root = write_sample_dataset(tmp_path / layout, layout, images=8, val=2, test=1, size=(32, 24))
+    annotations = root / file_name
+    data = annotations.read_bytes()
+    annotations.write_bytes(data[:50] + b"\xe9" + data[50:])
+    with pytest.raises(fd.DatasetError, match=rf"{file_name}: byte 50 \(0xe9\) is not UTF-8"):
+        fd.load_splits(root)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import train_multimodal_brain_flickr8k as cli
+import build
 from config import TrainSettings, parse_args
 from conftest import run_args
 from run_log import RunLog
@@ -52,9 +52,9 @@ def assembled_trainer(runtime: Runtime, *argv: str):
     """A Trainer built by the CLI's own build steps, nothing re-implemented."""
     command = parse_args(list(argv))
     log = RunLog(enabled=False)
-    resume = cli.choose_checkpoint(command.options, runtime, log)
-    run = cli.build(command, resume, runtime, log)
-    return cli.make_trainer(run, resume, command.options, runtime, log)
+    resume = build.choose_checkpoint(command.options, runtime, log)
+    run = build.build(command, resume, runtime, log)
+    return build.make_trainer(run, resume, command.options, runtime, log)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
