@@ -12,7 +12,7 @@ from config import TrainSettings, parse_args
 from conftest import run_args
 from run_log import RunLog
 from runtime import Runtime
-from trainer import TrainState, learning_rate
+from trainer import TrainingError, TrainState, learning_rate
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -70,3 +70,13 @@ def test_the_real_step_updates_the_weights_in_every_precision(sample_root, tmp_p
     assert changed > len(before) // 2
     assert trainer.scaler.is_enabled() == (precision == "fp16")
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(0, trainer.settings, trainer.total_steps))
+
+
+def test_weights_that_turned_nan_are_never_saved(sample_root, tmp_path, runtime):
+    trainer = assembled_trainer(runtime, *run_args(sample_root, tmp_path))
+    with torch.no_grad():
+        trainer.model.logit_scale.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"the weights hold NaN or inf at step 0; not saved"):
+        trainer.save(["last_brain_v2.pt"])
+    trainer.checkpointer.close()
+    assert not (tmp_path / "ckpt" / "last_brain_v2.pt").exists()
