@@ -34,9 +34,8 @@ def load_data(*, root_dir: Path, annotations: str, demo: bool, text_encoder: str
               saved_tokenizer: str | None, runtime: Runtime, log: RunLog) -> Data:
     """Read the annotations and make the tokenizer (from the checkpoint, trained on captions, or pretrained).
     The demo data is written by the main process, once; the others wait for it."""
-    if demo and not root_dir.exists():
-        log.print(f"Writing the sample data set to {root_dir} ...")
-        runtime.on_main(lambda: write_sample_dataset(root_dir))
+    if demo:  # decided on the main process: a collective must not depend on what each process sees on disk
+        runtime.on_main(lambda: write_demo_data(root_dir, log))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         splits = load_splits(root_dir, annotations)
@@ -52,6 +51,12 @@ def load_data(*, root_dir: Path, annotations: str, demo: bool, text_encoder: str
                               f"the file is damaged: resume from another checkpoint") from None
     tokenizer_json = train_caption_tokenizer(splits["train"].captions, vocab_size).backend_tokenizer.to_str()
     return Data(splits, tokenizer_from_json(tokenizer_json), tokenizer_json)
+
+
+def write_demo_data(root_dir: Path, log: RunLog) -> None:
+    if not root_dir.exists():
+        log.print(f"Writing the sample data set to {root_dir} ...")
+        write_sample_dataset(root_dir)
 
 
 def pretrained_tokenizer(name: str):

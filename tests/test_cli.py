@@ -18,8 +18,9 @@ import data
 import train_multimodal_brain_flickr8k as cli
 from checkpointing import BEST, LAST
 from conftest import DATA, ROOT, SCRIPT, events, finish, load, run_args, start, wait_for_step
-from trainer import TrainState, learning_rate
 from config import TrainSettings
+from flickr8k_dataset import ResumableSampler, load_splits
+from trainer import learning_rate
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_se
 VAL_TAGS = {f"val/{name}" for name in ("loss", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")}
 
 
-def steps(accumulator: EventAccumulator, tag: str) -> list[int]:
+def steps(accumulator, tag: str) -> list[int]:
     return [event.step for event in accumulator.Scalars(tag)]
 
 
@@ -122,8 +123,11 @@ def test_a_corrupt_image_is_warned_once_and_counted(fresh_root, tmp_path, capsys
     status, out, _ = run(capsys, *run_args(fresh_root, tmp_path, "--epochs", "1", "--no-cache_images"))
     assert status == 0
     assert out.count(f"⚠ Could not read image {bad.name}") == 1
+    split = load_splits(fresh_root)["train"]
+    trained_on = ResumableSampler(len(split), seed=0, global_batch=8).epoch_order(0)[:64].tolist()
+    expected = sum(split.images[split.caption_image[index]] == bad.name for index in trained_on)
     skipped = events(tmp_path / "runs").Scalars("train/skipped_images")
-    assert skipped[-1].value >= 1
+    assert expected >= 1 and skipped[-1].value == expected, "each sample of the unreadable image is counted once"
 
 
 def test_eval_only_prints_the_retrieval_table_for_the_test_split(sample_root, trained, tmp_path, capsys):
@@ -472,22 +476,22 @@ runpy.run_path({script!r}, run_name="__main__")
 
 
 @contextlib.contextmanager
-def small_disk(folder: Path, size: str):
-    """A real full disk: a tmpfs of `size` mounted at `folder` (root on Linux), or None where mounting is refused."""
+def small_disk(folder: Path, options: str):
+    """A real small or read-only disk: a tmpfs mounted at `folder` (root on Linux); False where mounting is refused."""
     folder.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                              capture_output=True).returncode == 0
     try:
         yield mounted
     finally:
         if mounted:
-            subprocess.run(["umount", str(folder)], check=True)
+            subprocess.run(["umount", "--lazy", str(folder)])  # detached even if a test left it busy
 
 
 def test_a_disk_that_fills_up_mid_save_is_one_line_and_the_previous_checkpoint_stays(sample_root, tmp_path, capsys,
                                                                                      monkeypatch):
     # One checkpoint of the tiny model is ~12 MB: the first save fits in 20 MB, the second (written beside it) not.
-    with small_disk(tmp_path / "ckpt", "20m") as mounted:
+    with small_disk(tmp_path / "ckpt", "size=20m") as mounted:
         if not mounted:  # this machine refuses mounts: the same failure, injected where torch raises it
             real_save, calls = torch.save, []
 
@@ -506,3 +510,14 @@ def test_a_disk_that_fills_up_mid_save_is_one_line_and_the_previous_checkpoint_s
         assert err.endswith(f"the previous {LAST} is intact; free some space or choose another --savedir\n")
         assert load(tmp_path / "ckpt" / LAST)["global_step"] == 2
         assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".brain_run.lock", LAST]
+
+
+def test_a_read_only_checkpoint_folder_is_one_line_before_any_training(sample_root, tmp_path, capsys, monkeypatch):
+    with small_disk(tmp_path / "ckpt", "ro,size=1m") as mounted:
+        if not mounted:  # this machine refuses mounts: the same answer from the file system, injected
+            real_access = os.access
+            monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ckpt" and real_access(path, mode))
+        status, out, err = run(capsys, *run_args(sample_root, tmp_path, "--epochs", "1"))
+        assert status == 2 and "Train samples" not in out
+        assert err.startswith(f"Error: --savedir {tmp_path / 'ckpt'}: cannot be written (") and err.count("\n") == 1
+        assert err.endswith("); choose a folder this user can write\n")

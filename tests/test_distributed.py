@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import checkpointing as ck
-from conftest import (ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, finish, load, run_args, run_to_end, scalars, start,
-                      wait_for_step)
+from conftest import (DATA, ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, finish, load, run_args, run_to_end, scalars,
+                      start, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +138,16 @@ def test_a_batch_size_that_does_not_divide_is_one_error_line_and_status_2_on_eve
     assert out == "Error: --batch_size 7: the global batch must divide by the 2 processes; use a multiple of 2\n"
     assert other_out == "" and not (tmp_path / "ckpt").exists()
 
+
+
+def test_a_checkpoint_of_the_single_process_version_resumes_on_two_processes(sample_root, tmp_path):
+    old = DATA / "main_c80bc36_step11.pt"  # format 2, one process, stopped at step 11 of 16
+    out = run_to_end(["--root_dir", str(sample_root), "--savedir", str(tmp_path / "ckpt"), "--logdir",
+                      str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0",
+                      "--epochs", "2", "--log_every", "1", "--resume", str(old)], processes=2)
+    for line in ("✓ Starting from epoch 1, sample 24 (mid-epoch)", "✓ Global step restored to 11",
+                 "⚠ RNG derived from (seed, step, rank): the checkpoint was written by 1 process(es), this run has 2",
+                 "⚠ BatchNorm statistics stay per process on the CPU"):
+        assert out.count(line) == 1, line
+    resumed = load(tmp_path / "ckpt" / ck.LAST)
+    assert resumed["global_step"] == TOTAL_STEPS and resumed["world_size"] == 2

@@ -260,7 +260,8 @@ def test_a_corrupt_image_is_replaced_by_the_next_sample_and_reported(fresh_root)
     assert sample["bad_files"] == [bad]
     first_good = next(i for i in range(4, len(split)) if split.images[split.caption_image[i]] != bad)
     assert sample["caption"] == split.captions[first_good]
-    assert dataset[(0, 0)]["bad_files"] == [] or split.images[split.caption_image[0]] == bad
+    good = next(i for i in range(len(split)) if split.images[split.caption_image[i]] != bad)
+    assert dataset[(0, good)]["bad_files"] == [] and dataset[(0, good)]["caption"] == split.captions[good]
 
 
 def test_collator_pads_to_the_longest_caption_and_cuts_at_max_text_len(sample_root):

@@ -6,8 +6,6 @@ from __future__ import annotations
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 
 import checkpointing as ck
-from conftest import (ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, finish, load, run_args, run_to_end, scalars, start,
+from conftest import (STEPS_PER_EPOCH, assert_bitwise_equal, finish, run_args, run_to_end, scalars, start,
                       wait_for_step)
 
 pytestmark = pytest.mark.slow
@@ -42,7 +40,7 @@ def assert_same_as_uninterrupted(run_dir: Path, reference_dir: Path) -> None:
 def reference(sample_root, tmp_path_factory) -> Path:
     """The uninterrupted run every stopped-and-resumed run must equal."""
     run_dir = tmp_path_factory.mktemp("reference")
-    run_to_end(run_args(sample_root, run_dir, *EPOCHS))
+    (run_dir / "out.txt").write_text(run_to_end(run_args(sample_root, run_dir, *EPOCHS)))
     assert [step for step, _ in train_losses(run_dir / "runs")] == list(range(1, TOTAL_STEPS + 1))
     return run_dir
 
@@ -66,6 +64,9 @@ def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(sample
     resumed = run_to_end(args + ["--resume", "auto"])
     assert f"✓ Global step restored to {stopped_at}" in resumed
     assert_same_as_uninterrupted(tmp_path, reference)
+    epoch_lines = lambda out: re.findall(r"^Epoch \d+/2: train loss [\d.]+", out, re.M)
+    uninterrupted = epoch_lines((reference / "out.txt").read_text())
+    assert epoch_lines(out + resumed) == uninterrupted, "the epoch's mean loss counts the steps before the stop too"
 
 
 def test_a_run_stopped_twice_with_a_new_batch_size_in_between_continues_at_the_same_sample(sample_root, tmp_path):
