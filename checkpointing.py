@@ -754,6 +754,8 @@ def convert(source: Path, target: Path, trust: bool = False) -> None:
     if is_full_checkpoint(checkpoint) and not trust:
         raise CheckpointError(f"{source}: is already a full training checkpoint (format "
                               f"{checkpoint.get('format_version', 1)}); --resume takes it as it is, nothing to convert")
+    if is_full_checkpoint(checkpoint):
+        print("⚠ Keeping the weights only: the optimizer state and the position are not carried over")
     save_checkpoint({"format_version": FORMAT_VERSION, "epoch": -1, "global_step": 0,
                      "model_state_dict": {k: v.detach().clone() for k, v in model_weights(checkpoint, source).items()},
                      "optimizer_state_dict": None, "best_val": None, "val_loss": None, "config": None,

@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, Subset
 
 from augment import TrainAugment
 from config import ConfigError
-from flickr8k_dataset import (CaptionCollator, DatasetError, Flickr8kDataset, ImageSource, JpegImages, ResumableSampler,
-                              Split, UniqueImages, build_image_cache, load_splits, tokenizer_from_json,
-                              train_caption_tokenizer)
+from flickr8k_dataset import (CachedImages, CaptionCollator, DatasetError, Flickr8kDataset, ImageSource, JpegImages,
+                              ResumableSampler, Split, UniqueImages, build_image_cache, load_splits,
+                              tokenizer_from_json, train_caption_tokenizer)
 from run_log import RunLog
 from runtime import Runtime
 from sample_data import write_sample_dataset
@@ -100,8 +100,7 @@ def image_source(split: Split, *, use_cache: bool, image_size: int, cache_dir: P
         build = lambda: build_image_cache(split.image_paths(), image_size, cache_dir, num_workers,
                                           progress=log.interactive, should_stop=lambda: bool(runtime.stop)).folder
         try:
-            runtime.on_main(build)
-            return build_image_cache(split.image_paths(), image_size, cache_dir, num_workers, progress=False), True
+            return CachedImages(runtime.on_main(build)), True  # the built folder, mapped by every process
         except OSError as error:
             log.print(f"⚠ Image cache could not be built ({error.strerror or error}); decoding JPEGs instead "
                       f"(recorded as cache_images=False)")

@@ -118,6 +118,7 @@ class Trainer:
         self.total_steps = loaders.steps_per_epoch * settings.epochs
         self.last_metrics: dict | None = None  # the latest epoch's evaluation
         self.last_saved: Path | None = None
+        self.unsummed_skips = 0  # images this process substituted since the last sum over processes
 
     # -- one optimisation step
     def step(self, batch: dict) -> tuple[float, torch.Tensor]:
@@ -142,11 +143,16 @@ class Trainer:
                                 f"({self.settings.precision}); lower --lr or check the data")
         return loss_value, grad_norm
 
-    def note_bad_files(self, batch: dict) -> int:
+    def note_bad_files(self, batch: dict) -> None:
         for name in batch["bad_files"]:  # the process that read the file says so: once over all processes
             self.log.warn_once(name, f"⚠ Could not read image {name}: substituting the next sample "
                                      f"(counted in train/skipped_images)")
-        return len(batch["bad_files"])
+        self.unsummed_skips += len(batch["bad_files"])
+
+    def sum_skips(self) -> None:
+        """Add every process's substituted images to the state (a collective: called where all processes are)."""
+        self.state.skipped_images += int(self.runtime.sum(self.unsummed_skips))
+        self.unsummed_skips = 0
 
     def train_epoch(self) -> int | None:
         """Train the rest of the current epoch; returns the stop signal when one came, else None."""
@@ -155,7 +161,7 @@ class Trainer:
         self.model.train()
         bar = self.log.progress_bar(total=loaders.steps_per_epoch, initial=state.samples_seen // self.settings.batch_size,
                                     desc=f"epoch {state.epoch}")
-        window_start, window_samples, window_wait, skipped = time.perf_counter(), 0, 0.0, 0
+        window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
         fetch_start = time.perf_counter()
         for batch in loaders.train:
             window_wait += time.perf_counter() - fetch_start  # time the step waited for data
@@ -163,7 +169,7 @@ class Trainer:
             if signum:
                 bar.close()
                 return signum
-            skipped += self.note_bad_files(batch)
+            self.note_bad_files(batch)
             loss, grad_norm = self.step(batch)
             state.samples_seen += self.settings.batch_size
             state.global_step += 1
@@ -172,17 +178,12 @@ class Trainer:
             window_samples += self.settings.batch_size
             bar.update()
             if state.global_step % self.log_every == 0:
-                state.skipped_images += int(self.runtime.sum(skipped))
-                skipped = 0
                 self.log_step(bar, loss, grad_norm, window_samples, window_wait, time.perf_counter() - window_start)
                 window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
             if self.settings.save_every_steps and state.global_step % self.settings.save_every_steps == 0:
-                state.skipped_images += int(self.runtime.sum(skipped))
-                skipped = 0
                 self.save([LAST])
             fetch_start = time.perf_counter()
         bar.close()
-        state.skipped_images += int(self.runtime.sum(skipped))
         return self.agree_to_stop()
 
     def agree_to_stop(self) -> int | None:
@@ -195,6 +196,7 @@ class Trainer:
         return signum
 
     def log_step(self, bar, loss: float, grad_norm: torch.Tensor, samples: int, wait: float, elapsed: float) -> None:
+        self.sum_skips()
         lr = self.optimizer.param_groups[0]["lr"]
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
                    "train/samples_per_sec": samples / max(elapsed, 1e-9), "train/data_wait": wait / max(elapsed, 1e-9),
@@ -219,7 +221,8 @@ class Trainer:
     def save(self, names: list[str]) -> Path:
         """Save the run under `names` (the first written, the others linked to it). Every process takes part:
         the RNG states are gathered; only the main process writes."""
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        self.sum_skips()
+        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():  # one device sync
             raise TrainingError(f"the weights hold NaN or inf at step {self.state.global_step}; not saved, so the "
                                 f"last good checkpoint is kept; lower --lr or use --precision bf16")
         train_state = self.state.state_dict()
