@@ -1,111 +1,14 @@
-"""Train the multimodal brain (image encoder + text encoder meeting in one shared space) on Flickr8k.
+"""Train the multimodal brain on Flickr8k: the same as `brain-trainer train` (see `--help`).
 
+    python train_multimodal_brain_flickr8k.py --demo
     python train_multimodal_brain_flickr8k.py --root_dir data/flickr8k --epochs 100 --resume auto
-    python train_multimodal_brain_flickr8k.py --demo          # a small run on generated data, CPU friendly
     torchrun --standalone --nproc_per_node 4 train_multimodal_brain_flickr8k.py --root_dir data/flickr8k --resume auto
 
-A run can be stopped at any step (Ctrl-C, SIGTERM, SLURM's SIGUSR1) and resumed with `--resume`:
-model, optimizer, scaler, RNG and data position come back, so it continues as if never stopped, also
-on another number of processes (--batch_size is the global batch).
+Kept for the commands users already have; it needs the `brain_trainer` package beside it or installed.
 """
-from __future__ import annotations
-
-import os
-import signal
 import sys
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and loader workers do not mix
-
-from build import Resume, Run, build, choose_checkpoint, claim_folders, make_trainer, restore_rng
-from checkpointing import CheckpointError
-from config import ConfigError, RunOptions, parse_args
-from data import eval_loader, image_source
-from evaluation import evaluate
-from flickr8k_dataset import CaptionCollator, DatasetError, Interrupted
-from run_log import RunLog
-from runtime import LaunchError, Runtime
-from trainer import TrainingError
-
-
-def train(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
-    """Claim the folders, assemble the loop, train; the checkpoint folder stays this run's until the end."""
-    lock, trainer = [], None
-    try:
-        runtime.on_main(lambda: lock.append(claim_folders(options, resume, log)))
-        trainer = make_trainer(run, resume, options, runtime, log)
-        log.banner(train_samples=len(run.data.splits["train"]), val_samples=len(run.data.splits["val"]),
-                   device=runtime.device, precision=run.settings.precision, batch_size=run.settings.batch_size,
-                   lr=run.settings.lr, start_epoch=run.state.epoch, epochs=run.settings.epochs,
-                   world_size=runtime.world_size)
-        restore_rng(resume, run, runtime, log, options.deterministic)
-        log.open_tensorboard(options.logdir, purge_step=run.state.global_step + 1 if resume.checkpoint else 0,
-                             config=trainer.record.config, step=run.state.global_step)
-        status = trainer.fit()
-        if status:
-            log.stopped(signum=status - 128, where=trainer.position(), path=trainer.last_saved, argv=options.argv,
-                        world_size=runtime.world_size)
-        elif options.demo:
-            split = trainer.loaders.val_split
-            log.demo_report(trainer.last_metrics, len(split.images), len(split))
-        return status
-    finally:
-        log.close()
-        if trainer is not None:
-            trainer.checkpointer.close()  # also on an exception: the save in flight becomes durable first
-        for held in lock:
-            held.release()
-
-
-def evaluate_only(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
-    split = run.data.splits[options.eval_split]
-    images, _ = image_source(split, use_cache=run.settings.cache_images, image_size=run.model_config.image_size,
-                             cache_dir=options.cache_dir or options.root_dir / ".brain_cache",
-                             num_workers=options.num_workers, runtime=runtime, log=log)
-    loader = eval_loader(split, images, image_size=run.model_config.image_size, batch_size=run.settings.batch_size,
-                         num_workers=options.num_workers, runtime=runtime, seed=run.settings.seed)
-    metrics = evaluate(model=run.model, split=split, image_loader=loader, collator=CaptionCollator(
-        run.data.tokenizer, run.model_config.max_text_len), autocast=run.autocast, runtime=runtime,
-        caption_batch=4 * run.settings.batch_size, should_stop=runtime.stop_seen_alone)
-    if metrics is None:
-        return stopped_early(runtime, log, "during evaluation", options.argv)
-    log.metrics_table(metrics, options.eval_split)
-    return 0
-
-
-def stopped_early(runtime: Runtime, log: RunLog, where: str, argv: tuple[str, ...]) -> int:
-    signum = runtime.stop.signum or signal.SIGTERM
-    log.stopped(signum=signum, where=where, path=None, argv=argv, world_size=runtime.world_size)
-    return 128 + signum
-
-
-def main(argv: list[str] | None = None) -> int:
-    command = parse_args(argv, description=__doc__)
-    options = command.options
-    runtime, log = None, RunLog()
-    try:
-        runtime = Runtime.start(options.device)  # the process group, the device, the stop flag
-        log = RunLog(enabled=runtime.is_main)
-        resume = choose_checkpoint(options, runtime, log)
-        run = build(command, resume, runtime, log)
-        if options.eval_only:
-            return evaluate_only(run, options, runtime, log)
-        if run.state.epoch >= run.settings.epochs:
-            log.print(f"Nothing left to train: the checkpoint has finished epoch {run.state.epoch - 1} and --epochs "
-                      f"is {run.settings.epochs}; pass a larger --epochs to train on.")
-            return 0
-        return train(run, resume, options, runtime, log)
-    except (ConfigError, DatasetError, CheckpointError, LaunchError) as error:
-        log.error(f"Error: {error}")
-        return 2
-    except Interrupted as interrupted:
-        return stopped_early(runtime, log, f"during {interrupted}", options.argv)
-    except TrainingError as error:
-        log.error(f"Error: {error}")
-        return 1
-    finally:
-        if runtime is not None:
-            runtime.close()
-
+from brain_trainer.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(program=("python", "train_multimodal_brain_flickr8k.py")))

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checkpointing  # noqa: E402
-from brain_model import BrainConfig, BrainModel  # noqa: E402
-from trainer import TrainState  # noqa: E402
+from brain_trainer import checkpointing
+from brain_trainer.brain_model import BrainConfig, BrainModel
+from brain_trainer.trainer import TrainState
 
 
 def timed(action) -> float:

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def launch(processes: int, argv: list[str], threads: int) -> subprocess.CompletedProcess:
@@ -50,7 +49,7 @@ def throughput(processes: int, root: Path, folder: Path, device: str, workers: i
 
 def gather_worker(device: str, local_batch: int, width: int) -> None:
     """Under torchrun: time the gather with gradient of one modality's embeddings, forward and backward."""
-    from runtime import Runtime
+    from brain_trainer.runtime import Runtime
 
     runtime = Runtime.start(device)
     embeddings = torch.randn(local_batch, width, device=runtime.device, requires_grad=True)
@@ -77,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.gather_worker:
         return gather_worker(args.device, *args.gather_worker)
-    from sample_data import write_sample_dataset
+    from brain_trainer.data.sample_data import write_sample_dataset
 
     with tempfile.TemporaryDirectory() as folder:
         root = write_sample_dataset(Path(folder) / "flickr8k")

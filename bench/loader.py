@@ -20,10 +20,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import flickr8k_dataset as fd  # noqa: E402
-from augment import TrainAugment  # noqa: E402
-from sample_data import write_sample_dataset  # noqa: E402
+from brain_trainer.data import flickr8k_dataset as fd
+from brain_trainer.data.augment import TrainAugment
+from brain_trainer.data.sample_data import write_sample_dataset
 
 
 def photo_like_dataset(root: Path, images: int) -> Path:

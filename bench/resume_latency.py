@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from sample_data import write_sample_dataset  # noqa: E402
+from brain_trainer.data.sample_data import write_sample_dataset
 
 
 def start(argv: list[str]) -> subprocess.Popen:

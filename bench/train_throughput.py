@@ -19,9 +19,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_multimodal_brain_flickr8k as trainer  # noqa: E402
-from sample_data import write_sample_dataset  # noqa: E402
+from brain_trainer import train as trainer
+from brain_trainer.data.sample_data import write_sample_dataset
 
 
 def main() -> None:

@@ -18,11 +18,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 SCRIPT = str(ROOT / "train_multimodal_brain_flickr8k.py")
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
-from sample_data import write_sample_dataset  # noqa: E402
+from brain_trainer.data.sample_data import write_sample_dataset
 
 # A model small enough that a step takes milliseconds on one CPU core; dropout and augmentation stay on.
 TINY_MODEL = ["--image_encoder", "mobilenet_v3_small", "--image_weights", "none", "--image_size", "32",
@@ -54,7 +53,7 @@ def run_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def one_epoch_run(sample_root, tmp_path_factory) -> Path:
     """One tiny epoch of the CLI, run once per session; `trained` hands each test its own copy."""
-    import train_multimodal_brain_flickr8k as cli
+    from brain_trainer import train as cli
 
     run_dir = tmp_path_factory.mktemp("one_epoch")
     out = io.StringIO()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from augment import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, images_to_device, normalize_images
+from brain_trainer.data.augment import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, images_to_device, normalize_images
 
 
 def drawn_image(height: int = 60, width: int = 80) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from brain_model import BrainConfig, BrainModel, ContrastiveLoss, UnsupportedEncoder
+from brain_trainer.brain_model import BrainConfig, BrainModel, ContrastiveLoss, UnsupportedEncoder
 
 TINY = BrainConfig(image_encoder="mobilenet_v3_small", image_weights="none", image_size=32, text_encoder="scratch",
                    text_vocab_size=50, scratch_text_width=32, scratch_text_layers=1, max_text_len=12, d_shared=32,

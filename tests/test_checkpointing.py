@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import nn
 
-import checkpointing as ck
+from brain_trainer import checkpointing as ck
 from conftest import ROOT, assert_bitwise_equal
-from trainer import TrainState
+from brain_trainer.trainer import TrainState
 
 
 def small_model(seed: int = 0) -> nn.Module:
@@ -146,8 +146,7 @@ def test_a_full_disk_is_one_clear_error_and_the_old_file_stays(tmp_path, monkeyp
 
 WRITER = """
 import sys, torch
-sys.path.insert(0, {root!r})
-import checkpointing as ck
+from brain_trainer import checkpointing as ck
 step = 0
 while True:
     step += 1
@@ -470,9 +469,8 @@ def test_a_failed_background_write_is_reported_and_the_previous_file_stays(tmp_p
 
 KILL_DURING_PERSIST = """
 import json, os, random, signal, sys, time
-sys.path.insert(0, {root!r})
 import torch
-import checkpointing as ck
+from brain_trainer import checkpointing as ck
 from pathlib import Path
 
 folder, rng, results = Path({folder!r}), random.Random(0), []
@@ -509,7 +507,7 @@ def test_sigkill_during_background_persists_always_leaves_loadable_whole_checkpo
 
 def test_a_second_run_on_a_folder_is_refused_naming_the_first(tmp_path):
     first = ck.claim_savedir(tmp_path, resume=None, overwrite=False, unreadable=[])
-    holder = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import checkpointing as ck; "
+    holder = subprocess.run([sys.executable, "-c", f"import sys; from brain_trainer import checkpointing as ck; "
                              f"ck.claim_savedir(ck.Path({str(tmp_path)!r}), resume=None, overwrite=False, unreadable=[])"],
                             capture_output=True, text=True)
     assert f"another run (PID {os.getpid()} on " in holder.stderr

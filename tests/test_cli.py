@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
-import train_multimodal_brain_flickr8k as cli
-from checkpointing import BEST, LAST
+from brain_trainer.data import loaders as data
+from brain_trainer import train as cli
+from brain_trainer.checkpointing import BEST, LAST
 from conftest import DATA, ROOT, SCRIPT, events, finish, load, run_args, start, wait_for_step
-from config import TrainSettings
-from flickr8k_dataset import ResumableSampler, load_splits
-from trainer import learning_rate
+from brain_trainer.config import TrainSettings
+from brain_trainer.data.flickr8k_dataset import ResumableSampler, load_splits
+from brain_trainer.trainer import learning_rate
 
 pytestmark = pytest.mark.slow
 
@@ -418,8 +418,7 @@ def test_synchronous_saves_give_the_same_run_and_every_save_logs_its_stall(sampl
 
 SLOW_WRITER = """
 import runpy, sys, time
-sys.path.insert(0, {root!r})
-import checkpointing
+from brain_trainer import checkpointing
 real_save = checkpointing.save_checkpoint
 def slow_save(checkpoint, path):
     time.sleep(1.0)  # a slow disk: the persist is in flight whenever the signal comes
@@ -462,8 +461,7 @@ def test_a_signal_during_the_first_image_cache_build_stops_cleanly(sample_root, 
 
 SLOW_DECODE = """
 import runpy, sys, time
-sys.path.insert(0, {root!r})
-import flickr8k_dataset
+from brain_trainer.data import flickr8k_dataset
 real_decode = flickr8k_dataset.decode_image
 def slow_decode(*args, **kwargs):
     print("decoding", flush=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from brain_model import BrainConfig
-from config import (DEMO_SETTINGS, ConfigError, TrainSettings, check_settings, parse_args, resolve_settings)
+from brain_trainer.brain_model import BrainConfig
+from brain_trainer.config import (DEMO_SETTINGS, ConfigError, TrainSettings, check_settings, parse_args, resolve_settings)
 
 
 def test_the_command_line_beats_the_checkpoint_which_beats_the_defaults():

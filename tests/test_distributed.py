@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-import checkpointing as ck
+from brain_trainer import checkpointing as ck
 from conftest import (DATA, ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, finish, load, run_args, run_to_end, scalars,
                       start, wait_for_step)
 

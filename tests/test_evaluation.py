@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from evaluation import chance_recall_at, retrieval_metrics
+from brain_trainer.evaluation import chance_recall_at, retrieval_metrics
 
 
 def test_perfect_similarity_gives_full_recall_and_rank_one():

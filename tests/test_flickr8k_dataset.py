@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import flickr8k_dataset as fd
-from augment import TrainAugment, eval_transform, normalize_images
+from brain_trainer.data import flickr8k_dataset as fd
+from brain_trainer.data.augment import TrainAugment, eval_transform, normalize_images
 from conftest import DATA
-from sample_data import write_sample_dataset
+from brain_trainer.data.sample_data import write_sample_dataset
 
 REAL_TEXT = DATA / "flickr8k_text"  # the real annotation files, gzipped (tests/data/flickr8k_text/README.md)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from run_log import RunLog, resume_command
+from brain_trainer.run_log import RunLog, resume_command
 
 
 def test_the_resume_command_is_the_command_as_given_with_the_checkpoint():

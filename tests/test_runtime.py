@@ -8,7 +8,7 @@ import sys
 import torch
 
 from conftest import ROOT
-from runtime import Runtime
+from brain_trainer.runtime import Runtime
 
 
 def one_process() -> Runtime:
@@ -60,8 +60,7 @@ def test_a_stop_signal_is_held_until_the_step_boundary_and_handlers_are_restored
 
 DOUBLE_CTRL_C = """
 import signal, sys
-sys.path.insert(0, {root!r})
-from runtime import StopFlag
+from brain_trainer.runtime import StopFlag
 stop = StopFlag()
 signal.raise_signal(signal.SIGINT)
 print("first: stop requested" if stop.signum == signal.SIGINT else "first: ignored", flush=True)

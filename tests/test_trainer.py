@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-import build
-from config import TrainSettings, parse_args
+from brain_trainer import build
+from brain_trainer.config import TrainSettings, parse_args
 from conftest import run_args
-from run_log import RunLog
-from runtime import Runtime
-from trainer import TrainingError, TrainState, learning_rate
+from brain_trainer.run_log import RunLog
+from brain_trainer.runtime import Runtime
+from brain_trainer.trainer import TrainingError, TrainState, learning_rate
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():

@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from brain_model import ContrastiveLoss  # noqa: E402
-from runtime import Runtime  # noqa: E402
+from brain_trainer.brain_model import ContrastiveLoss
+from brain_trainer.runtime import Runtime
 
 GLOBAL_BATCH, WIDTH = 8, 6
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import torch
 
-from brain_model import BrainConfig, BrainModel, is_weights_file
-from checkpointing import (CheckpointError, Checkpointer, Discovery, RunLock, check_writable, checkpoint_in_folder,
+from brain_trainer.brain_model import BrainConfig, BrainModel, is_weights_file
+from brain_trainer.checkpointing import (CheckpointError, Checkpointer, Discovery, RunLock, check_writable, checkpoint_in_folder,
                            claim_savedir, find_latest_checkpoint, load_checkpoint, load_for_resume, load_model_weights,
                            model_weights, probe_folder, restore_rng_state, restore_training_state, rng_states_of)
-from config import CommandLine, RunOptions, TrainSettings, check_settings, resolve_settings
-from data import Data, build_loaders, check_split_sizes, image_source, load_data
-from flickr8k_dataset import CaptionCollator, derive_seed
-from run_log import RunLog
-from runtime import Runtime
-from trainer import RunRecord, Trainer, TrainState, build_model, build_optimizer
+from brain_trainer.config import CommandLine, RunOptions, TrainSettings, check_settings, resolve_settings
+from brain_trainer.data.loaders import Data, build_loaders, check_split_sizes, image_source, load_data
+from brain_trainer.data.flickr8k_dataset import CaptionCollator, derive_seed
+from brain_trainer.run_log import RunLog
+from brain_trainer.runtime import Runtime
+from brain_trainer.trainer import RunRecord, Trainer, TrainState, build_model, build_optimizer
 
 
 @dataclass

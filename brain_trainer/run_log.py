@@ -14,7 +14,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from evaluation import chance_recall_at
+from brain_trainer.evaluation import chance_recall_at
 
 RULE = "=" * 60
 SCRIPT = "train_multimodal_brain_flickr8k.py"
@@ -120,32 +120,40 @@ class RunLog:
         self.print(f"Demo retrieval on {num_images} val images: Recall@5 image->text {metrics['i2t_R@5']:.1f}% "
                    f"(chance {chance_i2t:.1f}%), text->image {metrics['t2i_R@5']:.1f}% (chance {chance_t2i:.1f}%)")
 
-    def stopped(self, *, signum: int, where: str, path: Path | None, argv: tuple[str, ...], world_size: int) -> None:
+    def stopped(self, *, signum: int, where: str, path: Path | None, argv: tuple[str, ...], world_size: int,
+                program: tuple[str, ...]) -> None:
         saved = f"; saved {path}" if path else "; nothing to save yet"
         self.print(f"Stopped by {signal.Signals(signum).name} {where}{saved}")
-        self.print(f"Resume with: {resume_command(argv, path, world_size)}" if path else
-                   f"Run the same command again: {resume_command(argv, None, world_size)}")
+        self.print(f"Resume with: {resume_command(argv, path, world_size, program)}" if path else
+                   f"Run the same command again: {resume_command(argv, None, world_size, program)}")
 
 
-def launcher(world_size: int) -> list[str]:
-    """How this process was started, for the printed resume command: python, or the torchrun command line as the
-    user typed it (read from the parent process, torchrun's agent), or srun."""
+def launcher(world_size: int, program: tuple[str, ...]) -> list[str]:
+    """How this process was started, for the printed resume command: `program` itself on one process (python
+    SCRIPT, brain-trainer train, ...); under torchrun its command line as the user typed it (read from the parent
+    process, torchrun's agent) before the program; or srun."""
     if world_size == 1:
-        return ["python"]
+        return list(program)
+    in_python = list(program[1:]) if program[0] == "python" else ["-m", "brain_trainer", *program[1:]]
     try:
         tokens = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
     except OSError:
         tokens = []
-    script_at = next((index for index, token in enumerate(tokens) if token.endswith(SCRIPT)), None)
-    for index, token in enumerate(tokens[:script_at] if script_at else []):
+    program_at = next((index for index, token in enumerate(tokens)
+                       if token.endswith(SCRIPT) or token in ("brain_trainer", "brain-trainer")
+                       or token.endswith("/brain-trainer")), None)
+    if program_at is not None and tokens[program_at - 1] in ("-m", "--module"):
+        program_at -= 1
+    for index, token in enumerate(tokens[:program_at] if program_at else []):
         if token.endswith("torchrun") or token == "torch.distributed.run":
-            return ["torchrun", *tokens[index + 1:script_at]]
+            return ["torchrun", *tokens[index + 1:program_at], *in_python]
     if "SLURM_PROCID" in os.environ:
-        return ["srun", "python"]
-    return ["torchrun", "--nproc_per_node", str(world_size)]
+        return ["srun", *program]
+    return ["torchrun", "--nproc_per_node", str(world_size), *in_python]
 
 
-def resume_command(argv: tuple[str, ...], checkpoint: Path | None, world_size: int = 1) -> str:
+def resume_command(argv: tuple[str, ...], checkpoint: Path | str | None, world_size: int = 1,
+                   program: tuple[str, ...] = ("python", SCRIPT)) -> str:
     """The command line as given, with --resume pointing at `checkpoint`, behind the launcher that started it."""
     kept, skip = [], False
     for token in argv:
@@ -156,4 +164,4 @@ def resume_command(argv: tuple[str, ...], checkpoint: Path | None, world_size: i
         elif not token.startswith("--resume="):
             kept.append(token)
     resume = ["--resume", str(checkpoint)] if checkpoint else []
-    return shlex.join([*launcher(world_size), SCRIPT, *kept, *resume])
+    return shlex.join([*launcher(world_size, program), *kept, *resume])

@@ -4,7 +4,7 @@ Each image is a drawn scene (a background colour, one to three shapes of one col
 one position) and its five captions describe exactly that scene in varied wording, so a small
 model can learn the pairing and retrieval clearly beats chance. The demo and the tests use it.
 
-    python sample_data.py data/flickr8k_sample --layout token --images 600 --val 100 --test 50
+    brain-trainer sample-data data/flickr8k_sample --layout token --images 600 --val 100 --test 50
 """
 from __future__ import annotations
 
@@ -134,8 +134,8 @@ def write_sample_dataset(root: Path, layout: str = "token", images: int = 600, v
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="folder to write the data set into")
     parser.add_argument("--layout", choices=LAYOUTS, default="token")
     parser.add_argument("--images", type=int, default=600)
@@ -153,6 +153,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Wrote {args.images} images ({args.layout} layout) to {args.root}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

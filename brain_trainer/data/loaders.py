@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from augment import TrainAugment
-from config import ConfigError
-from flickr8k_dataset import (CachedImages, CaptionCollator, DatasetError, Flickr8kDataset, ImageSource, JpegImages,
+from brain_trainer.data.augment import TrainAugment
+from brain_trainer.config import ConfigError
+from brain_trainer.data.flickr8k_dataset import (CachedImages, CaptionCollator, DatasetError, Flickr8kDataset, ImageSource, JpegImages,
                               ResumableSampler, Split, UniqueImages, build_image_cache, load_splits,
                               tokenizer_from_json, train_caption_tokenizer)
-from run_log import RunLog
-from runtime import Runtime
-from sample_data import write_sample_dataset
+from brain_trainer.run_log import RunLog
+from brain_trainer.runtime import Runtime
+from brain_trainer.data.sample_data import write_sample_dataset
 
 
 @dataclass

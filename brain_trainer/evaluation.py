@@ -15,10 +15,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from augment import eval_transform, images_to_device
-from brain_model import BrainModel, ContrastiveLoss
-from flickr8k_dataset import CaptionCollator, ImageSource, Split
-from runtime import Runtime
+from brain_trainer.data.augment import eval_transform, images_to_device
+from brain_trainer.brain_model import BrainModel, ContrastiveLoss
+from brain_trainer.data.flickr8k_dataset import CaptionCollator, ImageSource, Split
+from brain_trainer.runtime import Runtime
 
 EVAL_LOSS_CHUNK = 32  # val loss is InfoNCE over fixed chunks of this many pairs, whatever --batch_size is
 METRICS = ("loss", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")

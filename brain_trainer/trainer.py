@@ -15,15 +15,15 @@ from typing import Callable
 
 import torch
 
-from augment import images_to_device
-from brain_model import BrainConfig, BrainModel, ContrastiveLoss, UnsupportedEncoder
-from checkpointing import BEST, LAST, CheckpointError, Checkpointer, capture_rng_state, make_checkpoint, snapshot_name
-from config import ConfigError, TrainSettings
-from data import TrainLoaders
-from evaluation import METRICS, evaluate, retrieval_picture
-from flickr8k_dataset import CaptionCollator
-from run_log import RunLog
-from runtime import Runtime
+from brain_trainer.data.augment import images_to_device
+from brain_trainer.brain_model import BrainConfig, BrainModel, ContrastiveLoss, UnsupportedEncoder
+from brain_trainer.checkpointing import BEST, LAST, CheckpointError, Checkpointer, capture_rng_state, make_checkpoint, snapshot_name
+from brain_trainer.config import ConfigError, TrainSettings
+from brain_trainer.data.loaders import TrainLoaders
+from brain_trainer.evaluation import METRICS, evaluate, retrieval_picture
+from brain_trainer.data.flickr8k_dataset import CaptionCollator
+from brain_trainer.run_log import RunLog
+from brain_trainer.runtime import Runtime
 
 
 class TrainingError(Exception):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from brain_model import BrainConfig, is_weights_file
+from brain_trainer.brain_model import BrainConfig, is_weights_file
 
 DEMO_ROOT = Path("data/flickr8k_sample")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -67,6 +67,7 @@ class RunOptions:
     eval_split: str
     demo: bool
     argv: tuple[str, ...]  # as typed, for the printed resume command
+    program: tuple[str, ...]  # the command that started this one (python SCRIPT, brain-trainer train, ...)
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"Error: {message} (see --help)\n")
 
 
-def parse_args(argv: list[str] | None = None, description: str = "") -> CommandLine:
+def parse_args(argv: list[str] | None = None, description: str = "",
+               program: tuple[str, ...] = ("brain-trainer", "train"), eval_only: bool = False) -> CommandLine:
     """Settings default to None here: None means "not given", so that on resume the checkpoint's value
     applies (see `resolve_settings`)."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=" ".join(program), description=description,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def setting(group, name: str, kind=None, **options) -> None:
         help_text = f"{options.pop('help')} (default: {SETTING_DEFAULTS[name]}; on resume: the checkpoint's)"
@@ -160,6 +163,7 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> CommandL
     logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
     logging.add_argument("--demo", action="store_true",
                          help=f"train a small model on generated data in {DEMO_ROOT} (written if absent)")
+    parser.set_defaults(eval_only=eval_only)  # `brain-trainer eval` is train's --eval_only
     args = vars(parser.parse_args(argv))
     given = {f.name: args.pop(f.name) for f in SETTING_FIELDS if args[f.name] is not None}
     for f in SETTING_FIELDS:
@@ -167,6 +171,7 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> CommandL
     if args["demo"] and args["root_dir"] is None:
         args["root_dir"] = DEMO_ROOT
     args["argv"] = tuple(sys.argv[1:] if argv is None else argv)
+    args["program"] = tuple(program)
     return CommandLine(RunOptions(**args), given)
 
 

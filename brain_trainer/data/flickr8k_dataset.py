@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from augment import TrainAugment, eval_transform
+from brain_trainer.data.augment import TrainAugment, eval_transform
 
 SPLITS = ("train", "val", "test")
 LAYOUTS = ("token", "karpathy", "kaggle")

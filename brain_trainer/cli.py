@@ -1,0 +1,72 @@
+"""The `brain-trainer` command: one entry, a subcommand each.
+
+    brain-trainer train --demo                      # also: brain-trainer --demo (train is the default)
+    brain-trainer eval --resume checkpoints_brain_v2/best_brain_v2.pt --eval_split test
+    brain-trainer ckpt inspect checkpoints_brain_v2/last_brain_v2.pt
+    brain-trainer ckpt convert old_weights.pt converted_brain_v2.pt
+    brain-trainer sample-data data/flickr8k_sample --layout karpathy
+
+Each subcommand's own `--help` is its reference.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and loader workers do not mix
+
+SUBCOMMANDS = {
+    "train": "train a brain (the default when the first argument is a flag)",
+    "eval": "evaluate a checkpoint's retrieval on a split (train's --eval_only)",
+    "ckpt": "inspect or convert checkpoint files",
+    "sample-data": "write the generated Flickr8k look-alike the demo and the tests use",
+}
+
+
+def _train(argv: list[str], program: tuple[str, ...]) -> int:
+    from brain_trainer.train import main as train_main
+    return train_main(argv, program=(*program, "train"))
+
+
+def _eval(argv: list[str], program: tuple[str, ...]) -> int:
+    from brain_trainer.train import main as train_main
+    return train_main(argv, program=(*program, "eval"), eval_only=True)
+
+
+def _ckpt(argv: list[str], program: tuple[str, ...]) -> int:
+    from brain_trainer.checkpointing.cli import main as ckpt_main
+    return ckpt_main(argv, prog=" ".join((*program, "ckpt")))
+
+
+def _sample_data(argv: list[str], program: tuple[str, ...]) -> int:
+    from brain_trainer.data.sample_data import main as sample_main
+    return sample_main(argv, prog=" ".join((*program, "sample-data")))
+
+
+COMMANDS: dict[str, Callable[[list[str], tuple[str, ...]], int]] = {
+    "train": _train, "eval": _eval, "ckpt": _ckpt, "sample-data": _sample_data}
+
+
+def usage(program: tuple[str, ...]) -> str:
+    name = " ".join(program)
+    lines = [f"usage: {name} COMMAND [options]   ({name} COMMAND --help for each)", "", "commands:"]
+    lines += [f"  {command:12} {text}" for command, text in SUBCOMMANDS.items()]
+    return "\n".join(lines + ["", f"With a flag first ({name} --demo), the command is train."])
+
+
+def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer",)) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage(program))
+        return 0
+    if not argv:
+        print(usage(program), file=sys.stderr)
+        return 2
+    if argv[0].startswith("-"):
+        return _train(argv, program)  # the original CLI: flags only
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"Error: unknown command '{command}'; choose one of {', '.join(COMMANDS)} (see --help)", file=sys.stderr)
+        return 2
+    return COMMANDS[command](rest, program)
