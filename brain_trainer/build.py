@@ -1,34 +1,50 @@
-"""Assembling a run: which checkpoint to resume, the settings it resolves to, the data, the model and its
-optimiser, where the run stands, the loaders and the Trainer. The entry script calls these in order; every
-process runs them, and what only the main process may do (choose a file, claim a folder) goes through the
-runtime, which hands its result to the others.
+"""Assembling a run, in one place: which checkpoint to resume, the settings it resolves to, the data, the
+model and its optimiser, where the run stands, the evaluator, the loaders, the checkpointer and the Trainer,
+and the start of training (claiming the folders, the RNG, TensorBoard). Every process runs these; what only
+the main process may do (choose a file, claim a folder) goes through the runtime. Nothing here prints but
+through the run log, and nothing here trains.
 """
 from __future__ import annotations
 
 import time
+import urllib.error
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from brain_trainer.brain_model import BrainConfig, BrainModel, is_weights_file
-from brain_trainer.checkpointing import (CheckpointError, Checkpointer, Discovery, RunLock, check_writable, checkpoint_in_folder,
-                           claim_savedir, find_latest_checkpoint, load_checkpoint, load_for_resume, load_model_weights,
-                           model_weights, probe_folder, restore_rng_state, restore_training_state, rng_states_of)
-from brain_trainer.config import CommandLine, RunOptions, TrainSettings, check_settings, resolve_settings
-from brain_trainer.data.loaders import Data, build_loaders, check_split_sizes, image_source, load_data
+from brain_trainer.brain_model import BrainConfig, BrainModel, UnsupportedEncoder, is_weights_file
+from brain_trainer.checkpointing import (Checkpointer, CheckpointError, Discovery, checkpoint_in_folder,
+                                         claim_savedir, find_latest_checkpoint, load_checkpoint, load_for_resume,
+                                         load_model_weights, locate, model_weights, open_storage, restore_rng_state,
+                                         restore_training_state, rng_states_of)
+from brain_trainer.checkpointing.storage import Lock, Storage
+from brain_trainer.config import CommandLine, ConfigError, RunOptions, TrainSettings, check_settings, resolve_settings
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, derive_seed
+from brain_trainer.data.loaders import Data, build_loaders, check_split_sizes, eval_loader, image_source, load_data
+from brain_trainer.evaluation import Evaluator
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import Runtime
-from brain_trainer.trainer import RunRecord, Trainer, TrainState, build_model, build_optimizer
+from brain_trainer.trainer import RunRecord, Trainer, TrainState
+
+DECAY_GROUPS = ("decay", "no_decay")  # AdamW's parameter groups, by name
 
 
 @dataclass
 class Resume:
-    path: Path | None
+    """The checkpoint a run resumes from. `checkpoint` (the whole file, weights and Adam moments) is dropped
+    once `build` has restored it; what the run still needs afterwards is kept beside it."""
+    location: str | None
     checkpoint: dict | None
-    unreadable: list[tuple[Path, str]]  # files `--resume auto` could not read: set aside before the run writes
+    unreadable: list[tuple[str, str]]  # names `--resume auto` could not read: set aside before the run writes
+    parent: str | None = None  # the lineage id of the run it continues
+    rng_states: list[dict] | None = None  # one per process that wrote it
+
+    def drop_checkpoint(self) -> None:
+        checkpoint, self.checkpoint = self.checkpoint or {}, None
+        self.parent = (checkpoint.get("run") or {}).get("id") if isinstance(checkpoint.get("run"), dict) else None
+        self.rng_states = rng_states_of(checkpoint)
 
 
 @dataclass
@@ -44,34 +60,76 @@ class Run:
     state: TrainState
 
 
+@dataclass
+class Training:
+    """A started run: its Trainer and the lock that makes the checkpoint folder its own (main process)."""
+    trainer: Trainer
+    lock: Lock | None
+
+
+def savedir_storage(options: RunOptions) -> Storage:
+    return open_storage(options.savedir, options.storage_options, options.lock_expiry)
+
+
 def choose_checkpoint(options: RunOptions, runtime: Runtime, log: RunLog) -> Resume:
     """The main process picks the file (`auto`: newest of the newest run; a folder: its newest); every process
     loads it to the CPU."""
     def choose() -> Discovery:
         if options.resume != "auto":
-            path = Path(options.resume)
-            return Discovery(checkpoint_in_folder(path) if path.is_dir() else path, [])
-        found = find_latest_checkpoint(options.savedir, log=log.print)
-        if found.path is None and options.eval_only:
+            storage, name = locate(options.resume, options.storage_options)
+            folder = open_storage(options.resume, options.storage_options)
+            return Discovery(checkpoint_in_folder(folder) if storage.kind(name) == "folder" else options.resume, [])
+        found = find_latest_checkpoint(savedir_storage(options), log=log.print)
+        if found.location is None and options.eval_only:
             raise CheckpointError(f"--eval_only --resume auto: no checkpoint in {options.savedir} to evaluate; "
                                   f"pass --resume PATH")
-        if found.path is None:
+        if found.location is None:
             log.print(f"--resume auto: no loadable checkpoint in {options.savedir}; starting a fresh run")
         return found
 
     found = runtime.on_main(choose) if options.resume else Discovery(None, [])
-    checkpoint = load_for_resume(found.path, options.allow_nonfinite) if found.path else None
-    return Resume(found.path, checkpoint, found.unreadable)
+    checkpoint = (load_for_resume(found.location, options.allow_nonfinite, options.storage_options)
+                  if found.location else None)
+    return Resume(found.location, checkpoint, found.unreadable)
+
+
+def build_model(model_config: BrainConfig, pretrained: bool) -> BrainModel:
+    """The model, with every way its encoders can fail to load said as one line naming the flag."""
+    try:
+        return BrainModel(model_config, pretrained=pretrained)
+    except UnsupportedEncoder as error:
+        raise ConfigError(str(error)) from None
+    except urllib.error.URLError:  # torchvision downloads weights with urllib
+        raise ConfigError(f"--image_weights {model_config.image_weights}: weights for {model_config.image_encoder} "
+                          f"could not be downloaded (no network?); give a local weights file or none") from None
+    except (OSError, ValueError) as error:  # transformers reports a failed download or a bad folder so
+        raise ConfigError(f"--text_encoder {model_config.text_encoder}: could not be loaded "
+                          f"({str(error).splitlines()[0][:120]}); give a local folder, or use --text_encoder scratch") from None
+
+
+def build_optimizer(model: torch.nn.Module, settings: TrainSettings, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with CLIP's betas; weight decay on matrices only, never on biases, norms or the temperature."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
+              {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+
+
+def apply_group_settings(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> None:
+    """The run's settings beat the restored groups' (an older file's groups carry no names: they are in the
+    order `build_optimizer` makes them)."""
+    for group, name in zip(optimizer.param_groups, DECAY_GROUPS):
+        group["name"] = name
+        group["weight_decay"] = settings.weight_decay if name == "decay" else 0.0
 
 
 def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -> Run:
     """Settings (command line > checkpoint > defaults), checks, data, model, optimiser, and the resumed state."""
     options, checkpoint = command.options, resume.checkpoint
     model_config, settings, overridden, from_checkpoint = resolve_settings(
-        command.given, (checkpoint or {}).get("config"), options.demo, str(resume.path))
+        command.given, (checkpoint or {}).get("config"), options.demo, str(resume.location))
     check_settings(options, model_config, settings, runtime.world_size, from_checkpoint)
-    if settings.precision == "auto":  # the checkpoint records the resolved choice
-        settings = replace(settings, precision="fp16" if runtime.device.type == "cuda" else "fp32")
+    settings = replace(settings, precision=runtime.resolve_precision(settings.precision))  # the file records it
     runtime.seed(settings.seed, options.deterministic)
     data = load_data(root_dir=options.root_dir, annotations=options.annotations, demo=options.demo,
                      text_encoder=model_config.text_encoder, vocab_size=settings.vocab_size,
@@ -81,53 +139,78 @@ def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -
         model_config = replace(model_config, text_vocab_size=len(data.tokenizer))
     model = runtime.prepare(build_model(model_config, pretrained=checkpoint is None))
     if checkpoint is None and is_weights_file(model_config.image_weights):
-        load_image_weights_file(model, Path(model_config.image_weights), log)
+        load_image_weights_file(model, model_config.image_weights, log)
     optimizer = build_optimizer(model, settings, runtime.device)
     autocast, scaler = runtime.precision(settings.precision)
     state = TrainState()
     if checkpoint is not None:
-        restore_training_state(checkpoint, resume.path, model, optimizer, scaler, settings.precision,
-                               model_config.to_dict(), state, log.print)
-        optimizer.param_groups[0]["weight_decay"] = settings.weight_decay  # the run's setting beats the restored group
-        log.resume_plan(checkpoint=checkpoint, overridden=overridden, fingerprint=data.splits["train"].fingerprint())
+        lines = restore_training_state(checkpoint=checkpoint, path=resume.location, model=model, optimizer=optimizer,
+                                       scaler=scaler, precision=settings.precision,
+                                       architecture=model_config.to_dict(), state=state)
+        apply_group_settings(optimizer, settings)
+        log.resume_block(location=resume.location, lines=lines, checkpoint=checkpoint, overridden=overridden,
+                         fingerprint=data.splits["train"].fingerprint())
+    resume.drop_checkpoint()  # the weights and moments now live in the model and optimiser: no second copy
     if note := runtime.batchnorm_note(model):
         log.print(note)
     return Run(model_config, settings, data, model, optimizer, autocast, scaler, state)
 
 
-def load_image_weights_file(model: BrainModel, path: Path, log: RunLog) -> None:
-    report = load_model_weights(model.image_encoder.trunk, model_weights(load_checkpoint(path), path), path,
-                                log=lambda line: None)
+def load_image_weights_file(model: BrainModel, path: str, log: RunLog) -> None:
+    report = load_model_weights(model.image_encoder.trunk, model_weights(load_checkpoint(path), path), path)
     log.print(f"✓ Image weights from {path}: {report.loaded} tensors ({100 * report.loaded_fraction:.0f}% of the trunk)")
 
 
-def make_trainer(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog) -> Trainer:
+def _cache_dir(options: RunOptions) -> Path:
+    return options.cache_dir or options.root_dir / ".brain_cache"
+
+
+def make_evaluator(run: Run, split_name: str, images, options: RunOptions, runtime: Runtime) -> Evaluator:
+    """The evaluator of one split: the same for the epoch end and for `eval`."""
+    split = run.data.splits[split_name]
+    loader = eval_loader(split, images, image_size=run.model_config.image_size, batch_size=run.settings.batch_size,
+                         num_workers=options.num_workers, runtime=runtime, seed=run.settings.seed)
+    return Evaluator(model=run.model, split=split, images=images, image_loader=loader,
+                     collator=CaptionCollator(run.data.tokenizer, run.model_config.max_text_len),
+                     autocast=run.autocast, runtime=runtime, caption_batch=4 * run.settings.batch_size)
+
+
+def build_eval(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> Evaluator:
+    """`eval`: the evaluator of `--eval_split` over its images (cached as training caches them)."""
+    images, _ = image_source(run.data.splits[options.eval_split], use_cache=run.settings.cache_images,
+                             image_size=run.model_config.image_size, cache_dir=_cache_dir(options),
+                             num_workers=options.num_workers, runtime=runtime, log=log)
+    return make_evaluator(run, options.eval_split, images, options, runtime)
+
+
+def make_trainer(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog, *,
+                 storage: Storage) -> Trainer:
     """Image sources and loaders, the run's record for its checkpoints, the checkpointer, the Trainer."""
     settings, splits = run.settings, run.data.splits
     cache = {"use_cache": settings.cache_images, "image_size": run.model_config.image_size, "runtime": runtime,
-             "cache_dir": options.cache_dir or options.root_dir / ".brain_cache", "num_workers": options.num_workers}
+             "cache_dir": _cache_dir(options), "num_workers": options.num_workers}
     train_images, cached = image_source(splits["train"], log=log, **cache)
     val_images, cached = image_source(splits["val"], log=log, **{**cache, "use_cache": cached})
     settings = replace(settings, cache_images=cached)  # one ⚠ line, and the run records that it decodes JPEGs
     collator = CaptionCollator(run.data.tokenizer, run.model_config.max_text_len)
-    loaders = build_loaders(run.data, collator, train_images=train_images, val_images=val_images,
-                            image_size=run.model_config.image_size, hflip=settings.hflip, batch_size=settings.batch_size,
+    loaders = build_loaders(run.data, collator, train_images=train_images, image_size=run.model_config.image_size, hflip=settings.hflip, batch_size=settings.batch_size,
                             seed=settings.seed, num_workers=options.num_workers, runtime=runtime)
-    parent = ((resume.checkpoint or {}).get("run") or {}).get("id")
-    lineage = runtime.broadcast({"id": uuid.uuid4().hex, "parent": parent, "started_ns": time.time_ns()})
+    lineage = runtime.broadcast({"id": uuid.uuid4().hex, "parent": resume.parent, "started_ns": time.time_ns()})
     record = RunRecord(config={**run.model_config.to_dict(), **asdict(settings)}, tokenizer_json=run.data.tokenizer_json,
                        fingerprint=splits["train"].fingerprint(), lineage=lineage)
-    checkpointer = Checkpointer(savedir=options.savedir, keep_last=settings.keep_last,
-                                background=not options.sync_saves, enabled=runtime.is_main)
+    checkpointer = Checkpointer(storage=storage,
+                                keep_last=settings.keep_last, background=not options.sync_saves,
+                                enabled=runtime.is_main)
     return Trainer(runtime=runtime, model=run.model, optimizer=run.optimizer, autocast=run.autocast, scaler=run.scaler,
-                   settings=settings, loaders=loaders, collator=collator, checkpointer=checkpointer, record=record,
-                   state=run.state, log=log, log_every=options.log_every, compile=options.compile)
+                   settings=settings, loaders=loaders, evaluator=make_evaluator(run, "val", val_images, options, runtime),
+                   checkpointer=checkpointer, record=record, state=run.state, log=log, log_every=options.log_every,
+                   compile=options.compile)
 
 
 def restore_rng(resume: Resume, run: Run, runtime: Runtime, log: RunLog, deterministic: bool) -> None:
     """Last, so nothing built before draws from it: each process's own state at the same world size; at another,
     one derived from (seed, global step, rank), with a ⚠ line."""
-    states = rng_states_of(resume.checkpoint or {})
+    states = resume.rng_states or []
     if len(states) == runtime.world_size:
         restore_rng_state(states[runtime.rank])
     elif states:
@@ -135,14 +218,36 @@ def restore_rng(resume: Resume, run: Run, runtime: Runtime, log: RunLog, determi
         runtime.seed(derive_seed(run.settings.seed, run.state.global_step, runtime.rank), deterministic)
 
 
-def claim_folders(options: RunOptions, resume: Resume, log: RunLog) -> RunLock:
+def claim_folders(options: RunOptions, storage: Storage, resume: Resume, log: RunLog) -> Lock:
     """Both folders writable, and the checkpoint folder this run's (locked; see `claim_savedir`)."""
-    check_writable(options.logdir, "logdir")
-    lock = claim_savedir(options.savedir, resume=resume.path, overwrite=options.overwrite,
-                         unreadable=resume.unreadable, log=log.print)
+    logdir = open_storage(options.logdir)
+    logdir.check_writable("logdir")
+    lock = claim_savedir(storage, resume=resume.location,
+                         overwrite=options.overwrite, unreadable=resume.unreadable, log=log.print)
     try:
-        probe_folder(options.logdir, "logdir")
+        logdir.prepare("logdir")
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def start_training(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog) -> Training:
+    """Claim the folders (main process), make the Trainer, print the banner, restore the RNG last, open
+    TensorBoard. On a failure after the claim, the lock is released before the error goes on."""
+    storage = savedir_storage(options)  # one object: the lock it holds is checked at every write
+    lock = runtime.main_only(lambda: claim_folders(options, storage, resume, log))
+    try:
+        trainer = make_trainer(run, resume, options, runtime, log, storage=storage)
+        log.banner(train_samples=len(run.data.splits["train"]), val_samples=len(run.data.splits["val"]),
+                   device=runtime.device, precision=run.settings.precision, batch_size=run.settings.batch_size,
+                   per_process=runtime.per_process(run.settings.batch_size), lr=run.settings.lr,
+                   start_epoch=run.state.epoch, epochs=run.settings.epochs, world_size=runtime.world_size)
+        restore_rng(resume, run, runtime, log, options.deterministic)
+        log.open_tensorboard(options.logdir, purge_step=run.state.global_step + 1 if resume.location else 0,
+                             config=trainer.record.config, step=run.state.global_step)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Training(trainer, lock)

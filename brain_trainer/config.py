@@ -8,6 +8,7 @@ device, workers, logging) and never come back.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -56,12 +57,14 @@ class RunOptions:
     device: str
     deterministic: bool
     compile: bool
-    savedir: Path
+    savedir: str  # a folder or an fsspec URL (s3://bucket/run): resolved by a storage, never parsed as a Path
     resume: str | None
+    storage_options: dict  # for an object store's client (endpoint, profile, ...)
+    lock_expiry: float  # seconds an object store's lock outlives its last renewal
     overwrite: bool
     sync_saves: bool
     allow_nonfinite: bool
-    logdir: Path
+    logdir: str
     log_every: int
     eval_only: bool
     eval_split: str
@@ -83,6 +86,16 @@ DEMO_SETTINGS = {"image_encoder": "shufflenet_v2_x0_5", "image_weights": "none",
                  "vocab_size": 600}
 SETTING_FIELDS = [f for f in fields(BrainConfig) if f.name != "text_vocab_size"] + list(fields(TrainSettings))
 SETTING_DEFAULTS = {**BrainConfig().to_dict(), **asdict(TrainSettings())}
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg}); pass an object like '{{\"key\": \"value\"}}'")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object ({...})")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,8 +158,17 @@ def parse_args(argv: list[str] | None = None, description: str = "",
     device.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
 
     saving = parser.add_argument_group("checkpointing")
-    saving.add_argument("--savedir", type=Path, default=Path("checkpoints_brain_v2"), help="default: checkpoints_brain_v2")
+    saving.add_argument("--savedir", default="checkpoints_brain_v2",
+                        help="checkpoint folder, or an object-store URL such as s3://bucket/run (default: "
+                             "checkpoints_brain_v2)")
+    saving.add_argument("--storage_options", type=_json_object, default={},
+                        help='JSON options for the object store\'s client, e.g. \'{"endpoint_url": '
+                             '"http://127.0.0.1:9000"}\' (s3fs; AWS_ENDPOINT_URL and AWS_PROFILE work too)')
     saving.add_argument("--resume", help="checkpoint file, a folder holding one, or auto (newest in --savedir)")
+    saving.add_argument("--lock_expiry", type=float, default=120.0,
+                        help="object stores only: a run's lock on the prefix lapses this many seconds after its "
+                             "last renewal (renewed every third of it), so a killed run's prefix frees itself "
+                             "(default: 120)")
     saving.add_argument("--overwrite", action="store_true",
                         help="let this run replace the checkpoints another run left in --savedir")
     saving.add_argument("--sync_saves", action="store_true",
@@ -157,7 +179,7 @@ def parse_args(argv: list[str] | None = None, description: str = "",
     setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
 
     logging = parser.add_argument_group("logging and evaluation")
-    logging.add_argument("--logdir", type=Path, default=Path("runs_brain_v2"), help="TensorBoard folder (default: runs_brain_v2)")
+    logging.add_argument("--logdir", default="runs_brain_v2", help="TensorBoard folder, local (default: runs_brain_v2)")
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
     logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
@@ -252,9 +274,15 @@ def check_settings(options: RunOptions, model_config: BrainConfig, settings: Tra
     need(settings.precision in ("auto",) + PRECISIONS, "precision", settings.precision, f"use one of {', '.join(PRECISIONS)}")
     need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
     need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
+    need(options.lock_expiry >= 3 and math.isfinite(options.lock_expiry), "lock_expiry", options.lock_expiry,
+         "must be at least 3 seconds")
     for flag in ("savedir", "logdir"):
         folder = getattr(options, flag)
-        need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
+        if "://" not in folder or folder.startswith("file://"):
+            folder = Path(folder.removeprefix("file://"))
+            need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
+    need("://" not in options.logdir or options.logdir.startswith("file://"), "logdir", options.logdir,
+         "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)")
     _check_image_encoder(model_config, need)
     need(options.device != "cuda" or torch.cuda.is_available(), "device", options.device,
          "CUDA is not available on this machine; use --device cpu")

@@ -7,6 +7,7 @@ order, so the metrics and the val loss are the one-process values (every sample 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -95,6 +96,25 @@ def evaluate(*, model: BrainModel, split: Split, image_loader: DataLoader, colla
     similarity = image_emb @ text_emb.T  # (num_images, num_captions)
     return {"loss": sum(losses) / len(losses), **retrieval_metrics(similarity, caption_image),
             "similarity": similarity, "unreadable_images": int(runtime.sum(unreadable))}
+
+
+@dataclass
+class Evaluator:
+    """One split's evaluation, as the epoch end and `eval` both run it: `evaluator()` is `evaluate` over the
+    split, interrupted (None) by a stop this process can act on alone."""
+    model: BrainModel
+    split: Split
+    images: ImageSource
+    image_loader: DataLoader
+    collator: CaptionCollator
+    autocast: Callable
+    runtime: Runtime
+    caption_batch: int
+
+    def __call__(self) -> dict | None:
+        return evaluate(model=self.model, split=self.split, image_loader=self.image_loader, collator=self.collator,
+                        autocast=self.autocast, runtime=self.runtime, caption_batch=self.caption_batch,
+                        should_stop=self.runtime.stop_seen_alone)
 
 
 def _concat(embeddings: list[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:

@@ -43,7 +43,7 @@ class RunLog:
             self.print(line)
 
     # -- TensorBoard
-    def open_tensorboard(self, logdir: Path, purge_step: int, config: dict, step: int) -> None:
+    def open_tensorboard(self, logdir: str, purge_step: int, config: dict, step: int) -> None:
         """purge_step drops events a previous run logged after this checkpoint, so curves never overlap."""
         if self.enabled:
             self.writer = SummaryWriter(logdir, purge_step=purge_step)
@@ -88,16 +88,23 @@ class RunLog:
 
     # -- reports
     def banner(self, *, train_samples: int, val_samples: int, device: torch.device, precision: str, batch_size: int,
-               lr: float, start_epoch: int, epochs: int, world_size: int) -> None:
+               per_process: int, lr: float, start_epoch: int, epochs: int, world_size: int) -> None:
         self.print(f"\nTrain samples: {train_samples}")
         self.print(f"Val samples:   {val_samples}")
         self.print(f"Device: {device.type}" + (f" ({world_size} processes)" if world_size > 1 else ""))
         self.print(f"Precision: {precision}")
-        self.print(f"Batch size: {batch_size}" + (f" ({batch_size // world_size} per process)" if world_size > 1 else ""))
+        self.print(f"Batch size: {batch_size}" + (f" ({per_process} per process)" if world_size > 1 else ""))
         self.print(f"Learning rate: {lr}")
         self.print(f"Training epochs: {start_epoch} -> {epochs}")
 
-    def resume_plan(self, *, checkpoint: dict, overridden: list[str], fingerprint: dict) -> None:
+    def resume_block(self, *, location: str, lines: list[str], checkpoint: dict, overridden: list[str],
+                     fingerprint: dict) -> None:
+        """The resume guide's block: the file, what was restored (✓) or not (⚠), and the plan."""
+        self.print(RULE)
+        self.print(f"Resuming from checkpoint: {location}")
+        self.print(RULE)
+        for line in lines:
+            self.print(line)
         restored = ["settings" if checkpoint.get("config") else "", "RNG" if checkpoint.get("rng_state") else "",
                     "data position" if checkpoint.get("data_state") else ""]
         self.print(RULE)
@@ -120,7 +127,7 @@ class RunLog:
         self.print(f"Demo retrieval on {num_images} val images: Recall@5 image->text {metrics['i2t_R@5']:.1f}% "
                    f"(chance {chance_i2t:.1f}%), text->image {metrics['t2i_R@5']:.1f}% (chance {chance_t2i:.1f}%)")
 
-    def stopped(self, *, signum: int, where: str, path: Path | None, argv: tuple[str, ...], world_size: int,
+    def stopped(self, *, signum: int, where: str, path: str | None, argv: tuple[str, ...], world_size: int,
                 program: tuple[str, ...]) -> None:
         saved = f"; saved {path}" if path else "; nothing to save yet"
         self.print(f"Stopped by {signal.Signals(signum).name} {where}{saved}")

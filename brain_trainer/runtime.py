@@ -180,6 +180,23 @@ class Runtime:
             raise value
         return value
 
+    def main_only(self, action: Callable[[], T]) -> T | None:
+        """Run `action` on the main process and keep its result there (a lock, a handle: nothing to send);
+        the other processes get None. An error is raised on every process, as with `on_main`."""
+        kept: list[T] = []
+        self.on_main(lambda: kept.append(action()))
+        return kept[0] if kept else None
+
+    def per_process(self, global_batch: int) -> int:
+        """This process's rows of each global batch (`--batch_size` divides by the world size: checked at startup)."""
+        return global_batch // self.world_size
+
+    def resolve_precision(self, precision: str) -> str:
+        """`auto`: fp16 on CUDA, fp32 on the CPU; the resolved value is what the checkpoint records."""
+        if precision != "auto":
+            return precision
+        return "fp16" if self.device.type == "cuda" else "fp32"
+
     def stop_seen_alone(self) -> bool:
         """A stop signal this process can act on by itself, between collectives (one process only: with several,
         stopping is agreed at step boundaries, or a process would wait for the others in a collective)."""

@@ -1,70 +1,49 @@
-"""Train the multimodal brain (image encoder + text encoder meeting in one shared space) on Flickr8k.
+"""`brain-trainer train` (and `eval`): train the multimodal brain (an image encoder and a text encoder meeting
+in one shared space) on Flickr8k, contrastively.
 
-    python train_multimodal_brain_flickr8k.py --root_dir data/flickr8k --epochs 100 --resume auto
-    python train_multimodal_brain_flickr8k.py --demo          # a small run on generated data, CPU friendly
-    torchrun --standalone --nproc_per_node 4 train_multimodal_brain_flickr8k.py --root_dir data/flickr8k --resume auto
+    brain-trainer train --demo                    # a small run on generated data, CPU friendly
+    brain-trainer train --root_dir data/flickr8k --epochs 100 --resume auto
+    brain-trainer train --root_dir data/flickr8k --savedir s3://bucket/run --resume auto
+    torchrun --standalone --nproc_per_node 4 -m brain_trainer train --root_dir data/flickr8k --resume auto
 
 A run can be stopped at any step (Ctrl-C, SIGTERM, SLURM's SIGUSR1) and resumed with `--resume`:
 model, optimizer, scaler, RNG and data position come back, so it continues as if never stopped, also
-on another number of processes (--batch_size is the global batch).
+on another number of processes (--batch_size is the global batch). docs/resume.md is the guide.
 """
 from __future__ import annotations
 
-import os
 import signal
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and loader workers do not mix
-
-from brain_trainer.build import Resume, Run, build, choose_checkpoint, claim_folders, make_trainer, restore_rng
+from brain_trainer.build import Resume, Run, Training, build, build_eval, choose_checkpoint, start_training
 from brain_trainer.checkpointing import CheckpointError
 from brain_trainer.config import ConfigError, RunOptions, parse_args
-from brain_trainer.data.loaders import eval_loader, image_source
-from brain_trainer.evaluation import evaluate
-from brain_trainer.data.flickr8k_dataset import CaptionCollator, DatasetError, Interrupted
+from brain_trainer.data.flickr8k_dataset import DatasetError, Interrupted
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import LaunchError, Runtime
 from brain_trainer.trainer import TrainingError
 
 
-def train(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
-    """Claim the folders, assemble the loop, train; the checkpoint folder stays this run's until the end."""
-    lock, trainer = [], None
+def fit(training: Training, run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
+    """Train to the end or to a stop, report, and close: the save in flight becomes durable, also on an error."""
+    trainer = training.trainer
     try:
-        runtime.on_main(lambda: lock.append(claim_folders(options, resume, log)))
-        trainer = make_trainer(run, resume, options, runtime, log)
-        log.banner(train_samples=len(run.data.splits["train"]), val_samples=len(run.data.splits["val"]),
-                   device=runtime.device, precision=run.settings.precision, batch_size=run.settings.batch_size,
-                   lr=run.settings.lr, start_epoch=run.state.epoch, epochs=run.settings.epochs,
-                   world_size=runtime.world_size)
-        restore_rng(resume, run, runtime, log, options.deterministic)
-        log.open_tensorboard(options.logdir, purge_step=run.state.global_step + 1 if resume.checkpoint else 0,
-                             config=trainer.record.config, step=run.state.global_step)
         status = trainer.fit()
         if status:
             log.stopped(signum=status - 128, where=trainer.position(), path=trainer.last_saved, argv=options.argv,
                         world_size=runtime.world_size, program=options.program)
         elif options.demo:
-            split = trainer.loaders.val_split
+            split = trainer.evaluator.split
             log.demo_report(trainer.last_metrics, len(split.images), len(split))
         return status
     finally:
         log.close()
-        if trainer is not None:
-            trainer.checkpointer.close()  # also on an exception: the save in flight becomes durable first
-        for held in lock:
-            held.release()
+        trainer.checkpointer.close()
+        if training.lock is not None:
+            training.lock.release()
 
 
 def evaluate_only(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
-    split = run.data.splits[options.eval_split]
-    images, _ = image_source(split, use_cache=run.settings.cache_images, image_size=run.model_config.image_size,
-                             cache_dir=options.cache_dir or options.root_dir / ".brain_cache",
-                             num_workers=options.num_workers, runtime=runtime, log=log)
-    loader = eval_loader(split, images, image_size=run.model_config.image_size, batch_size=run.settings.batch_size,
-                         num_workers=options.num_workers, runtime=runtime, seed=run.settings.seed)
-    metrics = evaluate(model=run.model, split=split, image_loader=loader, collator=CaptionCollator(
-        run.data.tokenizer, run.model_config.max_text_len), autocast=run.autocast, runtime=runtime,
-        caption_batch=4 * run.settings.batch_size, should_stop=runtime.stop_seen_alone)
+    metrics = build_eval(run, options, runtime, log)()
     if metrics is None:
         return stopped_early(runtime, log, "during evaluation", options)
     log.metrics_table(metrics, options.eval_split)
@@ -80,13 +59,15 @@ def stopped_early(runtime: Runtime, log: RunLog, where: str, options: RunOptions
 
 def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer", "train"),
          eval_only: bool = False) -> int:
-    command = parse_args(argv, description=__doc__, program=program, eval_only=eval_only)
-    options = command.options
+    """parse -> runtime -> build -> fit -> close; returns the exit status."""
+    options = None
     runtime, log = None, RunLog()
     try:
+        command = parse_args(argv, description=__doc__, program=program, eval_only=eval_only)
+        options = command.options
         runtime = Runtime.start(options.device)  # the process group, the device, the stop flag
         log = RunLog(enabled=runtime.is_main)
-        resume = choose_checkpoint(options, runtime, log)
+        resume: Resume = choose_checkpoint(options, runtime, log)
         run = build(command, resume, runtime, log)
         if options.eval_only:
             return evaluate_only(run, options, runtime, log)
@@ -94,7 +75,7 @@ def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-train
             log.print(f"Nothing left to train: the checkpoint has finished epoch {run.state.epoch - 1} and --epochs "
                       f"is {run.settings.epochs}; pass a larger --epochs to train on.")
             return 0
-        return train(run, resume, options, runtime, log)
+        return fit(start_training(run, resume, options, runtime, log), run, options, runtime, log)
     except (ConfigError, DatasetError, CheckpointError, LaunchError) as error:
         log.error(f"Error: {error}")
         return 2
@@ -106,4 +87,3 @@ def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-train
     finally:
         if runtime is not None:
             runtime.close()
-

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import math
 import time
-import urllib.error
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from brain_trainer.data.augment import images_to_device
-from brain_trainer.brain_model import BrainConfig, BrainModel, ContrastiveLoss, UnsupportedEncoder
+from brain_trainer.brain_model import BrainModel, ContrastiveLoss
 from brain_trainer.checkpointing import BEST, LAST, CheckpointError, Checkpointer, capture_rng_state, make_checkpoint, snapshot_name
-from brain_trainer.config import ConfigError, TrainSettings
+from brain_trainer.config import TrainSettings
 from brain_trainer.data.loaders import TrainLoaders
-from brain_trainer.evaluation import METRICS, evaluate, retrieval_picture
-from brain_trainer.data.flickr8k_dataset import CaptionCollator
+from brain_trainer.evaluation import METRICS, Evaluator, retrieval_picture
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import Runtime
 
@@ -43,21 +40,12 @@ class TrainState:
     epoch_loss_steps: int = 0
 
     def state_dict(self) -> dict:
-        """The checkpoint's fields: `epoch` is the last completed one, `data_state` where training stands."""
-        return {"epoch": self.epoch - 1, "global_step": self.global_step, "best_val": self.best_val,
-                "val_loss": self.val_loss,
-                "data_state": {"epoch": self.epoch, "samples_seen": self.samples_seen,
-                               "skipped_images": self.skipped_images, "epoch_loss_sum": self.epoch_loss_sum,
-                               "epoch_loss_steps": self.epoch_loss_steps}}
+        """Its fields by name (the checkpoint format maps them to the file's layout)."""
+        return asdict(self)
 
-    def load_state_dict(self, checkpoint: dict) -> None:
-        data_state = checkpoint.get("data_state") or {"epoch": checkpoint["epoch"] + 1, "samples_seen": 0}
-        self.epoch, self.samples_seen = data_state["epoch"], data_state["samples_seen"]
-        self.global_step = checkpoint.get("global_step", 0)
-        self.best_val, self.val_loss = checkpoint.get("best_val"), checkpoint.get("val_loss")
-        self.skipped_images = int(data_state.get("skipped_images", 0))
-        self.epoch_loss_sum = float(data_state.get("epoch_loss_sum", 0.0))
-        self.epoch_loss_steps = int(data_state.get("epoch_loss_steps", 0))
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def epoch_loss(self) -> float | None:
         return self.epoch_loss_sum / self.epoch_loss_steps if self.epoch_loss_steps else None
@@ -70,28 +58,6 @@ def learning_rate(step: int, settings: TrainSettings, total_steps: int) -> float
     progress = min(1.0, (step - settings.warmup_steps) / max(1, total_steps - settings.warmup_steps))
     floor = settings.lr * settings.min_lr_ratio
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (settings.lr - floor)
-
-
-def build_optimizer(model: torch.nn.Module, settings: TrainSettings, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with CLIP's betas; weight decay on matrices only, never on biases, norms or the temperature."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
-
-
-def build_model(model_config: BrainConfig, pretrained: bool) -> BrainModel:
-    """The model, with every way its encoders can fail to load said as one line naming the flag."""
-    try:
-        return BrainModel(model_config, pretrained=pretrained)
-    except UnsupportedEncoder as error:
-        raise ConfigError(str(error)) from None
-    except urllib.error.URLError:  # torchvision downloads weights with urllib
-        raise ConfigError(f"--image_weights {model_config.image_weights}: weights for {model_config.image_encoder} "
-                          f"could not be downloaded (no network?); give a local weights file or none") from None
-    except (OSError, ValueError) as error:  # transformers reports a failed download or a bad folder so
-        raise ConfigError(f"--text_encoder {model_config.text_encoder}: could not be loaded "
-                          f"({str(error).splitlines()[0][:120]}); give a local folder, or use --text_encoder scratch") from None
 
 
 @dataclass(frozen=True)
@@ -108,16 +74,16 @@ class Trainer:
 
     def __init__(self, *, runtime: Runtime, model: BrainModel, optimizer: torch.optim.Optimizer, autocast: Callable,
                  scaler: torch.amp.GradScaler, settings: TrainSettings, loaders: TrainLoaders,
-                 collator: CaptionCollator, checkpointer: Checkpointer, record: RunRecord, state: TrainState,
+                 evaluator: Evaluator, checkpointer: Checkpointer, record: RunRecord, state: TrainState,
                  log: RunLog, log_every: int, compile: bool = False):
         self.runtime, self.model, self.optimizer, self.autocast, self.scaler = runtime, model, optimizer, autocast, scaler
-        self.settings, self.loaders, self.collator, self.checkpointer = settings, loaders, collator, checkpointer
+        self.settings, self.loaders, self.evaluator, self.checkpointer = settings, loaders, evaluator, checkpointer
         self.record, self.state, self.log, self.log_every = record, state, log, log_every
         self.step_model = runtime.wrap(model, compile)  # saves always use the plain model
         self.loss = ContrastiveLoss(gather=runtime.all_gather, rank=runtime.rank)
         self.total_steps = loaders.steps_per_epoch * settings.epochs
         self.last_metrics: dict | None = None  # the latest epoch's evaluation
-        self.last_saved: Path | None = None
+        self.last_saved: str | None = None  # the path or URL of the latest save
         self.unsummed_skips = 0  # images this process substituted since the last sum over processes
 
     # -- one optimisation step
@@ -209,31 +175,28 @@ class Trainer:
 
     # -- evaluation
     def evaluate(self) -> dict | None:
-        metrics = evaluate(model=self.model, split=self.loaders.val_split, image_loader=self.loaders.val,
-                           collator=self.collator, autocast=self.autocast, runtime=self.runtime,
-                           caption_batch=4 * self.settings.batch_size, should_stop=self.runtime.stop_seen_alone)
+        metrics = self.evaluator()
         if metrics and metrics["unreadable_images"]:
             self.log.warn_once("val-unreadable", f"⚠ {metrics['unreadable_images']} val images could not be read: "
                                                  f"they are scored as black squares (counted as misses)")
         return metrics
 
     # -- checkpoints
-    def save(self, names: list[str]) -> Path:
+    def save(self, names: list[str]) -> str:
         """Save the run under `names` (the first written, the others linked to it). Every process takes part:
         the RNG states are gathered; only the main process writes."""
         self.sum_skips()
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():  # one device sync
             raise TrainingError(f"the weights hold NaN or inf at step {self.state.global_step}; not saved, so the "
                                 f"last good checkpoint is kept; lower --lr or use --precision bf16")
-        train_state = self.state.state_dict()
-        train_state["data_state"]["fingerprint"] = self.record.fingerprint
         checkpoint = make_checkpoint(model=self.model, optimizer=self.optimizer, scaler=self.scaler,
-                                     train_state=train_state, config=self.record.config,
+                                     train_state=self.state.state_dict(), fingerprint=self.record.fingerprint,
+                                     config=self.record.config,
                                      tokenizer=self.record.tokenizer_json,
                                      rng_states=self.runtime.gather_objects(capture_rng_state()), run=self.record.lineage)
         stall = self.checkpointer.save(checkpoint, names)
         self.log.scalars({"train/ckpt_stall_ms": 1000 * stall}, self.state.global_step)
-        self.last_saved = self.checkpointer.savedir / names[0]
+        self.last_saved = self.checkpointer.location(names[0])
         return self.last_saved
 
     # -- the whole run
@@ -256,7 +219,7 @@ class Trainer:
         state.val_loss = metrics["loss"]
         self.log.scalars({f"val/{name}": metrics[name] for name in METRICS}, state.global_step)
         if self.log.enabled:
-            picture = retrieval_picture(metrics["similarity"], self.loaders.val_split, self.loaders.val_images)
+            picture = retrieval_picture(metrics["similarity"], self.evaluator.split, self.evaluator.images)
             self.log.image("val/retrieval", picture, state.global_step)
         improved = state.best_val is None or metrics["loss"] < state.best_val
         state.best_val = metrics["loss"] if improved else state.best_val

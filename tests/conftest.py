@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,142 @@ def run_to_end(args: list[str], processes: int = 0) -> str:
     status, out = finish(start(args, processes))
     assert status == 0, out
     return out
+
+
+# ----------------------------------------------------------------------------- a local S3 server
+
+@dataclass
+class S3Server:
+    """moto's S3 server on 127.0.0.1, reached through a TCP relay the tests can cut (a store that stops
+    answering) without losing what the server holds."""
+    endpoint: str
+    env: dict
+    relay: "Relay"
+    url: str = ""  # s3://BUCKET/run: the test's own prefix
+
+    def bucket(self, name: str) -> str:
+        import s3fs
+
+        s3fs.S3FileSystem(endpoint_url=self.endpoint, key="testing", secret="testing").mkdir(name)
+        return name
+
+    def objects(self, prefix: str) -> dict[str, int]:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, key="testing", secret="testing")
+        fs.invalidate_cache()
+        return {path.rsplit("/", 1)[-1]: info["size"] for path, info in fs.find(prefix, detail=True).items()}
+
+    def read(self, url: str) -> dict:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, key="testing", secret="testing")
+        return torch.load(io.BytesIO(fs.cat_file(url)), weights_only=True)
+
+
+class Relay:
+    """Forwards 127.0.0.1:port to the server; `cut()` closes it and refuses new connections."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self.target_port, self.open, self.sockets = target_port, True, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        while self.open:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.close()
+
+    def cut(self) -> None:
+        """The store stops answering: no new connection, and the open ones (a client's pool) are closed."""
+        import socket
+
+        self.open = False
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join()
+        for connection in self.sockets:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> S3Server:
+    """One moto S3 server for the session (a real HTTP server: the real s3fs client talks to it)."""
+    import socket
+    import time
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("moto's S3 server did not start")
+        yield S3Server(f"http://127.0.0.1:{port}", _s3_env(port), relay=None)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _s3_env(port: int) -> dict:
+    """Test credentials for the local server; nothing looks for others (no instance-metadata lookups)."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request) -> S3Server:
+    """A fresh bucket on the session's server, its credentials and endpoint in this process's environment
+    (so in-process runs and child processes both reach it), and a relay a test can cut."""
+    relay = Relay(int(s3_server.endpoint.rsplit(":", 1)[1]))
+    env = _s3_env(relay.port)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    server = S3Server(f"http://127.0.0.1:{relay.port}", env, relay)
+    bucket = server.bucket(re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:50].strip("-"))
+    server.url = f"s3://{bucket}/run"
+    yield server
+    if relay.open:
+        relay.cut()

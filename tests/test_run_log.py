@@ -18,7 +18,7 @@ def test_a_silent_log_prints_nothing_and_opens_no_event_file(tmp_path, capsys):
     log = RunLog(enabled=False)
     log.print("hello")
     log.error("Error: x")
-    log.banner(train_samples=1, val_samples=1, device=torch.device("cpu"), precision="fp32", batch_size=2, lr=1.0,
+    log.banner(train_samples=1, val_samples=1, device=torch.device("cpu"), precision="fp32", batch_size=2, per_process=1, lr=1.0,
                start_epoch=0, epochs=1, world_size=2)
     log.open_tensorboard(tmp_path / "runs", purge_step=0, config={}, step=0)
     log.scalars({"train/loss": 1.0}, 1)

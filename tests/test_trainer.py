@@ -12,6 +12,7 @@ from brain_trainer.config import TrainSettings, parse_args
 from conftest import run_args
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import Runtime
+from brain_trainer.checkpointing import train_state_fields, train_state_of
 from brain_trainer.trainer import TrainingError, TrainState, learning_rate
 
 
@@ -25,19 +26,19 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert learning_rate(middle, settings, 100) == pytest.approx(1e-4 + 0.5 * 9e-4)
 
 
-def test_train_state_saves_clobbers_loads_and_is_equal():
+def test_train_state_saves_into_the_file_layout_clobbers_loads_and_is_equal():
     state = TrainState(epoch=3, samples_seen=40, global_step=77, best_val=0.5, val_loss=0.6, skipped_images=2,
                        epoch_loss_sum=12.25, epoch_loss_steps=5)
-    saved = state.state_dict()
-    assert saved["epoch"] == 2 and saved["data_state"]["epoch"] == 3, "`epoch` is the last completed one"
+    fields = train_state_fields(state.state_dict())
+    assert fields["epoch"] == 2 and fields["data_state"]["epoch"] == 3, "the file's `epoch` is the last completed one"
     restored = TrainState(epoch=9, global_step=1)
-    restored.load_state_dict(saved)
+    restored.load_state_dict(train_state_of(fields))
     assert restored == state and restored.epoch_loss() == pytest.approx(2.45)
 
 
 def test_a_checkpoint_without_a_data_position_resumes_at_the_next_epoch_start():
     restored = TrainState()
-    restored.load_state_dict({"epoch": 4, "global_step": 50, "best_val": None})
+    restored.load_state_dict(train_state_of({"epoch": 4, "global_step": 50, "best_val": None}))
     assert (restored.epoch, restored.samples_seen, restored.global_step) == (5, 0, 50)
 
 
@@ -54,7 +55,8 @@ def assembled_trainer(runtime: Runtime, *argv: str):
     log = RunLog(enabled=False)
     resume = build.choose_checkpoint(command.options, runtime, log)
     run = build.build(command, resume, runtime, log)
-    return build.make_trainer(run, resume, command.options, runtime, log)
+    return build.make_trainer(run, resume, command.options, runtime, log,
+                              storage=build.savedir_storage(command.options))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])

@@ -131,22 +131,16 @@ def eval_loader(split: Split, images: ImageSource, *, image_size: int, batch_siz
 class TrainLoaders:
     train: DataLoader
     sampler: ResumableSampler
-    val: DataLoader
-    val_split: Split
-    val_images: ImageSource
     train_samples: int
     steps_per_epoch: int
 
 
-def build_loaders(data: Data, collator: CaptionCollator, *, train_images: ImageSource, val_images: ImageSource,
-                  image_size: int, hflip: bool, batch_size: int, seed: int, num_workers: int,
-                  runtime: Runtime) -> TrainLoaders:
-    """The training loader (this process's slice of each global batch) and the val loader (its shard)."""
-    train_split, val_split = data.splits["train"], data.splits["val"]
+def build_loaders(data: Data, collator: CaptionCollator, *, train_images: ImageSource, image_size: int, hflip: bool,
+                  batch_size: int, seed: int, num_workers: int, runtime: Runtime) -> TrainLoaders:
+    """The training loader: this process's slice of each global batch."""
+    train_split = data.splits["train"]
     sampler = ResumableSampler(len(train_split), seed, batch_size, runtime.rank, runtime.world_size)
     dataset = Flickr8kDataset(train_split, train_images, TrainAugment(image_size, hflip=hflip), seed)
-    train = make_loader(dataset, batch_size=batch_size // runtime.world_size, num_workers=num_workers,
+    train = make_loader(dataset, batch_size=runtime.per_process(batch_size), num_workers=num_workers,
                         device=runtime.device, seed=seed, sampler=sampler, collate_fn=collator, drop_last=True)
-    val = eval_loader(val_split, val_images, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                      runtime=runtime, seed=seed)
-    return TrainLoaders(train, sampler, val, val_split, val_images, len(train_split), len(train_split) // batch_size)
+    return TrainLoaders(train, sampler, len(train_split), len(train_split) // batch_size)

@@ -1,0 +1,83 @@
+"""Safe loading: `torch.load(weights_only=True)` from any storage, with every refusal said in one line, and the
+startup checks a file must pass before a run resumes from it."""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+import zipfile
+
+import torch
+
+from brain_trainer.checkpointing.format import (CheckpointError, check_fields, first, is_full_checkpoint,
+                                                model_weights, nonfinite_tensors)
+from brain_trainer.checkpointing.storage import Storage, locate
+
+
+def _unsafe_globals(path: str, error: Exception) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint: read the globals from the refusal itself
+        return re.findall(r"GLOBAL (\S+)", str(error))
+
+
+def _load_file(path: str, location: str, mmap: bool) -> dict:
+    try:
+        with warnings.catch_warnings():  # torch's remarks on foreign pickles: the refusal below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        unsafe = _unsafe_globals(path, error)
+        if unsafe:
+            raise CheckpointError(f"{location}: refused: loading it would need unsafe unpickling of "
+                                  f"{', '.join(unsafe)}; only a file you trust should ever be loaded that way "
+                                  f"(brain-trainer ckpt convert --trust {location} NEW.pt)") from None
+        raise CheckpointError(f"{location}: not a PyTorch checkpoint that loads safely (a plain pickle or a foreign "
+                              f"file); point --resume at another file") from None
+    except Exception as error:  # torch reports truncation and foreign files as RuntimeError, EOFError, ...
+        reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]
+        raise CheckpointError(f"{location}: truncated or not a PyTorch checkpoint ({reason}); "
+                              f"point --resume at another file") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{location}: holds a {type(checkpoint).__name__}, not a checkpoint dict or state_dict")
+    return checkpoint
+
+
+def read_checkpoint(storage: Storage, name: str, mmap: bool = False) -> dict:
+    """Load `name` from `storage` to CPU with `weights_only=True`, or raise CheckpointError saying why not.
+
+    `mmap` maps the tensors instead of reading them (cheap for looking at a file's fields); it applies to zip
+    files only. Never falls back to unsafe unpickling: a file that asks for arbitrary globals is refused and
+    the globals are named."""
+    location = storage.location(name)
+    kind = storage.kind(name)
+    if kind == "link":  # a link the user made (latest.pt -> ...) is read through; a dangling one is not there
+        kind = "file" if os.path.exists(location) else None
+    if kind is None:
+        raise CheckpointError(f"Checkpoint file not found: {location} (check the path: ls -lh {location})")
+    if kind == "folder":
+        raise CheckpointError(f"{location}: is a folder; pass a checkpoint file")
+    with storage.local_copy(name) as path:
+        if os.stat(path).st_size == 0:
+            raise CheckpointError(f"{location}: empty file (0 bytes), not a checkpoint; point --resume at another file")
+        return _load_file(path, location, mmap)
+
+
+def load_checkpoint(location: str, mmap: bool = False, storage_options: dict | None = None) -> dict:
+    """`read_checkpoint` of a file given by its path or URL."""
+    storage, name = locate(location, storage_options)
+    return read_checkpoint(storage, name, mmap)
+
+
+def load_for_resume(location: str, allow_nonfinite: bool = False, storage_options: dict | None = None) -> dict:
+    """`load_checkpoint`, then the startup checks: field types and ranges, and no NaN or inf in the weights."""
+    checkpoint = load_checkpoint(location, storage_options=storage_options)
+    if is_full_checkpoint(checkpoint):
+        check_fields(checkpoint, location)
+    broken = nonfinite_tensors(model_weights(checkpoint, location))
+    if broken and not allow_nonfinite:
+        raise CheckpointError(f"{location}: {len(broken)} weight tensors hold NaN or inf (e.g. {first(broken, 2)}); "
+                              f"it is not a model to train or evaluate; resume from an earlier checkpoint "
+                              f"(--allow_nonfinite loads it anyway, for forensics)")
+    return checkpoint
