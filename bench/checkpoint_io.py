@@ -11,17 +11,23 @@ encoder: ~90M parameters, with AdamW moments), built offline, on --device. Measu
 Prints one JSON object.
 
     python bench/checkpoint_io.py [--repeats 5] [--dir /path/on/the/disk/to/measure] [--device cpu|cuda]
+    python bench/checkpoint_io.py --dir local-s3 --repeats 3     # also through S3 (moto's server on 127.0.0.1)
+    python bench/checkpoint_io.py --dir s3://bucket/prefix       # also through a real store (AWS_* variables)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -58,45 +64,89 @@ def bare_save_and_fsync(state: dict, path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def measure(state: dict, storage, repeats: int, scratch: Path) -> dict[str, float]:
+    """Medians of stall, durable and load through `storage`, beside bare torch.save/fsync/load in `scratch`."""
+    checkpointer = checkpointing.Checkpointer(storage=storage, background=True)
+    bare, synced = scratch / "bare.pt", scratch / "synced.pt"
+    times = {name: [] for name in ("stall", "bare_save", "durable", "bare_save_fsync", "load", "bare_load")}
+    checkpointer.save(state, [checkpointing.LAST])  # allocates the snapshot buffers, as a run's first save does
+    checkpointer.wait()
+    for repeat in range(repeats):
+        def ours_save() -> None:
+            started = time.perf_counter()
+            times["stall"].append(timed(lambda: checkpointer.save(state, [checkpointing.LAST])))
+            checkpointer.wait()
+            times["durable"].append(time.perf_counter() - started)
+
+        actions = [("ours", ours_save), ("bare_save", lambda: torch.save(state, bare)),
+                   ("bare_save_fsync", lambda: bare_save_and_fsync(state, synced))]
+        for name, action in actions if repeat % 2 == 0 else actions[::-1]:
+            if name == "ours":
+                action()
+            else:
+                times[name].append(timed(action))
+        loads = [("load", lambda: checkpointing.load_checkpoint(checkpointer.location(checkpointing.LAST))),
+                 ("bare_load", lambda: torch.load(bare, map_location="cpu", weights_only=True))]
+        for name, action in loads if repeat % 2 == 0 else loads[::-1]:
+            times[name].append(timed(action))
+    checkpointer.close()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def figures(median: dict[str, float], prefix: str = "") -> dict:
+    return {**{f"{prefix}{name}_s": round(value, 3) for name, value in median.items()},
+            f"{prefix}stall_over_bare_save": round(median["stall"] / median["bare_save"], 3),
+            f"{prefix}durable_over_bare_save_fsync": round(median["durable"] / median["bare_save_fsync"], 3),
+            f"{prefix}load_over_bare": round(median["load"] / median["bare_load"], 3)}
+
+
+@contextlib.contextmanager
+def local_s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 with a bucket `bench`, its endpoint and test credentials in the environment."""
+    import s3fs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_EC2_METADATA_DISABLED="true")
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            time.sleep(0.05)
+        s3fs.S3FileSystem().mkdir("bench")
+        yield "s3://bench/checkpoints"
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
+    parser.add_argument("--dir", default=None,
+                        help="a folder on the disk to measure (default: a temporary folder), or an s3:// URL, "
+                             "measured beside the local figures; `local-s3` starts moto's server on 127.0.0.1")
     parser.add_argument("--device", default="cpu", help="where the state lives (cuda: snapshot into pinned memory)")
     args = parser.parse_args()
     state = full_state(args.device)
-    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-        checkpointer = checkpointing.Checkpointer(savedir=Path(folder), background=True)
-        ours, bare, synced = Path(folder) / checkpointing.LAST, Path(folder) / "bare.pt", Path(folder) / "synced.pt"
-        times = {name: [] for name in ("stall", "bare_save", "durable", "bare_save_fsync", "load", "bare_load")}
-        checkpointer.save(state, [checkpointing.LAST])  # allocates the snapshot buffers, as a run's first save does
-        checkpointer.wait()
-        for repeat in range(args.repeats):
-            def ours_save() -> None:
-                started = time.perf_counter()
-                times["stall"].append(timed(lambda: checkpointer.save(state, [checkpointing.LAST])))
-                checkpointer.wait()
-                times["durable"].append(time.perf_counter() - started)
-
-            actions = [("ours", ours_save), ("bare_save", lambda: torch.save(state, bare)),
-                       ("bare_save_fsync", lambda: bare_save_and_fsync(state, synced))]
-            for name, action in actions if repeat % 2 == 0 else actions[::-1]:
-                if name == "ours":
-                    action()
-                else:
-                    times[name].append(timed(action))
-            loads = [("load", lambda: checkpointing.load_checkpoint(ours)),
-                     ("bare_load", lambda: torch.load(bare, map_location="cpu", weights_only=True))]
-            for name, action in loads if repeat % 2 == 0 else loads[::-1]:
-                times[name].append(timed(action))
-        checkpointer.close()
-        size_mb = ours.stat().st_size / 2**20
-    median = {name: statistics.median(values) for name, values in times.items()}
-    print(json.dumps({"bench": "checkpoint_io", "device": args.device, "size_mb": round(size_mb), "repeats": args.repeats,
-                      **{f"{name}_s": round(value, 3) for name, value in median.items()},
-                      "stall_over_bare_save": round(median["stall"] / median["bare_save"], 3),
-                      "durable_over_bare_save_fsync": round(median["durable"] / median["bare_save_fsync"], 3),
-                      "load_over_bare": round(median["load"] / median["bare_load"], 3)}))
+    remote = args.dir if args.dir and "://" in args.dir or args.dir == "local-s3" else None
+    local_dir = None if remote else args.dir
+    with tempfile.TemporaryDirectory(dir=local_dir) as folder:
+        local = measure(state, checkpointing.LocalStorage(folder), args.repeats, Path(folder))
+        size_mb = (Path(folder) / checkpointing.LAST).stat().st_size / 2**20
+        result = {"bench": "checkpoint_io", "device": args.device, "size_mb": round(size_mb), "repeats": args.repeats,
+                  **figures(local)}
+        if remote:
+            with local_s3_server() if remote == "local-s3" else contextlib.nullcontext(remote) as url:
+                store = measure(state, checkpointing.open_storage(url), args.repeats, Path(folder))
+            result.update({"store": "moto on 127.0.0.1" if remote == "local-s3" else url, **figures(store, "store_"),
+                           "store_stall_over_local_stall": round(store["stall"] / local["stall"], 3)})
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
