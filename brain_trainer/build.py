@@ -20,7 +20,8 @@ from brain_trainer.checkpointing import (Checkpointer, CheckpointError, Discover
                                          load_model_weights, locate, model_weights, open_storage, restore_rng_state,
                                          restore_training_state, rng_states_of)
 from brain_trainer.checkpointing.storage import Lock, Storage
-from brain_trainer.config import CommandLine, ConfigError, RunOptions, TrainSettings, check_settings, resolve_settings
+from brain_trainer.config import (CommandLine, ConfigError, RunOptions, TrainSettings, check_settings, resolve_settings,
+                                  with_saved_data)
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, derive_seed
 from brain_trainer.data.loaders import Data, build_loaders, check_split_sizes, eval_loader, image_source, load_data
 from brain_trainer.evaluation import Evaluator
@@ -58,6 +59,7 @@ class Run:
     autocast: object
     scaler: torch.amp.GradScaler
     state: TrainState
+    options: RunOptions  # as given, with the data location the checkpoint named if none was given
 
 
 @dataclass
@@ -125,12 +127,16 @@ def apply_group_settings(optimizer: torch.optim.Optimizer, settings: TrainSettin
 
 def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -> Run:
     """Settings (command line > checkpoint > defaults), checks, data, model, optimiser, and the resumed state."""
-    options, checkpoint = command.options, resume.checkpoint
+    checkpoint = resume.checkpoint
+    command, data_note = with_saved_data(command, (checkpoint or {}).get("data"))
+    options = command.options
     model_config, settings, overridden, from_checkpoint = resolve_settings(
         command.given, (checkpoint or {}).get("config"), options.demo, str(resume.location))
     check_settings(options, model_config, settings, runtime.world_size, from_checkpoint)
     settings = replace(settings, precision=runtime.resolve_precision(settings.precision))  # the file records it
     runtime.seed(settings.seed, options.deterministic)
+    if data_note:
+        log.print(data_note)
     data = load_data(root_dir=options.root_dir, annotations=options.annotations, demo=options.demo,
                      text_encoder=model_config.text_encoder, vocab_size=settings.vocab_size,
                      saved_tokenizer=(checkpoint or {}).get("tokenizer"), runtime=runtime, log=log)
@@ -143,7 +149,11 @@ def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -
     optimizer = build_optimizer(model, settings, runtime.device)
     autocast, scaler = runtime.precision(settings.precision)
     state = TrainState()
-    if checkpoint is not None:
+    if checkpoint is not None and options.eval_only:  # the weights alone: no optimizer, no position to report
+        weights = load_model_weights(model, model_weights(checkpoint, resume.location), resume.location)
+        log.resume_block(location=resume.location, lines=weights.lines, checkpoint=None, overridden=[],
+                         fingerprint={})
+    elif checkpoint is not None:
         lines = restore_training_state(checkpoint=checkpoint, path=resume.location, model=model, optimizer=optimizer,
                                        scaler=scaler, precision=settings.precision,
                                        architecture=model_config.to_dict(), state=state)
@@ -153,7 +163,7 @@ def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -
     resume.drop_checkpoint()  # the weights and moments now live in the model and optimiser: no second copy
     if note := runtime.batchnorm_note(model):
         log.print(note)
-    return Run(model_config, settings, data, model, optimizer, autocast, scaler, state)
+    return Run(model_config, settings, data, model, optimizer, autocast, scaler, state, options)
 
 
 def load_image_weights_file(model: BrainModel, path: str, log: RunLog) -> None:
@@ -197,7 +207,8 @@ def make_trainer(run: Run, resume: Resume, options: RunOptions, runtime: Runtime
                             seed=settings.seed, num_workers=options.num_workers, runtime=runtime)
     lineage = runtime.broadcast({"id": uuid.uuid4().hex, "parent": resume.parent, "started_ns": time.time_ns()})
     record = RunRecord(config={**run.model_config.to_dict(), **asdict(settings)}, tokenizer_json=run.data.tokenizer_json,
-                       fingerprint=splits["train"].fingerprint(), lineage=lineage)
+                       fingerprint=splits["train"].fingerprint(), lineage=lineage,
+                       data={"root_dir": str(Path(options.root_dir).absolute()), "annotations": options.annotations})
     checkpointer = Checkpointer(storage=storage,
                                 keep_last=settings.keep_last, background=not options.sync_saves,
                                 enabled=runtime.is_main)

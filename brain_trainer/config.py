@@ -11,7 +11,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from brain_trainer.brain_model import BrainConfig, is_weights_file
 
 DEMO_ROOT = Path("data/flickr8k_sample")
 PRECISIONS = ("fp32", "fp16", "bf16")
+ANNOTATIONS = ("auto", "token", "karpathy", "kaggle")
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
@@ -118,8 +119,9 @@ def parse_args(argv: list[str] | None = None, description: str = "",
             group.add_argument(f"--{name}", type=kind, default=None, help=help_text, **options)
 
     data = parser.add_argument_group("data")
-    data.add_argument("--root_dir", type=Path, help="Flickr8k folder (token, Karpathy or Kaggle layout)")
-    data.add_argument("--annotations", choices=("auto", "token", "karpathy", "kaggle"), default="auto",
+    data.add_argument("--root_dir", type=Path,
+                      help="Flickr8k folder (token, Karpathy or Kaggle layout); on resume and in eval: the checkpoint's")
+    data.add_argument("--annotations", choices=ANNOTATIONS, default="auto",
                       help="annotation layout to read (default: detected)")
     data.add_argument("--num_workers", type=int, default=2, help="data loader processes per training process (default: 2)")
     data.add_argument("--cache_dir", type=Path, help="image cache folder (default: ROOT_DIR/.brain_cache)")
@@ -197,6 +199,19 @@ def parse_args(argv: list[str] | None = None, description: str = "",
     return CommandLine(RunOptions(**args), given)
 
 
+def with_saved_data(command: CommandLine, saved: dict | None) -> tuple[CommandLine, str | None]:
+    """`--root_dir` (and `--annotations`) from the checkpoint when not given, with the line that says so; the
+    command line wins, and a checkpoint that does not say where its data is leaves the options as they are."""
+    options = command.options
+    if options.root_dir is not None or not isinstance(saved, dict) or not isinstance(saved.get("root_dir"), str):
+        return command, None
+    annotations = saved.get("annotations") if options.annotations == "auto" else options.annotations
+    options = replace(options, root_dir=Path(saved["root_dir"]),
+                      annotations=annotations if annotations in ANNOTATIONS else "auto")
+    note = f"Data: {saved['root_dir']} (from the checkpoint; pass --root_dir to use other data)"
+    return CommandLine(options, command.given), note
+
+
 def _expected_type(name: str) -> tuple[type, ...]:
     default = SETTING_DEFAULTS[name]
     return (int, float) if isinstance(default, float) else (type(default),)
@@ -249,7 +264,9 @@ def check_settings(options: RunOptions, model_config: BrainConfig, settings: Tra
             where = f" (from {from_checkpoint[flag]}; pass --{flag} to override)" if flag in from_checkpoint else ""
             raise ConfigError(f"--{flag} {value}: {fix}{where}")
 
-    need(options.root_dir is not None, "root_dir", "(missing)", "give the Flickr8k folder, or use --demo")
+    need(options.root_dir is not None, "root_dir", "(missing)",
+         "give the Flickr8k folder, or use --demo" + (" (the checkpoint does not say where its data is)"
+                                                       if options.resume else ""))
     values = {**model_config.to_dict(), **asdict(settings)}
     for flag in ("epochs", "image_size", "max_text_len", "d_shared", "brain_layers", "brain_heads",
                  "scratch_text_width", "scratch_text_layers"):

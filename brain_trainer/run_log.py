@@ -97,14 +97,18 @@ class RunLog:
         self.print(f"Learning rate: {lr}")
         self.print(f"Training epochs: {start_epoch} -> {epochs}")
 
-    def resume_block(self, *, location: str, lines: list[str], checkpoint: dict, overridden: list[str],
+    def resume_block(self, *, location: str, lines: list[str], checkpoint: dict | None, overridden: list[str],
                      fingerprint: dict) -> None:
-        """The resume guide's block: the file, what was restored (✓) or not (⚠), and the plan."""
+        """The resume guide's block: the file, what was restored (✓) or not (⚠), and the plan (`checkpoint`
+        None: evaluation, which restores the weights alone and has no plan)."""
         self.print(RULE)
         self.print(f"Resuming from checkpoint: {location}")
         self.print(RULE)
         for line in lines:
             self.print(line)
+        if checkpoint is None:
+            self.print(RULE)
+            return
         restored = ["settings" if checkpoint.get("config") else "", "RNG" if checkpoint.get("rng_state") else "",
                     "data position" if checkpoint.get("data_state") else ""]
         self.print(RULE)
@@ -115,7 +119,8 @@ class RunLog:
             self.print(f"⚠ Training data differs from the checkpoint's: {saved.get('samples')} samples "
                        f"({saved.get('sha256')}) -> {fingerprint['samples']} samples ({fingerprint['sha256']})")
 
-    def metrics_table(self, metrics: dict, split: str) -> None:
+    def metrics_table(self, metrics: dict, split: str, *, images: int, captions: int) -> None:
+        self.print(f"Scored {images} {split} images against {captions} captions")
         self.print(f"{split} loss {metrics['loss']:.4f}")
         self.print(f"{'':16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median rank':>14}")
         for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):

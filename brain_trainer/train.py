@@ -43,10 +43,11 @@ def fit(training: Training, run: Run, options: RunOptions, runtime: Runtime, log
 
 
 def evaluate_only(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
-    metrics = build_eval(run, options, runtime, log)()
+    evaluator = build_eval(run, options, runtime, log)
+    metrics = evaluator()
     if metrics is None:
         return stopped_early(runtime, log, "during evaluation", options)
-    log.metrics_table(metrics, options.eval_split)
+    log.metrics_table(metrics, options.eval_split, images=len(evaluator.split.images), captions=len(evaluator.split))
     return 0
 
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-train
         log = RunLog(enabled=runtime.is_main)
         resume: Resume = choose_checkpoint(options, runtime, log)
         run = build(command, resume, runtime, log)
+        options = run.options
         if options.eval_only:
             return evaluate_only(run, options, runtime, log)
         if run.state.epoch >= run.settings.epochs:

@@ -67,6 +67,7 @@ class RunRecord:
     tokenizer_json: str | None
     fingerprint: dict  # of the training data
     lineage: dict  # this run's id, its parent's, when it started
+    data: dict  # where the data is (root_dir, annotations): eval and a resume find it without --root_dir
 
 
 class Trainer:
@@ -192,7 +193,7 @@ class Trainer:
         checkpoint = make_checkpoint(model=self.model, optimizer=self.optimizer, scaler=self.scaler,
                                      train_state=self.state.state_dict(), fingerprint=self.record.fingerprint,
                                      config=self.record.config,
-                                     tokenizer=self.record.tokenizer_json,
+                                     tokenizer=self.record.tokenizer_json, data=self.record.data,
                                      rng_states=self.runtime.gather_objects(capture_rng_state()), run=self.record.lineage)
         stall = self.checkpointer.save(checkpoint, names)
         self.log.scalars({"train/ckpt_stall_ms": 1000 * stall}, self.state.global_step)

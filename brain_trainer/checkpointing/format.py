@@ -94,10 +94,10 @@ def train_state_of(checkpoint: dict) -> dict:
 
 def make_checkpoint(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     train_state: dict, config: dict, tokenizer: str | None, rng_states: list[dict],
-                    run: dict, fingerprint: dict | None = None) -> dict:
+                    run: dict, fingerprint: dict | None = None, data: dict | None = None) -> dict:
     """The format-3 checkpoint of a run. `model` must be the unwrapped, uncompiled module; `train_state` is
     `TrainState.state_dict()`; `rng_states` holds one state per process, in rank order; `run` is this run's
-    lineage (id, parent, started_ns); `fingerprint` that of the training data."""
+    lineage (id, parent, started_ns); `fingerprint` that of the training data; `data` where it is."""
     import transformers
 
     fields = train_state_fields(train_state)
@@ -113,6 +113,7 @@ def make_checkpoint(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         "world_size": len(rng_states),
         "tokenizer": tokenizer,
         "run": dict(run),
+        "data": dict(data or {}),
         "versions": {"torch": str(torch.__version__), "transformers": str(transformers.__version__)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
