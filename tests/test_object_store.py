@@ -192,3 +192,15 @@ def test_without_s3fs_an_s3_savedir_is_one_line_naming_the_extra(sample_root, tm
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr == ("Error: s3://bucket/run: needs s3fs: pip install 'brain-trainer[s3]' (or pip install "
                              "s3fs)\n")
+
+
+def test_resume_auto_on_a_store_chooses_by_the_lineage_kept_in_metadata_without_downloading(s3, monkeypatch):
+    from brain_trainer.checkpointing import find_latest_checkpoint, save_checkpoint
+
+    older_run = {"format_version": 3, "epoch": 5, "global_step": 900, "run": {"started_ns": 1}}
+    newer_run = {"format_version": 3, "epoch": 0, "global_step": 40, "run": {"started_ns": 2}}
+    save_checkpoint(older_run, f"{s3.url}/epoch_005_brain_v2.pt")
+    save_checkpoint(newer_run, f"{s3.url}/{LAST}")
+    storage = open_storage(s3.url)
+    monkeypatch.setattr(type(storage), "local_copy", lambda *args: pytest.fail("downloaded a checkpoint"))
+    assert find_latest_checkpoint(storage).location == f"{s3.url}/{LAST}", "the newest run, not the higher step"

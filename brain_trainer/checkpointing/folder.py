@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-from brain_trainer.checkpointing.format import BEST, LAST, SNAPSHOT, CheckpointError, global_step_or, recency
+from brain_trainer.checkpointing.format import (BEST, LAST, SNAPSHOT, CheckpointError, global_step_or, recency,
+                                                summary_recency)
 from brain_trainer.checkpointing.loading import read_checkpoint
 from brain_trainer.checkpointing.storage import Lock, Storage, is_url, locate
 
@@ -45,7 +46,7 @@ def find_latest_checkpoint(storage: Storage, log: Log = print) -> Discovery:
     newest, newest_key, unreadable = None, None, []
     for name in checkpoint_names(storage):
         try:
-            key = recency(read_checkpoint(storage, name, mmap=True), name)
+            key = summary_recency(storage.summary(name) or {}, name) or recency(read_checkpoint(storage, name, mmap=True), name)
         except CheckpointError as error:
             log(f"⚠ Skipping {error}")
             unreadable.append((name, str(error).removeprefix(f"{storage.location(name)}: ")))
@@ -84,7 +85,8 @@ def _newest_step(storage: Storage, names: list[str]) -> str:
     steps = []
     for name in names:
         try:
-            steps.append(global_step_or(read_checkpoint(storage, name, mmap=True), -1))
+            summary = summary_recency(storage.summary(name) or {}, name)
+            steps.append(summary[1] if summary else global_step_or(read_checkpoint(storage, name, mmap=True), -1))
         except CheckpointError:
             continue
     return str(max(steps)) if steps else "unknown"

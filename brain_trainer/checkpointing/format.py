@@ -193,6 +193,23 @@ def recency(checkpoint: dict, name: str) -> tuple[int, int, int]:
     return started, global_step_or(checkpoint, -1), preference
 
 
+def summary_of(checkpoint: dict) -> dict[str, str]:
+    """What discovery needs of a checkpoint, as strings a store can keep beside the object (S3 user metadata),
+    so `--resume auto` on a store reads a few headers instead of downloading every checkpoint."""
+    run = checkpoint.get("run") if isinstance(checkpoint.get("run"), dict) else {}
+    return {"brain-format": str(checkpoint.get("format_version", 2)), "brain-step": str(global_step_or(checkpoint, -1)),
+            "brain-started-ns": str(run.get("started_ns") if _is_int(run.get("started_ns")) else -1)}
+
+
+def summary_recency(summary: dict[str, str], name: str) -> tuple[int, int, int] | None:
+    """`recency` from a summary, or None when it is not one of ours (then the file itself is read)."""
+    try:
+        started, step = int(summary["brain-started-ns"]), int(summary["brain-step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return recency({"run": {"started_ns": started}, "global_step": step}, name)
+
+
 # ----------------------------------------------------------------------------- weights
 
 def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:

@@ -202,13 +202,14 @@ class ObjectStorage:
             return None
         return "file" if info["type"] == "file" else "folder"
 
-    def write(self, name: str, save: Save) -> None:
+    def write(self, name: str, save: Save, summary: dict[str, str] | None = None) -> None:
         """Stream into a (multipart) upload of the final key; it becomes visible only when complete, and a
-        failure aborts it, so the previous object under that name stays as it was."""
+        failure aborts it, so the previous object under that name stays as it was. `summary` becomes the
+        object's user metadata (server-side copies keep it)."""
         if self._lock is not None:
             self._lock.check()
         try:
-            handle = self.fs.open(self.key(name), "wb", block_size=UPLOAD_BLOCK)
+            handle = self.fs.open(self.key(name), "wb", block_size=UPLOAD_BLOCK, Metadata=dict(summary or {}))
             try:
                 save(handle)
             except BaseException:
@@ -229,6 +230,12 @@ class ObjectStorage:
         except Exception as error:
             raise CheckpointError(f"could not publish {self.location(target)} from {source}: {_reason(error)}; "
                                   f"{source} is written; resume with --resume auto once the store answers") from None
+
+    def summary(self, name: str) -> dict[str, str] | None:
+        try:
+            return self._call("read an object's metadata", self.fs.metadata, self.key(name)) or None
+        except FileNotFoundError:
+            return None
 
     def remove(self, name: str) -> None:
         self._call("remove an object", self.fs.rm_file, self.key(name))

@@ -43,7 +43,8 @@ class Storage(Protocol):
     def prepare(self, flag: str) -> None: ...               # create the folder and prove it can be written
     def names(self) -> list[str]: ...                       # regular files in the folder
     def kind(self, name: str) -> str | None: ...            # "file", "folder", "link", "other" or None (absent)
-    def write(self, name: str, save: Save) -> None: ...     # atomically: whole or not at all
+    def write(self, name: str, save: Save, summary: dict[str, str] | None = None) -> None: ...  # whole or not at all
+    def summary(self, name: str) -> dict[str, str] | None: ...  # what `write` kept beside it, where it can
     def publish(self, source: str, target: str) -> None: ...  # target = source's bytes, atomically
     def remove(self, name: str) -> None: ...
     def move_aside(self, name: str, new_name: str) -> None: ...
@@ -206,9 +207,10 @@ class LocalStorage:
                                   f"it; nothing more is written there; resume with --resume auto once the folder "
                                   f"is back, or into another --savedir")
 
-    def write(self, name: str, save: Save) -> None:
+    def write(self, name: str, save: Save, summary: dict[str, str] | None = None) -> None:
         """A temporary file created exclusively in the folder, written, fsynced, renamed over `name`, then the
-        folder fsynced. On any failure the temporary is removed and the old `name` is intact."""
+        folder fsynced. On any failure the temporary is removed and the old `name` is intact. (A local file
+        keeps no summary: reading its fields through a memory map costs next to nothing.)"""
         self._check_lock()
         temporary = self._temporary(name)
         try:
@@ -260,6 +262,9 @@ class LocalStorage:
         fix = ("free some space or choose another --savedir" if "space" in reason.lower()
                else "check the folder's permissions and file system, or choose another --savedir")
         return CheckpointError(f"could not write {path}: {reason}; {kept}; {fix}")
+
+    def summary(self, name: str) -> dict[str, str] | None:
+        return None
 
     def remove(self, name: str) -> None:
         os.unlink(self.folder / name)

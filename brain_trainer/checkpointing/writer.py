@@ -9,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from brain_trainer.checkpointing.folder import rotate_snapshots
-from brain_trainer.checkpointing.format import SNAPSHOT, CheckpointError
+from brain_trainer.checkpointing.format import SNAPSHOT, CheckpointError, summary_of
 from brain_trainer.checkpointing.storage import Storage, locate
 
 
@@ -64,7 +64,7 @@ class Checkpointer:
         return value  # numbers, strings, None: immutable
 
     def _persist(self, snapshot: dict, names: list[str]) -> None:
-        self.storage.write(names[0], lambda handle: torch.save(snapshot, handle))
+        self.storage.write(names[0], lambda handle: torch.save(snapshot, handle), summary=summary_of(snapshot))
         for name in names[1:]:
             self.storage.publish(names[0], name)
         kept = [name for name in names if SNAPSHOT.match(name)]
@@ -98,4 +98,4 @@ class Checkpointer:
 def save_checkpoint(checkpoint: dict, location: str) -> None:
     """Write one checkpoint file atomically, in the calling thread (`ckpt convert`, tests, benchmarks)."""
     storage, name = locate(location)
-    storage.write(name, lambda handle: torch.save(checkpoint, handle))
+    storage.write(name, lambda handle: torch.save(checkpoint, handle), summary=summary_of(checkpoint))
