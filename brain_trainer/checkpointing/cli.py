@@ -58,11 +58,14 @@ def inspect(path: str) -> int:
 
 
 def _trusted_load(source: str) -> dict:
+    storage, name = locate(source)
+    kind = storage.kind(name)
+    if kind is None:
+        raise CheckpointError(f"Checkpoint file not found: {source} (check the path: ls -lh {source})")
+    if kind not in ("file", "link"):
+        raise CheckpointError(f"{source}: not a file; pass the weights file to convert")
     print(f"⚠ Loading {source} with full unpickling (--trust): it runs any code the file holds; only for files "
           f"you trust")
-    storage, name = locate(source)
-    if storage.kind(name) not in ("file", "link"):
-        raise CheckpointError(f"{source}: not a file; pass the weights file to convert")
     try:
         with storage.local_copy(name) as local:
             checkpoint = torch.load(local, map_location="cpu", weights_only=False)

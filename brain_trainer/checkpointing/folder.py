@@ -30,7 +30,8 @@ def check_names(storage: Storage) -> None:
     for name in (LAST, BEST):
         kind = storage.kind(name)
         if kind not in (None, "file"):
-            raise CheckpointError(f"--savedir {storage.url}: {name} is a {kind}, not a checkpoint file; move it "
+            what = {"folder": "a folder", "link": "a link"}.get(kind, "a special file (a pipe, socket or device)")
+            raise CheckpointError(f"--savedir {storage.url}: {name} is {what}, not a checkpoint file; move it "
                                   f"away, or choose another --savedir")
 
 
@@ -128,8 +129,10 @@ def rotate_snapshots(storage: Storage, keep_last: int, keep: str | None = None) 
     """Delete all but the `keep_last` most recently written epoch snapshots (by modification time, not by epoch
     number: after a resume from an older checkpoint, the abandoned run's higher numbers are older), and never
     delete `keep`, the one just written. last and best never match the pattern; only regular files count."""
+    if keep_last <= 0:
+        return []  # no rotation asked for: nothing is deleted
     snapshots = sorted((storage.modified_ns(name), name) for name in storage.names() if SNAPSHOT.match(name))
-    newest = {name for _, name in snapshots[-keep_last:]} if keep_last else set()
+    newest = {name for _, name in snapshots[-keep_last:]}
     doomed = [name for _, name in snapshots if name not in newest and name != keep]
     for name in doomed:
         storage.remove(name)

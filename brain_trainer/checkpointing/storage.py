@@ -122,7 +122,8 @@ class LocalLock:
         try:
             self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as error:
-            what = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
+            what = ("a symbolic link" if error.errno == errno.ELOOP else "a folder" if error.errno == errno.EISDIR
+                    else f"unusable ({error.strerror})")
             raise CheckpointError(f"--savedir {folder}: {LOCK_NAME} is {what}; remove it, or choose another "
                                   f"--savedir") from None
         info = os.fstat(self._descriptor)
