@@ -44,14 +44,18 @@ class Queries:
     images: list[Path | None]  # the query image, for the grid
 
 
-def top_k(queries: torch.Tensor, stored: np.ndarray, k: int, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(queries: torch.Tensor, stored: np.ndarray, k: int, *, stored_first: bool = False,
+          chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k cosine (dot products of L2-normalised rows) of every query over `stored`, chunk by chunk:
-    (scores, row indices), each (Q, min(k, N)), best first. A NaN score ranks lowest, as in the evaluation."""
+    (scores, row indices), each (Q, min(k, N)), best first. A NaN score ranks lowest, as in the evaluation.
+
+    The evaluation scores a pair as `image_embeddings @ text_embeddings.T`; `stored_first` (stored images, text
+    queries) computes the product in that orientation too, so a score is the evaluation's to the last bit."""
     best_scores = torch.zeros(len(queries), 0, device=queries.device)
     best_rows = torch.zeros(len(queries), 0, dtype=torch.long, device=queries.device)
     for start in range(0, len(stored), chunk_rows):
         block = torch.from_numpy(np.ascontiguousarray(stored[start:start + chunk_rows])).to(queries.device).float()
-        scores = torch.nan_to_num(queries @ block.T, nan=-float("inf"))
+        scores = torch.nan_to_num((block @ queries.T).T if stored_first else queries @ block.T, nan=-float("inf"))
         scores, rows = scores.topk(min(k, scores.shape[1]), dim=1)
         merged_scores = torch.cat([best_scores, scores], dim=1)
         merged_rows = torch.cat([best_rows, rows + start], dim=1)
@@ -175,7 +179,7 @@ def search(args: argparse.Namespace) -> int:
         queries = image_queries(args.image, brain)
     else:
         queries = text_queries(args.text, brain, "--text")
-    scores, rows = top_k(queries.embeddings, stored, args.k)
+    scores, rows = top_k(queries.embeddings, stored, args.k, stored_first=not args.captions and args.image is None)
     found = results(index, queries, scores.cpu(), rows.cpu(), args.captions)
     print_results(found, args.format)
     if args.grid is not None:
