@@ -160,7 +160,7 @@ def make_manifest(brain: Brain, *, images_dir: Path, dtype: str, index: Index, c
             "unreadable": unreadable, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
-def parse_args(argv: list[str], prog: str):
+def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file, or a folder from export")
     parser.add_argument("--images", type=Path, required=True, help="folder of jpg/jpeg/png/webp images (recursive)")
@@ -177,7 +177,7 @@ def parse_args(argv: list[str], prog: str):
     return parser.parse_args(argv)
 
 
-def embed(args) -> int:
+def embed(args: argparse.Namespace) -> int:
     brain = load_brain(args.checkpoint, resolve_device(args.device), args.precision)
     images_dir, out = args.images.resolve(), args.out
     old = previous_index(out, brain, images_dir=images_dir, dtype=args.dtype)

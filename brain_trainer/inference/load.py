@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from brain_trainer.brain_model import BrainConfig, BrainModel
-from brain_trainer.checkpointing import is_full_checkpoint, load_for_resume, model_weights
+from brain_trainer.checkpointing import CheckpointError, is_full_checkpoint, load_for_resume, model_weights
 from brain_trainer.data.augment import eval_transform, images_to_device
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, decode_image, tokenizer_from_json
 from brain_trainer.trainer import build_model
@@ -135,7 +135,10 @@ def load_brain(source: str | Path, device: str | torch.device = "cpu", precision
 
 
 def _from_checkpoint(path: Path) -> Brain:
-    checkpoint = load_for_resume(path)
+    try:
+        checkpoint = load_for_resume(path)
+    except CheckpointError as error:  # its lines name the trainer's flag; here the file came by --checkpoint
+        raise InferenceError(str(error).replace("--resume", "--checkpoint")) from None
     config = checkpoint.get("config")
     if not is_full_checkpoint(checkpoint) or not isinstance(config, dict) or "d_shared" not in config:
         raise InferenceError(f"{path}: not a brain checkpoint (no run config naming the architecture); pass a "

@@ -170,6 +170,9 @@ def search(args: argparse.Namespace) -> int:
     if args.captions and not len(stored):
         raise InferenceError(f"--captions: the index {args.index} holds no captions; embed some with "
                              f"brain-trainer embed --captions FILE --out {args.index}")
+    if not len(stored):
+        raise InferenceError(f"--index {args.index}: holds no images (every file was unreadable); embed a folder "
+                             f"of readable images")
     if args.grid is not None and args.captions:
         raise InferenceError("--grid draws result images; it cannot be used with --captions")
     brain = load_model_of(index, args.checkpoint, resolve_device(args.device))
