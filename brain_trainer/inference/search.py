@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,8 @@ def print_results(found: list[dict], output_format: str) -> None:
 
 
 def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
-    formats = "\n".join(f"  {name:6} {text}" for name, text in FORMATS.items())
+    formats = "\n".join(textwrap.fill(f"{name:6} {text}", 100, initial_indent="  ", subsequent_indent=" " * 9)
+                        for name, text in FORMATS.items())
     parser = Parser(prog=prog, description=__doc__, epilog=f"output formats (--format):\n{formats}",
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", type=Path, required=True, help="index folder written by brain-trainer embed")
