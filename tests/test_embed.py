@@ -62,7 +62,7 @@ def test_rerun_embeds_only_new_or_changed_files_and_drops_deleted(setup, capsys)
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
     deleted.unlink()
     status, out, _ = embed(capsys, checkpoint, images, index)
-    assert status == 0 and "Embedded 1 images (2 unchanged, 1 dropped, 0 unreadable)" in out, out
+    assert status == 0 and "Embedded 1 image (2 unchanged, 1 dropped, 0 unreadable)" in out, out
     after = read_index(index)
     assert [row["path"] for row in after.images] == [p.name for p in sorted(images.iterdir())]
     assert after.images[1]["mtime_ns"] == touched.stat().st_mtime_ns

@@ -109,7 +109,8 @@ def update_images(brain: Brain, images_dir: Path, old: Index | None, *, batch_si
     unchanged files; the counts (embedded, unchanged, dropped, unreadable) and the unreadable paths."""
     old_rows = {row["path"]: (position, row) for position, row in enumerate(old.images)} if old else {}
     found = list_images(images_dir)
-    unchanged = [(row, old_rows[row["path"]][0]) for row in found if old_rows.get(row["path"], (0, None))[1] == row]
+    # unchanged: the same path, size and mtime as a row of the old index
+    unchanged = [(row, old_rows[row["path"]][0]) for row in found if old_rows.get(row["path"], (None, None))[1] == row]
     unchanged_paths = {row["path"] for row, _ in unchanged}
     todo = [row for row in found if row["path"] not in unchanged_paths]
     fresh, reasons = embed_files(brain, [images_dir / row["path"] for row in todo], batch_size=batch_size,
@@ -177,6 +178,10 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def embed(args: argparse.Namespace) -> int:
     brain = load_brain(args.checkpoint, resolve_device(args.device), args.precision)
     images_dir, out = args.images.resolve(), args.out
@@ -190,8 +195,8 @@ def embed(args: argparse.Namespace) -> int:
     index.manifest = make_manifest(brain, images_dir=images_dir, dtype=args.dtype, index=index,
                                    captions_file=captions_file, unreadable=unreadable)
     write_index(out, index)
-    print(f"Embedded {counts['embedded']} images ({counts['unchanged']} unchanged, {counts['dropped']} dropped, "
-          f"{counts['unreadable']} unreadable) and {embedded_captions} captions with {brain.source} on "
+    print(f"Embedded {plural(counts['embedded'], 'image')} ({counts['unchanged']} unchanged, {counts['dropped']} dropped, "
+          f"{counts['unreadable']} unreadable) and {plural(embedded_captions, 'caption')} with {brain.source} on "
           f"{brain.device} ({brain.precision})")
     print(f"Index {out}: {len(rows)} images, {len(captions)} captions, {brain.width}-wide {args.dtype} embeddings")
     return 0
