@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from brain_trainer import __version__
+from brain_trainer.data.loaders import make_loader
 from brain_trainer.inference.captions import read_captions
 from brain_trainer.inference.common import Parser, positive_int, resolve_device, run_command
 from brain_trainer.inference.index import DTYPES, INDEX_FORMAT, INDEX_VERSION, MANIFEST, Index, read_index, write_index
@@ -63,8 +64,8 @@ class ImageFiles(Dataset):
 
 def embed_files(brain: Brain, paths: list[Path], *, batch_size: int, num_workers: int) -> tuple[np.ndarray, list[str]]:
     """(len(paths), d) float32 embeddings, and per file why it could not be read ('' when it could)."""
-    loader = DataLoader(ImageFiles(paths, brain.preprocess), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=brain.device.type == "cuda")
+    loader = make_loader(ImageFiles(paths, brain.preprocess), batch_size=batch_size, num_workers=num_workers,
+                         device=brain.device, seed=0)  # the evaluation's loader settings (prefetch, pinning)
     rows, reasons = [np.zeros((0, brain.width), np.float32)], []
     for pixels, why in tqdm(loader, desc="Embedding images", unit="batch", disable=None):
         rows.append(brain.embed_images(pixels).cpu().numpy())

@@ -27,7 +27,7 @@ from brain_trainer.inference.grid import write_grid
 from brain_trainer.inference.index import Index, read_index
 from brain_trainer.inference.load import Brain, InferenceError, load_brain
 
-CHUNK_ROWS = 65536  # stored rows per matrix product: bounded memory at any index size
+SCORE_BUDGET = 2**26  # scores held at once (256 MB of float32): stored rows per product = this / queries
 FORMATS = {
     "tsv": "score<TAB>path per result, best first (rclip's convention; with --captions the caption text in place "
            "of the path); several queries: one block each, in query order, an empty line between blocks",
@@ -46,12 +46,14 @@ class Queries:
 
 
 def top_k(queries: torch.Tensor, stored: np.ndarray, k: int, *, stored_first: bool = False,
-          chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+          chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k cosine (dot products of L2-normalised rows) of every query over `stored`, chunk by chunk:
     (scores, row indices), each (Q, min(k, N)), best first. A NaN score ranks lowest, as in the evaluation.
 
     The evaluation scores a pair as `image_embeddings @ text_embeddings.T`; `stored_first` (stored images, text
-    queries) computes the product in that orientation too, so a score is the evaluation's to the last bit."""
+    queries) computes the product in that orientation too, and at the evaluation's scale (queries x rows within
+    SCORE_BUDGET) it is one product of the evaluation's shape, so a score is the evaluation's to the last bit."""
+    chunk_rows = chunk_rows or max(1, SCORE_BUDGET // max(1, len(queries)))
     best_scores = torch.zeros(len(queries), 0, device=queries.device)
     best_rows = torch.zeros(len(queries), 0, dtype=torch.long, device=queries.device)
     for start in range(0, len(stored), chunk_rows):
