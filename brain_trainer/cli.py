@@ -5,6 +5,9 @@
     brain-trainer ckpt inspect checkpoints_brain_v2/last_brain_v2.pt
     brain-trainer ckpt convert old_weights.pt converted_brain_v2.pt
     brain-trainer sample-data data/flickr8k_sample --layout karpathy
+    brain-trainer embed --checkpoint checkpoints_brain_v2/best_brain_v2.pt --images photos/ --out photos.index
+    brain-trainer search --index photos.index --text "a dog running on the beach" -k 5
+    brain-trainer export --checkpoint checkpoints_brain_v2/best_brain_v2.pt --out brain_export
 
 Each subcommand's own `--help` is its reference.
 """
@@ -21,6 +24,9 @@ SUBCOMMANDS = {
     "eval": "evaluate a checkpoint's retrieval on a split (train's --eval_only)",
     "ckpt": "inspect or convert checkpoint files",
     "sample-data": "write the generated Flickr8k look-alike the demo and the tests use",
+    "embed": "embed a folder of images (and captions) with a checkpoint into an index",
+    "search": "search an index by text or image (exact cosine, the model's retrieval)",
+    "export": "export a checkpoint as safetensors + config + tokenizer, or as two ONNX towers",
 }
 
 
@@ -44,8 +50,24 @@ def _sample_data(argv: list[str], program: tuple[str, ...]) -> int:
     return sample_main(argv, prog=" ".join((*program, "sample-data")))
 
 
+def _embed(argv: list[str], program: tuple[str, ...]) -> int:
+    from brain_trainer.inference.embed import main as embed_main
+    return embed_main(argv, prog=" ".join((*program, "embed")))
+
+
+def _search(argv: list[str], program: tuple[str, ...]) -> int:
+    from brain_trainer.inference.search import main as search_main
+    return search_main(argv, prog=" ".join((*program, "search")))
+
+
+def _export(argv: list[str], program: tuple[str, ...]) -> int:
+    from brain_trainer.inference.export import main as export_main
+    return export_main(argv, prog=" ".join((*program, "export")))
+
+
 COMMANDS: dict[str, Callable[[list[str], tuple[str, ...]], int]] = {
-    "train": _train, "eval": _eval, "ckpt": _ckpt, "sample-data": _sample_data}
+    "train": _train, "eval": _eval, "ckpt": _ckpt, "sample-data": _sample_data, "embed": _embed, "search": _search,
+    "export": _export}
 
 
 def usage(program: tuple[str, ...]) -> str:

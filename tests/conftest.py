@@ -275,3 +275,58 @@ def s3(s3_server, monkeypatch, request) -> S3Server:
     yield server
     if relay.open:
         relay.cut()
+
+
+# ----------------------------------------------------------------------------- using a trained brain
+
+@pytest.fixture(scope="session")
+def retrieval_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, checkpoint) of three tiny epochs on a set with a 24-image test split (120 captions): a model
+    whose retrieval ranks are spread out, so that a search that differs from the evaluation shows."""
+    from brain_trainer import train as cli
+
+    work = tmp_path_factory.mktemp("retrieval")
+    root = write_sample_dataset(work / "flickr8k", "token", images=64, val=4, test=24, size=(96, 72), seed=3)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli.main(run_args(root, work, "--epochs", "3", "--log_every", "100"))
+    assert status == 0, out.getvalue()
+    return root, work / "ckpt" / "last_brain_v2.pt"
+
+
+def split_folder(root: Path, split: str, dest: Path) -> tuple[Path, Path, Path]:
+    """A split as a user has it: (its images copied into one folder, named so that sorted order is the split's
+    order; its captions as a Flickr8k token file naming those files; the captions one a line, in split order)."""
+    from brain_trainer.data.flickr8k_dataset import load_splits
+
+    data = load_splits(root)[split]
+    images = dest / f"{split}_images"
+    images.mkdir(parents=True)
+    names = [f"{position:04d}_{name}" for position, name in enumerate(data.images)]
+    for name, path in zip(names, data.image_paths()):
+        shutil.copy2(path, images / name)
+    token_lines = [f"{names[image]}#{n}\t{caption}" for n, (caption, image) in enumerate(zip(data.captions, data.caption_image))]
+    (dest / f"{split}_captions.token.txt").write_text("\n".join(token_lines) + "\n")
+    (dest / f"{split}_queries.txt").write_text("\n".join(data.captions) + "\n")
+    return images, dest / f"{split}_captions.token.txt", dest / f"{split}_queries.txt"
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`brain-trainer ARGS` in-process: (exit status, stdout, stderr)."""
+    from brain_trainer.cli import main
+
+    capsys.readouterr()
+    try:
+        status = main([str(arg) for arg in args])
+    except SystemExit as exit_:  # argparse's own mistakes (-k 0, a missing flag)
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_error_line(status: int, err: str, *needles: str) -> None:
+    """A user mistake: exit status 2 and one line on stderr, `Error: ...`, naming what is wrong."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("Error: "), (status, err)
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

@@ -1,0 +1,47 @@
+"""The contact sheet `search --grid` writes: a row per query, the query (its image, or its text) in the first
+cell, then its top-k result images left to right, best first, each with its score underneath."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms import v2
+
+from brain_trainer.data.augment import eval_transform
+from brain_trainer.data.flickr8k_dataset import decode_image
+from brain_trainer.inference.load import InferenceError
+
+TILE, STRIP = 128, 20  # a square thumbnail, and the strip under it for the score
+
+
+def thumbnail(path: Path) -> Image.Image:
+    """The image's centre at TILE x TILE; a grey square when it cannot be read (any more)."""
+    try:
+        return v2.functional.to_pil_image(eval_transform(TILE)(decode_image(path, TILE)))
+    except (OSError, ValueError, SyntaxError):
+        return Image.new("RGB", (TILE, TILE), "gray")
+
+
+def write_grid(path: Path, *, queries: list[str], query_images: list[Path | None],
+               results: list[list[tuple[float, Path]]]) -> None:
+    """Rows of (query cell, k result tiles); the sheet is (k + 1) * TILE wide and (TILE + STRIP) per query."""
+    columns = 1 + max((len(row) for row in results), default=0)
+    sheet = Image.new("RGB", (columns * TILE, len(queries) * (TILE + STRIP)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=13)
+    for row, (query, query_image, found) in enumerate(zip(queries, query_images, results)):
+        top = row * (TILE + STRIP)
+        if query_image is not None:
+            sheet.paste(thumbnail(query_image), (0, top))
+        else:
+            draw.multiline_text((4, top + 4), "\n".join(textwrap.wrap(query, 18)[:8]), fill="black", font=font)
+        draw.text((4, top + TILE + 3), "query", fill="gray", font=font)
+        for column, (score, image) in enumerate(found, start=1):
+            sheet.paste(thumbnail(image), (column * TILE, top))
+            draw.text((column * TILE + 4, top + TILE + 3), f"{column}. {score:.3f}", fill="black", font=font)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(path, format="PNG")
+    except (OSError, ValueError) as error:
+        raise InferenceError(f"--grid {path}: cannot be written ({error}); give a writable .png path") from None
