@@ -1,14 +1,19 @@
 """The program as a user runs it: flag validation, a tiny end-to-end run read back with TensorBoard's
-EventAccumulator and torch.load(weights_only=True), and the resume rules. Runs the CLI's main() in-process."""
+EventAccumulator and torch.load(weights_only=True), and the resume rules. Runs the CLI's main() in-process, and
+as a child process (the script, or a program in tests/workers/) where a test sends signals or needs its own."""
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +22,11 @@ import torch
 from brain_trainer.data import loaders as data
 from brain_trainer import train as cli
 from brain_trainer.checkpointing import BEST, LAST
-from conftest import DATA, ROOT, SCRIPT, events, finish, load, run_args, start, wait_for_step
+from brain_trainer.checkpointing import storage
+from brain_trainer.checkpointing.storage import LocalStorage
+from conftest import (DATA, ROOT, SCRIPT, assert_bitwise_equal, events, finish, load, run_args, scalars, start,
+                      wait_for_step)
 from brain_trainer.config import TrainSettings
-from brain_trainer.data.flickr8k_dataset import ResumableSampler, load_splits
 from brain_trainer.trainer import learning_rate
 
 pytestmark = pytest.mark.slow
@@ -33,6 +40,9 @@ def steps(accumulator, tag: str) -> list[int]:
     return [event.step for event in accumulator.Scalars(tag)]
 
 
+WORKERS = ROOT / "tests" / "workers"
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     status = cli.main(list(argv))
     captured = capsys.readouterr()
@@ -40,49 +50,39 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # ----------------------------------------------------------------------------- validation: one line, status 2
+# The checks of the options alone are fast tests in test_config.py; these need the data or the file system.
 
 BAD_FLAGS = [
-    (["--batch_size", "1"], "--batch_size 1: must be at least 2"),
-    (["--lr", "-1"], "--lr -1.0: must be a positive number"),
-    (["--epochs", "0"], "--epochs 0: must be a positive integer"),
-    (["--d_shared", "30", "--brain_heads", "4"], "--d_shared 30: must be divisible by --brain_heads 4"),
-    (["--image_encoder", "resnet5000"], "--image_encoder resnet5000: not a torchvision classification model"),
-    (["--image_weights", "IMAGENET9K"], "--image_weights IMAGENET9K: use DEFAULT, none, a local .pth file or one of"),
-    (["--image_weights", "/nowhere/w.pth"], "--image_weights /nowhere/w.pth: no such file"),
-    (["--image_encoder", "vit_b_16"], "--image_encoder vit_b_16: not a convolutional classifier"),
-    (["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1)"),
-    (["--scratch_text_width", "200"], "--scratch_text_width 200: must be below 64 or a multiple of 64"),
-    (["--num_workers", "-1"], "--num_workers -1: must not be negative"),
-    (["--eval_only"], "--eval_only : needs --resume PATH"),
-    (["--savedir", __file__], f"--savedir {__file__}: is a file; name a folder"),
-    (["--resume", "/nowhere/last.pt"], "Checkpoint file not found: /nowhere/last.pt (check the path: ls -lh"),
-    (["--text_encoder", "no-such-org/no-such-model"], "--text_encoder no-such-org/no-such-model: its tokenizer could not be loaded"),
-    (["--batch_size", "abc"], "argument --batch_size: invalid int value: 'abc'"),
-    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
-    (["--seed", "-1"], "--seed -1: must be in 0 .. 4294967295"),
-    (["--scratch_text_width", "100"], "--scratch_text_width 100: must be below 64 or a multiple of 64"),
     (["--batch_size", "80"], "the train split has 70 samples, fewer than one batch (--batch_size 80)"),
+    (["--resume", "/nowhere/last.pt"], "Checkpoint file not found: /nowhere/last.pt (check the path: ls -lh"),
+    (["--eval_only", "--resume", "auto"], "--eval_only --resume auto: no checkpoint in"),
+    (["--savedir", __file__], f"--savedir {__file__}: is a file; name a folder"),
     (["--savedir", f"{__file__}/ckpt"], f"--savedir {__file__}/ckpt: cannot be written"),
     (["--logdir", f"{__file__}/runs"], f"--logdir {__file__}/runs: cannot be written"),
-    (["--eval_only", "--resume", "auto"], "--eval_only --resume auto: no checkpoint in"),
+    (["--text_encoder", "no-such-org/no-such-model"], "--text_encoder no-such-org/no-such-model: its tokenizer could not be loaded"),
 ]
 
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f).replace(__file__, "FILE") for f, _ in BAD_FLAGS])
 def test_a_bad_flag_is_one_line_naming_it_with_status_2(sample_root, tmp_path, capsys, flags, message):
-    try:
-        status = cli.main(run_args(sample_root, tmp_path, *flags))
-    except SystemExit as exit_:  # argparse's own type and choice errors
-        status = exit_.code
-    err = capsys.readouterr().err
+    status, _, err = run(capsys, *run_args(sample_root, tmp_path, *flags))
     assert status == 2
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_bad_flag_given_to_the_script_is_one_line_on_stderr_with_status_2(sample_root, tmp_path):
+    done = subprocess.run([sys.executable, SCRIPT, *run_args(sample_root, tmp_path, "--lr", "-1")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("Error: --lr -1.0: must be a positive number") and done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
+
+
 def test_missing_root_dir_is_one_line_with_where_to_get_flickr8k(tmp_path, capsys):
     status, _, err = run(capsys, *run_args(tmp_path / "absent", tmp_path))
-    assert status == 2 and err.startswith("Error: --root_dir") and "sample_data.py" in err and err.count("\n") == 1
+    assert status == 2 and err.startswith("Error: --root_dir") and "`brain-trainer sample-data " in err and err.count("\n") == 1
 
 
 def test_cuda_on_a_machine_without_it_names_the_fix(sample_root, tmp_path, capsys, monkeypatch):
@@ -116,18 +116,18 @@ def test_one_tiny_epoch_writes_both_checkpoints_and_the_named_tensorboard_scalar
     assert "config/text_summary" in accumulator.Tags()["tensors"]
 
 
-def test_a_corrupt_image_is_warned_once_and_counted(fresh_root, tmp_path, capsys):
-    train_names = (fresh_root / "Flickr8k_text" / "Flickr_8k.trainImages.txt").read_text().split()
-    bad = fresh_root / "Flicker8k_Dataset" / train_names[0]
+def test_a_corrupt_image_is_warned_once_and_each_of_its_samples_is_counted(fresh_root, tmp_path, capsys):
+    text = fresh_root / "Flickr8k_text"
+    bad = fresh_root / "Flicker8k_Dataset" / (text / "Flickr_8k.trainImages.txt").read_text().split()[0]
+    captions = sum(line.startswith(f"{bad.name}#") for line in (text / "Flickr8k.token.txt").read_text().splitlines())
     bad.write_bytes(b"not a jpeg at all")
-    status, out, _ = run(capsys, *run_args(fresh_root, tmp_path, "--epochs", "1", "--no-cache_images"))
+    # 70 samples in batches of 10: the epoch trains every sample once, so each caption of the image is met once
+    status, out, _ = run(capsys, *run_args(fresh_root, tmp_path, "--epochs", "1", "--batch_size", "10",
+                                           "--no-cache_images"))
     assert status == 0
     assert out.count(f"⚠ Could not read image {bad.name}") == 1
-    split = load_splits(fresh_root)["train"]
-    trained_on = ResumableSampler(len(split), seed=0, global_batch=8).epoch_order(0)[:64].tolist()
-    expected = sum(split.images[split.caption_image[index]] == bad.name for index in trained_on)
-    skipped = events(tmp_path / "runs").Scalars("train/skipped_images")
-    assert expected >= 1 and skipped[-1].value == expected, "each sample of the unreadable image is counted once"
+    skipped = scalars(tmp_path / "runs", "train/skipped_images")
+    assert captions >= 1 and skipped[-1] == (7, captions), "each sample of the unreadable image is counted once"
 
 
 def test_eval_only_prints_the_retrieval_table_for_the_test_split(sample_root, trained, tmp_path, capsys):
@@ -406,34 +406,40 @@ def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_the_previous_
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".brain_run.lock", LAST]
 
 
-def test_synchronous_saves_give_the_same_run_and_every_save_logs_its_stall(sample_root, trained, tmp_path, capsys):
-    status, _, _ = run(capsys, *run_args(sample_root, tmp_path / "sync", "--epochs", "1", "--sync_saves"))
-    assert status == 0
-    synced, background = load(tmp_path / "sync" / "ckpt" / LAST), load(trained / "ckpt" / LAST)
-    for key in synced["model_state_dict"]:
-        assert torch.equal(synced["model_state_dict"][key], background["model_state_dict"][key])
-    stalls = events(trained / "runs").Scalars("train/ckpt_stall_ms")
-    assert [event.step for event in stalls] == [8] and stalls[0].value >= 0
+def test_synchronous_saves_give_the_same_run_and_every_save_logs_its_stall(sample_root, tmp_path, capsys,
+                                                                          monkeypatch):
+    real_write, writes = LocalStorage.write, []
 
+    def recorded_write(self, name, save, summary=None):
+        started = time.perf_counter()
+        real_write(self, name, save, summary)
+        writes.append((threading.current_thread().name, name, 1000 * (time.perf_counter() - started)))
 
-SLOW_WRITER = """
-import runpy, sys, time
-from brain_trainer import checkpointing
-real_save = checkpointing.save_checkpoint
-def slow_save(checkpoint, path):
-    time.sleep(1.0)  # a slow disk: the persist is in flight whenever the signal comes
-    real_save(checkpoint, path)
-checkpointing.save_checkpoint = slow_save
-sys.argv = [{script!r}, *{args!r}]
-runpy.run_path({script!r}, run_name="__main__")
-"""
+    monkeypatch.setattr(LocalStorage, "write", recorded_write)
+    runs = {}
+    for mode, extra in (("background", ()), ("sync", ("--sync_saves",))):
+        writes.clear()
+        status, _, _ = run(capsys, *run_args(sample_root, tmp_path / mode, "--epochs", "1", "--save_every_steps", "3",
+                                             *extra))
+        assert status == 0
+        runs[mode] = list(writes), scalars(tmp_path / mode / "runs", "train/ckpt_stall_ms")
+    assert_bitwise_equal(load(tmp_path / "sync" / "ckpt" / LAST)["model_state_dict"],
+                         load(tmp_path / "background" / "ckpt" / LAST)["model_state_dict"])
+    for mode, (written, stalls) in runs.items():
+        assert [step for step, _ in stalls] == [3, 6, 8], f"{mode}: one stall per save (steps 3, 6, the epoch's end)"
+        assert [name for _, name, _ in written] == [LAST] * 3, f"{mode}: each save written once (best is a link)"
+    background_writes, _ = runs["background"]
+    assert all(thread.startswith("checkpoint-writer") for thread, _, _ in background_writes)
+    sync_writes, sync_stalls = runs["sync"]
+    assert all(thread == threading.main_thread().name for thread, _, _ in sync_writes)
+    for (_, _, write_ms), (step, stall_ms) in zip(sync_writes, sync_stalls):
+        assert stall_ms >= write_ms, f"step {step}: a synchronous save's stall holds its whole write"
 
 
 def test_a_stop_during_a_persist_exits_only_once_the_file_holds_the_stopped_step(sample_root, tmp_path):
     args = run_args(sample_root, tmp_path, "--epochs", "2", "--save_every_steps", "1")
-    process = subprocess.Popen([sys.executable, "-c", SLOW_WRITER.format(root=str(ROOT), script=SCRIPT, args=args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen([sys.executable, str(WORKERS / "slow_persist.py"), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wait_for_step(process, 3)
     process.send_signal(signal.SIGTERM)
     status, out = finish(process)
@@ -446,9 +452,8 @@ def test_a_signal_during_the_first_image_cache_build_stops_cleanly(sample_root, 
     for signum in (signal.SIGTERM, signal.SIGINT):
         run_dir = tmp_path / signal.Signals(signum).name
         args = run_args(sample_root, run_dir, "--epochs", "1")
-        process = subprocess.Popen([sys.executable, "-c", SLOW_DECODE.format(root=str(ROOT), script=SCRIPT, args=args)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen([sys.executable, str(WORKERS / "slow_decode.py"), *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in process.stdout:
             if line.startswith("decoding"):
                 break
@@ -459,18 +464,7 @@ def test_a_signal_during_the_first_image_cache_build_stops_cleanly(sample_root, 
         assert "Traceback" not in out and not list((run_dir / "cache").rglob("pixels.u8"))
 
 
-SLOW_DECODE = """
-import runpy, sys, time
-from brain_trainer.data import flickr8k_dataset
-real_decode = flickr8k_dataset.decode_image
-def slow_decode(*args, **kwargs):
-    print("decoding", flush=True)
-    time.sleep(0.3)
-    return real_decode(*args, **kwargs)
-flickr8k_dataset.decode_image = slow_decode
-sys.argv = [{script!r}, *{args!r}]
-runpy.run_path({script!r}, run_name="__main__")
-"""
+DiskUsage = collections.namedtuple("DiskUsage", "total used free")  # what shutil.disk_usage returns
 
 
 @contextlib.contextmanager
@@ -500,7 +494,7 @@ def test_a_disk_that_fills_up_mid_save_is_one_line_and_the_previous_checkpoint_s
                 real_save(obj, file, *args, **kwargs)
 
             monkeypatch.setattr(torch, "save", fills_up)
-            monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(20 * 2**20, 12 * 2**20, 0))
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(20 * 2**20, 12 * 2**20, 0))
         status, _, err = run(capsys, *run_args(sample_root, tmp_path, "--epochs", "1", "--save_every_steps", "2"))
         monkeypatch.undo()
         assert status == 2 and err.count("\n") == 1
@@ -512,9 +506,15 @@ def test_a_disk_that_fills_up_mid_save_is_one_line_and_the_previous_checkpoint_s
 
 def test_a_read_only_checkpoint_folder_is_one_line_before_any_training(sample_root, tmp_path, capsys, monkeypatch):
     with small_disk(tmp_path / "ckpt", "ro,size=1m") as mounted:
-        if not mounted:  # this machine refuses mounts: the same answer from the file system, injected
-            real_access = os.access
-            monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ckpt" and real_access(path, mode))
+        if not mounted:  # this machine refuses mounts: the file system's answer to a new file there, injected
+            real_create = storage._create_exclusively
+
+            def read_only(path):
+                if Path(path).parent == tmp_path / "ckpt":
+                    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+                return real_create(path)
+
+            monkeypatch.setattr(storage, "_create_exclusively", read_only)
         status, out, err = run(capsys, *run_args(sample_root, tmp_path, "--epochs", "1"))
         assert status == 2 and "Train samples" not in out
         assert err.startswith(f"Error: --savedir {tmp_path / 'ckpt'}: cannot be written (") and err.count("\n") == 1

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from brain_trainer.brain_model import BrainConfig
+from brain_trainer.build import build_model
 from brain_trainer.config import (DEMO_SETTINGS, ConfigError, TrainSettings, check_settings, parse_args, resolve_settings)
 
 
@@ -45,14 +46,53 @@ def check(*argv: str, world_size: int = 1, saved: dict | None = None) -> None:
     check_settings(command.options, model_config, settings, world_size, from_checkpoint)
 
 
-@pytest.mark.parametrize("argv, message", [
+BAD_VALUES = [
     (["--warmup_steps", "-3"], "--warmup_steps -3: must be a number >= 0"),
     (["--grad_clip", "nan"], "--grad_clip nan: must be a number >= 0"),
-])
-def test_each_bad_value_names_its_flag_and_the_fix(argv, message):
+    (["--batch_size", "1"], "--batch_size 1: must be at least 2"),
+    (["--lr", "-1"], "--lr -1.0: must be a positive number"),
+    (["--epochs", "0"], "--epochs 0: must be a positive integer"),
+    (["--d_shared", "30", "--brain_heads", "4"], "--d_shared 30: must be divisible by --brain_heads 4"),
+    (["--image_encoder", "resnet5000"], "--image_encoder resnet5000: not a torchvision classification model"),
+    (["--image_weights", "IMAGENET9K"], "--image_weights IMAGENET9K: use DEFAULT, none, a local .pth file or one of"),
+    (["--image_weights", "/nowhere/w.pth"], "--image_weights /nowhere/w.pth: no such file"),
+    (["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1)"),
+    (["--scratch_text_width", "200"], "--scratch_text_width 200: must be below 64 or a multiple of 64"),
+    (["--scratch_text_width", "100"], "--scratch_text_width 100: must be below 64 or a multiple of 64"),
+    (["--num_workers", "-1"], "--num_workers -1: must not be negative"),
+    (["--eval_only"], "--eval_only : needs --resume PATH"),
+    (["--seed", "-1"], "--seed -1: must be in 0 .. 4294967295"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_VALUES, ids=[" ".join(argv) for argv, _ in BAD_VALUES])
+def test_each_bad_value_is_one_line_naming_its_flag_and_the_fix(argv, message):
     with pytest.raises(ConfigError) as refusal:
         check(*argv)
-    assert str(refusal.value).startswith(message)
+    assert str(refusal.value).startswith(message) and "\n" not in str(refusal.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "abc"], "Error: argument --batch_size: invalid int value: 'abc'"),
+    (["--precision", "fp8"], "Error: argument --precision: invalid choice: 'fp8'"),
+])
+def test_a_value_argparse_cannot_read_is_one_line_with_status_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--root_dir", "somewhere", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith(message) and err.endswith("(see --help)\n") and err.count("\n") == 1
+
+
+def test_an_image_encoder_that_is_not_a_convolutional_classifier_is_refused_as_the_model_is_built():
+    command = parse_args(["--root_dir", "somewhere", "--image_encoder", "vit_b_16", "--image_weights", "none",
+                          "--image_size", "32"])
+    model_config, settings, _, _ = resolve_settings(command.given, None, False)
+    check_settings(command.options, model_config, settings)  # a torchvision classifier: the options pass
+    with pytest.raises(ConfigError) as refusal:
+        build_model(model_config, pretrained=False)
+    assert str(refusal.value).startswith("--image_encoder vit_b_16: not a convolutional classifier")
+    assert "\n" not in str(refusal.value)
 
 
 def test_the_global_batch_must_divide_by_the_processes():

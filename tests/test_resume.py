@@ -132,8 +132,8 @@ def test_a_second_ctrl_c_during_a_run_exits_130_and_leaves_no_torn_checkpoint(sa
     status, _ = finish(process)
     assert status == 130
     assert ck.load_checkpoint(tmp_path / "ckpt" / ck.LAST)["global_step"] >= 1
-    ck.remove_stale_temporaries(tmp_path / "ckpt")  # what the next start does with a save cut short
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [ck.LOCK_FILE, ck.LAST]
+    ck.LocalStorage(tmp_path / "ckpt").clean_up()  # what the next start does with a save cut short
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [ck.LOCK_NAME, ck.LAST]
 
 
 def test_resume_auto_skips_a_truncated_newest_checkpoint_and_names_it(sample_root, tmp_path):

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from conftest import ROOT
-from brain_trainer.runtime import Runtime
+from brain_trainer.runtime import STOP_SIGNALS, Runtime
 
 
 def one_process() -> Runtime:
@@ -30,8 +30,14 @@ def test_with_one_process_every_collective_is_the_identity():
 
 
 def test_shards_cover_a_set_that_does_not_divide_exactly_once():
-    shards = [Runtime.shard(type("R", (), {"rank": rank, "world_size": 3})(), 10) for rank in range(3)]
-    assert [list(s) for s in shards] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    shards = []
+    for rank in range(3):  # the runtime each of three processes holds (no process group is needed to shard)
+        runtime = Runtime(device=torch.device("cpu"), rank=rank, world_size=3)
+        try:
+            shards.append(list(runtime.shard(10)))
+        finally:
+            runtime.close()
+    assert shards == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_precision_resolves_to_autocast_and_a_scaler_only_for_fp16():
@@ -50,26 +56,21 @@ def test_precision_resolves_to_autocast_and_a_scaler_only_for_fp16():
 
 
 def test_a_stop_signal_is_held_until_the_step_boundary_and_handlers_are_restored():
-    before = signal.getsignal(signal.SIGUSR1)
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     runtime = one_process()
-    signal.raise_signal(signal.SIGUSR1)
-    assert runtime.stop.signum == signal.SIGUSR1 and runtime.agree_to_stop() == (signal.SIGUSR1, False)
-    runtime.close()
-    assert signal.getsignal(signal.SIGUSR1) == before
-
-
-DOUBLE_CTRL_C = """
-import signal, sys
-from brain_trainer.runtime import StopFlag
-stop = StopFlag()
-signal.raise_signal(signal.SIGINT)
-print("first: stop requested" if stop.signum == signal.SIGINT else "first: ignored", flush=True)
-signal.raise_signal(signal.SIGINT)
-print("still running after the second Ctrl-C", flush=True)
-"""
+    try:
+        signal.raise_signal(signal.SIGUSR1)
+        assert runtime.stop.signum == signal.SIGUSR1 and runtime.agree_to_stop() == (signal.SIGUSR1, False)
+    finally:
+        runtime.close()
+        after = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        for signum, handler in before.items():  # whatever close did, the next test finds the handlers it had
+            signal.signal(signum, handler)
+    assert after == before
 
 
 def test_a_second_ctrl_c_quits_at_once():
-    child = subprocess.run([sys.executable, "-c", DOUBLE_CTRL_C.format(root=str(ROOT))], capture_output=True, text=True)
+    child = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "double_ctrl_c.py")],
+                           capture_output=True, text=True, timeout=120)
     assert child.returncode == 130
     assert "first: stop requested" in child.stdout and "still running" not in child.stdout

@@ -59,17 +59,34 @@ def assembled_trainer(runtime: Runtime, *argv: str):
                               storage=build.savedir_storage(command.options))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_the_real_step_updates_the_weights_in_every_precision(sample_root, tmp_path, runtime, precision):
+@pytest.mark.parametrize("precision, computed_in", [("fp32", torch.float32), ("fp16", torch.float16),
+                                                   ("bf16", torch.bfloat16)])
+def test_the_real_step_computes_in_its_precision_and_updates_the_weights(sample_root, tmp_path, runtime, precision,
+                                                                         computed_in):
+    """On the CPU too, fp16 is real: the layers compute in float16 and the GradScaler is on. A step whose scaled
+    gradients overflow changes no weight and halves the scale; a step that does not overflow updates the weights."""
     trainer = assembled_trainer(runtime, *run_args(sample_root, tmp_path, "--precision", precision, "--dropout", "0"))
+    dtypes = set()
+    for module in trainer.model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
     batch = next(iter(trainer.loaders.train))
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    for _ in range(5):  # fp16's first steps may overflow at the initial scale: the scaler skips them and backs off
+    updates = 0
+    for _ in range(6):  # fp16's first steps may overflow at the initial scale: the scaler skips them and backs off
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        scale = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
         loss, grad_norm = trainer.step(batch)
         assert math.isfinite(loss)
-        assert math.isfinite(grad_norm.item()) or precision == "fp16", "only fp16 overflows, and the scaler skips it"
-    changed = sum(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
-    assert changed > len(before) // 2
+        changed = sum(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+        if math.isfinite(grad_norm.item()):
+            assert changed > len(before) // 2, "a step without overflow updates the weights"
+            updates += 1
+        else:
+            assert precision == "fp16", "only fp16 overflows"
+            assert changed == 0, "the scaler skips the step whose gradients overflowed"
+            assert trainer.scaler.get_scale() == scale / 2, "and halves its scale"
+    assert dtypes == {computed_in}
+    assert updates >= 1
     assert trainer.scaler.is_enabled() == (precision == "fp16")
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(0, trainer.settings, trainer.total_steps))
 

@@ -41,7 +41,7 @@ KAGGLE_FILE = "captions.txt"
 KAGGLE_HELD_OUT = 1000  # val and test images each, on the full 8,091-image set; proportional below
 FULL_SET_IMAGES = 8091
 WHERE_TO_GET = ("get Flickr8k from its distributors (the Kaggle copy 'adityajn105/flickr8k' has Images/ and "
-                "captions.txt), or write a small sample set with `python sample_data.py data/flickr8k_sample`")
+                "captions.txt), or write a small sample set with `brain-trainer sample-data data/flickr8k_sample`")
 CACHE_FORMAT = 2
 TOKEN_LINE = re.compile(r"^(?P<file>.+?)#(?P<k>\d+)\s+(?P<caption>.*)$")
 

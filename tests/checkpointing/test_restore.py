@@ -37,6 +37,7 @@ def test_a_round_trip_restores_model_optimizer_scaler_and_position(tmp_path):
 
 
 def test_a_full_checkpoint_gives_every_line_of_the_guide_under_its_header(capsys):
+    """The contract test of docs/resume.md: a full checkpoint gives exactly these ten lines."""
     model = small_model()
     optimizer, scaler = train_briefly(model)
     lines, _ = restore(checkpoint_of(model, optimizer, scaler, epoch=42, global_step=158250, best_val=0.2345),
