@@ -34,6 +34,7 @@ class TrainSettings:
     """Settings of the run besides the architecture: saved in the checkpoint and restored on resume."""
     epochs: int = 50
     batch_size: int = 8  # pairs per optimizer step over all processes (the global batch)
+    accum_steps: int = 1  # micro-batches per process per step; the loss stays the global batch's (GradCache)
     lr: float = 2e-4
     weight_decay: float = 0.05
     warmup_steps: int = 500
@@ -99,6 +100,15 @@ def _json_object(text: str) -> dict:
     return value
 
 
+ACCUM_HELP = ("take each process's share of the global batch in N micro-batches, for big contrastive batches on "
+              "small GPUs: every micro-batch's embeddings are computed without gradient, the InfoNCE loss is taken over "
+              "all of them (every process's too), then each micro-batch's forward is re-run with gradient and the same "
+              "RNG (GradCache, open_clip's --accum-freq); the update is the one-big-batch update, exactly so for a model "
+              "without batch statistics (BatchNorm normalises each micro-batch by its own statistics: close to it). "
+              "Costs one extra forward per micro-batch; --batch_size must divide by processes x N; "
+              "may change on resume. Memory figures: bench/README.md")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and status 2, like every other user mistake
         self.exit(2, f"Error: {message} (see --help)\n")
@@ -145,6 +155,7 @@ def parse_args(argv: list[str] | None = None, description: str = "",
     optimisation = parser.add_argument_group("optimisation")
     setting(optimisation, "epochs", int, help="train until this many epochs are done")
     setting(optimisation, "batch_size", int, help="pairs per step over all processes (must divide by their number)")
+    setting(optimisation, "accum_steps", int, help=ACCUM_HELP)
     setting(optimisation, "lr", float, help="peak learning rate (AdamW, linear warmup, cosine decay)")
     setting(optimisation, "weight_decay", float, help="AdamW weight decay on matrices")
     setting(optimisation, "warmup_steps", int, help="linear warmup steps")
@@ -274,6 +285,11 @@ def check_settings(options: RunOptions, model_config: BrainConfig, settings: Tra
     need(settings.batch_size >= 2, "batch_size", settings.batch_size, "must be at least 2 (contrastive pairs need negatives)")
     need(settings.batch_size % world_size == 0, "batch_size", settings.batch_size,
          f"the global batch must divide by the {world_size} processes; use a multiple of {world_size}")
+    need(settings.accum_steps >= 1, "accum_steps", settings.accum_steps, "must be a positive integer (1: no accumulation)")
+    parts = world_size * settings.accum_steps
+    need(settings.batch_size % parts == 0, "accum_steps", settings.accum_steps,
+         f"--batch_size {settings.batch_size} must divide into {world_size} process(es) x {settings.accum_steps} "
+         f"micro-batches; use a batch size that is a multiple of {parts}")
     need(settings.lr > 0 and math.isfinite(settings.lr), "lr", settings.lr, "must be a positive number such as 2e-4")
     need(0 < settings.min_lr_ratio <= 1, "min_lr_ratio", settings.min_lr_ratio, "must be in (0, 1]")
     for flag in ("weight_decay", "warmup_steps", "grad_clip", "save_every_steps", "keep_last"):

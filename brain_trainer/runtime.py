@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from functools import partial
 from typing import Callable, TypeVar
@@ -80,6 +80,7 @@ class Runtime:
         # gloo reduces CPU tensors, NCCL CUDA ones
         self.comm_device = device if self.distributed and device.type == "cuda" else torch.device("cpu")
         self.stop = StopFlag(announce=self.is_main)
+        self.host_group = None  # NCCL runs: a gloo group, so the step's stop flags never wait for the GPU
 
     @classmethod
     def start(cls, device: str = "auto") -> Runtime:
@@ -100,7 +101,10 @@ class Runtime:
         os.environ.setdefault("WORLD_SIZE", str(env["world_size"]))
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=env["rank"], world_size=env["world_size"],
                                 timeout=timedelta(minutes=30), device_id=run_device if use_cuda else None)
-        return cls(device=run_device, **env)
+        runtime = cls(device=run_device, **env)
+        if use_cuda:
+            runtime.host_group = dist.new_group(backend="gloo")
+        return runtime
 
     def close(self) -> None:
         self.stop.close()
@@ -112,11 +116,13 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
-    def _reduce(self, values: list[float], op) -> list[float]:
+    def _reduce(self, values: list[float], op, host: bool = False) -> list[float]:
+        """`host`: over CPU tensors (the gloo group of an NCCL run): no device synchronisation."""
         if not self.distributed:
             return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
-        dist.all_reduce(tensor, op=op)
+        device = torch.device("cpu") if host else self.comm_device
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=op, group=self.host_group if host else None)
         return tensor.tolist()
 
     def sum(self, value: float) -> float:
@@ -125,8 +131,12 @@ class Runtime:
     def mean(self, value: float) -> float:
         return self.sum(value) / self.world_size
 
-    def max(self, values: list[int]) -> list[int]:
-        return [int(v) for v in self._reduce(values, dist.ReduceOp.MAX)]
+    def mean_each(self, values: list[float]) -> list[float]:
+        """The mean over processes of each value, in one all-reduce (each equals `mean` of it)."""
+        return [total / self.world_size for total in self._reduce(values, dist.ReduceOp.SUM)]
+
+    def max(self, values: list[int], host: bool = False) -> list[int]:
+        return [int(v) for v in self._reduce(values, dist.ReduceOp.MAX, host)]
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's `tensor` concatenated in rank order, with gradient: the backward pass sums every
@@ -134,6 +144,12 @@ class Runtime:
         if not self.distributed:
             return tensor
         return functional_collectives.all_gather_single_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+
+    def no_sync(self, module: torch.nn.Module) -> Callable[[], AbstractContextManager]:
+        """DDP's `no_sync` of the module the step calls (compiled or not): a backward under it keeps its gradient
+        local, to be all-reduced with the next synchronised one. A no-op context with one process."""
+        ddp = getattr(module, "_orig_mod", module)
+        return ddp.no_sync if isinstance(ddp, torch.nn.parallel.DistributedDataParallel) else nullcontext
 
     def shard(self, total: int) -> range:
         """This process's contiguous share of `total` items (the last may be shorter or empty)."""
@@ -205,7 +221,7 @@ class Runtime:
     def agree_to_stop(self, failed: bool = False) -> tuple[int | None, bool]:
         """At a step boundary: (a stop signal any process got, whether any process failed), the same everywhere,
         so every process stops at the same step (one process alone would hang in the next all-reduce)."""
-        signum, any_failed = self.max([self.stop.signum or 0, int(failed)])
+        signum, any_failed = self.max([self.stop.signum or 0, int(failed)], host=True)
         return (signum or None), bool(any_failed)
 
     # -- seeding, precision, the model

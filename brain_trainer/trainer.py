@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from brain_trainer.accumulation import GradientCache, accumulation_note
 from brain_trainer.data.augment import images_to_device
 from brain_trainer.brain_model import BrainModel, ContrastiveLoss
 from brain_trainer.checkpointing import BEST, LAST, CheckpointError, Checkpointer, capture_rng_state, make_checkpoint, snapshot_name
@@ -70,6 +71,34 @@ class RunRecord:
     data: dict  # where the data is (root_dir, annotations): eval and a resume find it without --root_dir
 
 
+class StepLosses:
+    """The losses of the steps since the last read, left on the device. `read` (at log steps, saves, stops and
+    epoch ends: a collective, called where all processes are) waits for the device once, means them over the
+    processes in one all-reduce, adds them to the epoch's sum in step order and returns the latest; a non-finite
+    one stops the run there, naming its step, so it is never saved."""
+
+    def __init__(self, *, runtime: Runtime, state: TrainState, check_finite: bool, precision: str):
+        self.runtime, self.state, self.check_finite, self.precision = runtime, state, check_finite, precision
+        self.first_step, self.losses = 0, []
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        if not self.losses:
+            self.first_step = step
+        self.losses.append(loss)
+
+    def read(self) -> float | None:
+        if not self.losses:  # the same on every process: each has taken the same steps
+            return None
+        values, self.losses = torch.stack(self.losses).tolist(), []
+        for offset, value in enumerate(self.runtime.mean_each(values)):  # every process's rows: the global batch's
+            if self.check_finite and not math.isfinite(value):
+                raise TrainingError(f"loss is {value} at step {self.first_step + offset} "
+                                    f"({self.precision}); lower --lr or check the data")
+            self.state.epoch_loss_sum += value
+            self.state.epoch_loss_steps += 1
+        return value
+
+
 class Trainer:
     """The loop, evaluation, logging and saving of one run; `fit` is the whole of training."""
 
@@ -86,29 +115,36 @@ class Trainer:
         self.last_metrics: dict | None = None  # the latest epoch's evaluation
         self.last_saved: str | None = None  # the path or URL of the latest save
         self.unsummed_skips = 0  # images this process substituted since the last sum over processes
+        self.losses = StepLosses(runtime=runtime, state=state, check_finite=not scaler.is_enabled(),  # fp16: the scaler's job
+                                 precision=settings.precision)
+        self.accumulation = GradientCache(forward=self.step_model, plain=model, loss=self.loss, autocast=autocast,
+                                          no_sync=runtime.no_sync(self.step_model), device=runtime.device)
+        if note := accumulation_note(model, settings.accum_steps):
+            log.print(note)
 
     # -- one optimisation step
-    def step(self, batch: dict) -> tuple[float, torch.Tensor]:
-        """One optimisation step; returns the global batch's loss and the (unclipped) gradient norm, on the device."""
+    def step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step; returns this process's loss and the (unclipped) gradient norm, both left on the
+        device: nothing here waits for the device (`StepLosses.read` at log steps and saves)."""
         lr = learning_rate(self.state.global_step, self.settings, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         images = images_to_device(batch["images"], self.runtime.device)
         input_ids = batch["input_ids"].to(self.runtime.device, non_blocking=True)
         attention_mask = batch["attention_mask"].to(self.runtime.device, non_blocking=True)
-        with self.autocast():
-            loss = self.loss(*self.step_model(images, input_ids, attention_mask))
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if self.settings.accum_steps == 1:
+            with self.autocast():
+                loss = self.loss(*self.step_model(images, input_ids, attention_mask))
+            self.scaler.scale(loss).backward()
+        else:
+            loss = self.accumulation.backward((images, input_ids, attention_mask), self.settings.accum_steps,
+                                              lambda value: self.scaler.scale(value).backward())
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip or float("inf"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        loss_value = self.runtime.mean(loss.item())  # every process's rows: the global batch's loss
-        if not math.isfinite(loss_value) and not self.scaler.is_enabled():  # fp16 overflow is the scaler's job
-            raise TrainingError(f"loss is {loss_value} at step {self.state.global_step + 1} "
-                                f"({self.settings.precision}); lower --lr or check the data")
-        return loss_value, grad_norm
+        return loss.detach(), grad_norm
 
     def note_bad_files(self, batch: dict) -> None:
         for name in batch["bad_files"]:  # the process that read the file says so: once over all processes
@@ -135,22 +171,24 @@ class Trainer:
             signum = self.agree_to_stop()
             if signum:
                 bar.close()
+                self.losses.read()
                 return signum
             self.note_bad_files(batch)
             loss, grad_norm = self.step(batch)
             state.samples_seen += self.settings.batch_size
             state.global_step += 1
-            state.epoch_loss_sum += loss
-            state.epoch_loss_steps += 1
+            self.losses.add(state.global_step, loss)
             window_samples += self.settings.batch_size
             bar.update()
             if state.global_step % self.log_every == 0:
-                self.log_step(bar, loss, grad_norm, window_samples, window_wait, time.perf_counter() - window_start)
+                loss_value = self.losses.read()  # waits for the device: the window's time is the steps' time
+                self.log_step(bar, loss_value, grad_norm, window_samples, window_wait, time.perf_counter() - window_start)
                 window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
             if self.settings.save_every_steps and state.global_step % self.settings.save_every_steps == 0:
                 self.save([LAST])
             fetch_start = time.perf_counter()
         bar.close()
+        self.losses.read()  # the epoch's loss is complete before the epoch line
         return self.agree_to_stop()
 
     def agree_to_stop(self) -> int | None:
@@ -186,6 +224,7 @@ class Trainer:
     def save(self, names: list[str]) -> str:
         """Save the run under `names` (the first written, the others linked to it). Every process takes part:
         the RNG states are gathered; only the main process writes."""
+        self.losses.read()  # a non-finite loss since the last read stops the run before this save
         self.sum_skips()
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():  # one device sync
             raise TrainingError(f"the weights hold NaN or inf at step {self.state.global_step}; not saved, so the "

@@ -3,6 +3,7 @@ assembled as the CLI assembles it, in each precision."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -97,5 +98,45 @@ def test_weights_that_turned_nan_are_never_saved(sample_root, tmp_path, runtime)
         trainer.model.logit_scale.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"the weights hold NaN or inf at step 0; not saved"):
         trainer.save(["last_brain_v2.pt"])
+    trainer.checkpointer.close()
+    assert not (tmp_path / "ckpt" / "last_brain_v2.pt").exists()
+
+
+DEVICE_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("accum_steps", ["1", "2"])
+def test_the_step_reads_nothing_back_from_the_device(sample_root, tmp_path, runtime, monkeypatch, accum_steps):
+    """Every read of a tensor's value by the project's code is a host-device sync on a GPU: none in a step."""
+    trainer = assembled_trainer(runtime, *run_args(sample_root, tmp_path, "--accum_steps", accum_steps))
+    batch = next(iter(trainer.loaders.train))
+    reads = []
+    for name in DEVICE_READS:
+        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            caller = sys._getframe(1)
+            if "brain_trainer" in caller.f_code.co_filename:
+                reads.append(f"{_name} at {caller.f_code.co_filename}:{caller.f_lineno}")
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for _ in range(2):
+        loss, grad_norm = trainer.step(batch)
+    monkeypatch.undo()
+    assert reads == []
+    assert loss.dim() == 0 and math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
+
+
+def test_a_non_finite_loss_is_read_at_the_next_log_step_and_named_by_its_step(sample_root, tmp_path, runtime):
+    trainer = assembled_trainer(runtime, *run_args(sample_root, tmp_path, "--log_every", "4"))
+    loss, calls = trainer.loss, []
+
+    def poisoned(*outputs):
+        calls.append(1)
+        return loss(*outputs) * (float("nan") if len(calls) == 2 else 1.0)
+
+    trainer.loss = poisoned
+    with pytest.raises(TrainingError, match=r"^loss is nan at step 2 \(fp32\); lower --lr"):
+        trainer.train_epoch()
+    assert trainer.state.global_step == 4, "read at the log step, without a sync at the bad step"
+    assert trainer.state.epoch_loss_steps == 1, "only the good step before it counts"
     trainer.checkpointer.close()
     assert not (tmp_path / "ckpt" / "last_brain_v2.pt").exists()
