@@ -124,7 +124,10 @@ def test_image_to_images_and_to_captions(built, capsys):
     query = sorted(built.images.iterdir())[0]
     status, out, _ = run_cli(capsys, "search", "--index", built.index, "--image", query, "-k", 4, "--format", "jsonl")
     results = jsonl(out)
-    assert status == 0 and len(results) == 4 and results[0]["path"] == str(query)  # an image is nearest to itself
+    # an image is nearest to itself (cosine 1 of a normalised embedding; the tiny model may tie others with it)
+    itself = [r for r in results if r["path"] == str(query)]
+    assert status == 0 and len(results) == 4 and itself and itself[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert itself[0]["score"] >= results[0]["score"] - 1e-6
     assert results[0]["score"] == pytest.approx(1.0, abs=1e-5)
     status, out, _ = run_cli(capsys, "search", "--index", built.index, "--image", query, "--captions", "-k", 20,
                              "--format", "jsonl")
