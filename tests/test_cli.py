@@ -3,6 +3,7 @@ EventAccumulator and torch.load(weights_only=True), and the resume rules. Runs t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from brain_trainer.checkpointing import BEST, LAST
 from conftest import DATA, ROOT, SCRIPT, events, finish, load, run_args, start, wait_for_step
 from brain_trainer.config import TrainSettings
 from brain_trainer.data.flickr8k_dataset import ResumableSampler, load_splits
+from brain_trainer.data.sample_data import write_sample_dataset
 from brain_trainer.trainer import learning_rate
 
 pytestmark = pytest.mark.slow
@@ -519,3 +521,39 @@ def test_a_read_only_checkpoint_folder_is_one_line_before_any_training(sample_ro
         assert status == 2 and "Train samples" not in out
         assert err.startswith(f"Error: --savedir {tmp_path / 'ckpt'}: cannot be written (") and err.count("\n") == 1
         assert err.endswith("); choose a folder this user can write\n")
+
+
+def png_bomb(path: Path, side: int = 20000) -> None:
+    """A PNG header claiming side x side pixels in a few bytes: PIL refuses it as a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("cache", ["--cache_images", "--no-cache_images"])
+def test_a_decompression_bomb_is_an_unreadable_image_warned_and_substituted(fresh_root, tmp_path, capsys, cache):
+    train_names = (fresh_root / "Flickr8k_text" / "Flickr_8k.trainImages.txt").read_text().split()
+    bomb = fresh_root / "Flicker8k_Dataset" / train_names[0]
+    png_bomb(bomb)
+    status, out, err = run(capsys, *run_args(fresh_root, tmp_path, "--epochs", "1", cache))
+    assert status == 0, err
+    assert out.count(f"⚠ Could not read image {bomb.name}") == 1 and "Traceback" not in out + err
+    assert events(tmp_path / "runs").Scalars("train/skipped_images")[-1].value >= 1
+
+
+def test_a_karpathy_file_with_malformed_entries_skips_them_into_one_warning(tmp_path, capsys):
+    root = write_sample_dataset(tmp_path / "karpathy", "karpathy", images=12, val=2, test=1, size=(32, 24))
+    annotations = root / "dataset_flickr8k.json"
+    content = json.loads(annotations.read_text())
+    content["images"][0]["sentences"][0]["raw"] = 5
+    content["images"][1]["filename"] = 12345
+    annotations.write_text(json.dumps(content))
+    status, out, err = run(capsys, *run_args(root, tmp_path, "--batch_size", "1000"))  # stops after the data is read
+    assert f"⚠ {annotations}: skipped" in out and "2 malformed entries (first: images[0]: a sentence's 'raw' is 5" in out
+    assert status == 2 and err.startswith("Error: the train split has ") and err.count("\n") == 1
