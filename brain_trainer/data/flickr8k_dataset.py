@@ -52,7 +52,8 @@ class DatasetError(Exception):
 
 def derive_seed(*keys: int) -> int:
     """A well-mixed 63-bit seed from integer keys, e.g. (seed, epoch, index)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1  # a Python int first: numpy 1.26 cannot shift a uint64 by a Python int
 
 
 # ----------------------------------------------------------------------------- layouts and splits
