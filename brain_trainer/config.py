@@ -163,8 +163,7 @@ def parse_args(argv: list[str] | None = None, description: str = "",
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
     logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
-    logging.add_argument("--demo", action="store_true",
-                         help=f"train a small model on generated data in {DEMO_ROOT} (written if absent)")
+    logging.add_argument("--demo", action="store_true", help=demo_help())
     parser.set_defaults(eval_only=eval_only)  # `brain-trainer eval` is train's --eval_only
     args = vars(parser.parse_args(argv))
     given = {f.name: args.pop(f.name) for f in SETTING_FIELDS if args[f.name] is not None}
@@ -175,6 +174,13 @@ def parse_args(argv: list[str] | None = None, description: str = "",
     args["argv"] = tuple(sys.argv[1:] if argv is None else argv)
     args["program"] = tuple(program)
     return CommandLine(RunOptions(**args), given)
+
+
+def demo_help() -> str:
+    """--demo's help, generated from DEMO_SETTINGS so that it lists all of what the preset changes."""
+    preset = ", ".join(f"--{name} {value}" for name, value in DEMO_SETTINGS.items())
+    return (f"train a small model on generated data in {DEMO_ROOT} (written if absent), as --root_dir {DEMO_ROOT} "
+            f"{preset} (each unless given on the command line or restored from a checkpoint)")
 
 
 def _expected_type(name: str) -> tuple[type, ...]:

@@ -14,6 +14,7 @@ import signal
 from contextlib import nullcontext
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import numpy as np
@@ -31,15 +32,25 @@ class LaunchError(Exception):
 
 class StopFlag:
     """SIGINT, SIGTERM and SIGUSR1 ask the run to stop at the next step boundary; a second SIGINT exits at once
-    (atomic saves mean even that never leaves a half-written checkpoint)."""
+    (atomic saves mean even that never leaves a half-written checkpoint), saying so."""
 
     def __init__(self, announce: bool = True):
         self.signum: int | None = None
         self.announce = announce
+        self.last_good: Path | None = None  # the file a completed save leaves (set by the program), for the quit line
         self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+
+    def quit_line(self) -> str:
+        """What a second Ctrl-C says: which checkpoint survives it (saves are atomic renames: the last completed one)."""
+        if self.last_good is not None and self.last_good.is_file():
+            return (f"\nSIGINT again: quitting without saving; {self.last_good} (the last completed save) is intact: "
+                    f"inspect it with `python -m brain_trainer ckpt inspect {self.last_good}`, continue with --resume auto\n")
+        return "\nSIGINT again: quitting without saving; no checkpoint of this run was completed yet\n"
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            if self.announce:
+                os.write(2, self.quit_line().encode())  # not print(): a signal handler may interrupt a print
             os._exit(128 + signum)
         self.signum = self.signum or signum
         if self.announce:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and loader workers do not mix
 
 from brain_trainer.build import Resume, Run, build, choose_checkpoint, claim_folders, make_trainer, restore_rng
-from brain_trainer.checkpointing import CheckpointError
+from brain_trainer.checkpointing import BEST, LAST, CheckpointError
 from brain_trainer.config import ConfigError, RunOptions, parse_args
 from brain_trainer.data.loaders import eval_loader, image_source
 from brain_trainer.evaluation import evaluate
@@ -26,9 +27,13 @@ from brain_trainer.runtime import LaunchError, Runtime
 from brain_trainer.trainer import TrainingError
 
 
-def train(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
-    """Claim the folders, assemble the loop, train; the checkpoint folder stays this run's until the end."""
+def train(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog, *,
+          started: float | None = None) -> int:
+    """Claim the folders, assemble the loop, train; the checkpoint folder stays this run's until the end.
+    `started` (time.monotonic() at the program's start) times the run for the closing summary."""
+    started = time.monotonic() if started is None else started
     lock, trainer = [], None
+    runtime.stop.last_good = options.savedir / LAST  # what a second Ctrl-C names
     try:
         runtime.on_main(lambda: lock.append(claim_folders(options, resume, log)))
         trainer = make_trainer(run, resume, options, runtime, log)
@@ -36,6 +41,7 @@ def train(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: 
                    device=runtime.device, precision=run.settings.precision, batch_size=run.settings.batch_size,
                    lr=run.settings.lr, start_epoch=run.state.epoch, epochs=run.settings.epochs,
                    world_size=runtime.world_size)
+        log.small_split("val", len(run.data.splits["val"].images))
         restore_rng(resume, run, runtime, log, options.deterministic)
         log.open_tensorboard(options.logdir, purge_step=run.state.global_step + 1 if resume.checkpoint else 0,
                              config=trainer.record.config, step=run.state.global_step)
@@ -46,6 +52,9 @@ def train(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: 
         elif options.demo:
             split = trainer.loaders.val_split
             log.demo_report(trainer.last_metrics, len(split.images), len(split))
+        if not status:
+            log.summary(savedir=options.savedir, logdir=options.logdir, seconds=time.monotonic() - started,
+                        files=[name for name in (LAST, BEST) if (options.savedir / name).is_file()])
         return status
     finally:
         log.close()
@@ -57,6 +66,7 @@ def train(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: 
 
 def evaluate_only(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
     split = run.data.splits[options.eval_split]
+    log.small_split(options.eval_split, len(split.images))
     images, _ = image_source(split, use_cache=run.settings.cache_images, image_size=run.model_config.image_size,
                              cache_dir=options.cache_dir or options.root_dir / ".brain_cache",
                              num_workers=options.num_workers, runtime=runtime, log=log)
@@ -80,6 +90,7 @@ def stopped_early(runtime: Runtime, log: RunLog, where: str, options: RunOptions
 
 def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer", "train"),
          eval_only: bool = False) -> int:
+    started = time.monotonic()
     command = parse_args(argv, description=__doc__, program=program, eval_only=eval_only)
     options = command.options
     runtime, log = None, RunLog()
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-train
             log.print(f"Nothing left to train: the checkpoint has finished epoch {run.state.epoch - 1} and --epochs "
                       f"is {run.settings.epochs}; pass a larger --epochs to train on.")
             return 0
-        return train(run, resume, options, runtime, log)
+        return train(run, resume, options, runtime, log, started=started)
     except (ConfigError, DatasetError, CheckpointError, LaunchError) as error:
         log.error(f"Error: {error}")
         return 2

@@ -19,7 +19,7 @@ from brain_trainer.data import loaders as data
 from brain_trainer import train as cli
 from brain_trainer.checkpointing import BEST, LAST
 from conftest import DATA, ROOT, SCRIPT, events, finish, load, run_args, start, wait_for_step
-from brain_trainer.config import TrainSettings
+from brain_trainer.config import DEMO_SETTINGS, TrainSettings
 from brain_trainer.data.flickr8k_dataset import ResumableSampler, load_splits
 from brain_trainer.data.sample_data import write_sample_dataset
 from brain_trainer.trainer import learning_rate
@@ -557,3 +557,24 @@ def test_a_karpathy_file_with_malformed_entries_skips_them_into_one_warning(tmp_
     status, out, err = run(capsys, *run_args(root, tmp_path, "--batch_size", "1000"))  # stops after the data is read
     assert f"⚠ {annotations}: skipped" in out and "2 malformed entries (first: images[0]: a sentence's 'raw' is 5" in out
     assert status == 2 and err.startswith("Error: the train split has ") and err.count("\n") == 1
+
+
+def test_a_finished_run_ends_with_where_its_files_are_how_to_view_them_and_how_long_it_took(trained):
+    out = (trained / "out.txt").read_text()
+    summary = out[out.rindex("Finished in "):].splitlines()
+    assert re.fullmatch(r"Finished in (\d+ min )?\d+ s", summary[0])
+    assert re.fullmatch(rf"Checkpoints: .*ckpt \({LAST}, {BEST}\)", summary[1])
+    assert re.fullmatch(r"TensorBoard: (\S+runs) \(view it with: tensorboard --logdir \1\)", summary[2])
+
+
+def test_a_val_split_too_small_for_recall_is_one_warning(trained):
+    out = (trained / "out.txt").read_text()  # the sample set has 4 val images
+    assert out.count("⚠ The val split has 4 images: text -> image R@k is 100 for every k >= 4 whatever the model") == 1
+
+
+def test_demo_help_lists_every_setting_the_preset_changes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name, value in DEMO_SETTINGS.items():
+        assert f"--{name} {value}" in help_text
