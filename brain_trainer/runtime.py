@@ -24,6 +24,7 @@ import torch.distributed._functional_collectives as functional_collectives
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+LOST_CONTACT_WORDS = ("gloo", "nccl", "connection closed by peer", "connection reset", "broken pipe", "timed out")
 
 
 class LaunchError(Exception):
@@ -201,6 +202,15 @@ class Runtime:
         so every process stops at the same step (one process alone would hang in the next all-reduce)."""
         signum, any_failed = self.max([self.stop.signum or 0, int(failed)])
         return (signum or None), bool(any_failed)
+
+    def lost_contact(self, error: BaseException) -> str | None:
+        """The one line for a collective that failed because another process is gone (killed, its machine lost),
+        else None. Said by every process that survives, since the main one may be the one that died."""
+        text = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        network = isinstance(error, dist.DistError) or any(word in text.lower() for word in LOST_CONTACT_WORDS)
+        if not self.distributed or not isinstance(error, RuntimeError) or not network:
+            return None
+        return f"Error: process {self.rank} lost contact with the others ({text}); resume with --resume auto"
 
     # -- seeding, precision, the model
     def seed(self, seed: int, deterministic: bool) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and loader workers do not mix
@@ -114,6 +115,12 @@ def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-train
     except TrainingError as error:
         log.error(f"Error: {error}")
         return 1
+    except RuntimeError as error:  # a collective whose peer is gone: one line on every process left
+        line = runtime.lost_contact(error) if runtime is not None else None
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        return 2
     finally:
         if runtime is not None:
             runtime.close()

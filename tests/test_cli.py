@@ -18,7 +18,7 @@ import torch
 from brain_trainer.data import loaders as data
 from brain_trainer import train as cli
 from brain_trainer.checkpointing import BEST, LAST
-from conftest import DATA, ROOT, SCRIPT, events, finish, load, run_args, start, wait_for_step
+from conftest import DATA, ROOT, SCRIPT, events, finish, load, run_args, small_disk, start, wait_for_step
 from brain_trainer.config import DEMO_SETTINGS, TrainSettings
 from brain_trainer.data.flickr8k_dataset import ResumableSampler, load_splits
 from brain_trainer.data.sample_data import write_sample_dataset
@@ -473,19 +473,6 @@ flickr8k_dataset.decode_image = slow_decode
 sys.argv = [{script!r}, *{args!r}]
 runpy.run_path({script!r}, run_name="__main__")
 """
-
-
-@contextlib.contextmanager
-def small_disk(folder: Path, options: str):
-    """A real small or read-only disk: a tmpfs mounted at `folder` (root on Linux); False where mounting is refused."""
-    folder.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "--lazy", str(folder)])  # detached even if a test left it busy
 
 
 def test_a_disk_that_fills_up_mid_save_is_one_line_and_the_previous_checkpoint_stays(sample_root, tmp_path, capsys,
