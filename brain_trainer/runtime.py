@@ -33,12 +33,16 @@ class LaunchError(Exception):
 
 class StopFlag:
     """SIGINT, SIGTERM and SIGUSR1 ask the run to stop at the next step boundary; a second SIGINT exits at once
-    (atomic saves mean even that never leaves a half-written checkpoint), saying so."""
+    (atomic saves mean even that never leaves a half-written checkpoint), saying so. Under torchrun, the death of
+    its agent (this process's parent) asks for a stop as SIGTERM does; `poll()` looks."""
 
     def __init__(self, announce: bool = True):
         self.signum: int | None = None
         self.announce = announce
         self.last_good: Path | None = None  # the file a completed save leaves (set by the program), for the quit line
+        # Under torchrun the parent is its agent: a signal it does not handle (SIGUSR1 without --signals-to-handle)
+        # kills it and leaves the workers training with no launcher. Its death counts as a SIGTERM.
+        self.parent = os.getppid() if "LOCAL_RANK" in os.environ else None
         self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
 
     def quit_line(self) -> str:
@@ -58,8 +62,17 @@ class StopFlag:
             print(f"\n{signal.Signals(signum).name} received: stopping at the next step boundary "
                   f"(Ctrl-C again to quit without saving)", flush=True)
 
+    def poll(self) -> int | None:
+        """The stop signal, if any; a launcher that has died since the start (another parent) is a SIGTERM."""
+        if self.signum is None and self.parent is not None and os.getppid() != self.parent:
+            self.signum = signal.SIGTERM
+            if self.announce:
+                print(f"\nThe launcher (process {self.parent}) is gone: stopping at the next step boundary as on "
+                      f"SIGTERM", flush=True)
+        return self.signum
+
     def __bool__(self) -> bool:
-        return self.signum is not None
+        return self.poll() is not None
 
     def close(self) -> None:
         for signum, handler in self._previous.items():
@@ -200,7 +213,7 @@ class Runtime:
     def agree_to_stop(self, failed: bool = False) -> tuple[int | None, bool]:
         """At a step boundary: (a stop signal any process got, whether any process failed), the same everywhere,
         so every process stops at the same step (one process alone would hang in the next all-reduce)."""
-        signum, any_failed = self.max([self.stop.signum or 0, int(failed)])
+        signum, any_failed = self.max([self.stop.poll() or 0, int(failed)])
         return (signum or None), bool(any_failed)
 
     def lost_contact(self, error: BaseException) -> str | None:

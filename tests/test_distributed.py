@@ -175,3 +175,15 @@ def test_a_process_killed_outright_leaves_the_survivor_one_line_and_status_2(sam
     other_status, other_out = finish(other)
     assert other_status == 2, other_out
     assert re.fullmatch(r"Error: process 1 lost contact with the others \(.+\); resume with --resume auto\n", other_out)
+
+
+def test_workers_whose_torchrun_dies_of_an_unhandled_signal_stop_and_save_cleanly(sample_root, tmp_path):
+    launcher = start(run_args(sample_root, tmp_path, "--epochs", "3"), processes=2, signals=())
+    wait_for_step(launcher, 3)
+    launcher.send_signal(signal.SIGUSR1)  # torchrun does not handle SIGUSR1 by default: its agent dies of it
+    _, out = finish(launcher)  # the pipe closes when the last worker has exited
+    stopped = load(tmp_path / "ckpt" / ck.LAST)
+    step = stopped["global_step"]
+    assert 3 <= step < 3 * STEPS_PER_EPOCH, "the workers trained on after their launcher died"
+    assert "is gone: stopping at the next step boundary as on SIGTERM" in out
+    assert f"Stopped by SIGTERM at epoch {step // STEPS_PER_EPOCH}, step {step}" in out
