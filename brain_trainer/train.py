@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads 
 from brain_trainer.build import Resume, Run, build, choose_checkpoint, claim_folders, make_trainer, restore_rng
 from brain_trainer.checkpointing import BEST, LAST, CheckpointError
 from brain_trainer.config import ConfigError, RunOptions, parse_args
-from brain_trainer.data.loaders import eval_loader, image_source
+from brain_trainer.data.loaders import end_loader_workers, eval_loader, image_source
 from brain_trainer.evaluation import evaluate
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, DatasetError, Interrupted
 from brain_trainer.run_log import RunLog
@@ -125,3 +125,12 @@ def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-train
         if runtime is not None:
             runtime.close()
 
+
+def run_program(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer", "train"),
+                eval_only: bool = False) -> int:
+    """`main` as a program runs it: whatever way it ends (an unexpected error included), it ends the process's
+    loader workers, so the process itself ends."""
+    try:
+        return main(argv, program, eval_only)
+    finally:
+        end_loader_workers()

@@ -565,3 +565,11 @@ def test_demo_help_lists_every_setting_the_preset_changes(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for name, value in DEMO_SETTINGS.items():
         assert f"--{name} {value}" in help_text
+
+
+def test_an_error_while_the_loader_workers_start_ends_the_process(sample_root, tmp_path):
+    worker = ROOT / "tests" / "workers" / "loader_start_fails.py"
+    args = run_args(sample_root, tmp_path, "--epochs", "1", "--num_workers", "2", "--no-cache_images")
+    child = subprocess.run([sys.executable, str(worker), *args], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 1, "a program error ends the process (it used to wait for its loader workers)"
+    assert "TypeError: ufunc 'right_shift' not supported for the input types (injected)" in child.stderr
