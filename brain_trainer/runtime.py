@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 from contextlib import nullcontext
 from datetime import timedelta
@@ -219,7 +220,8 @@ class Runtime:
     def lost_contact(self, error: BaseException) -> str | None:
         """The one line for a collective that failed because another process is gone (killed, its machine lost),
         else None. Said by every process that survives, since the main one may be the one that died."""
-        text = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0][:160]  # no source location, one sentence
         network = isinstance(error, dist.DistError) or any(word in text.lower() for word in LOST_CONTACT_WORDS)
         if not self.distributed or not isinstance(error, RuntimeError) or not network:
             return None

@@ -153,12 +153,15 @@ def test_a_checkpoint_of_the_single_process_version_resumes_on_two_processes(sam
     assert resumed["global_step"] == TOTAL_STEPS and resumed["world_size"] == 2
 
 
-def test_a_full_disk_on_the_main_process_ends_every_process_with_status_2_and_one_line(sample_root, tmp_path):
+@pytest.mark.parametrize("saves", [["--sync_saves"], []], ids=["sync-saves", "background-saves"])
+def test_a_full_disk_on_the_main_process_ends_every_process_with_status_2_and_one_line(sample_root, tmp_path, saves):
     # One checkpoint of the tiny model is ~12 MB: the first save fits in 20 MB, the second (written beside it) not.
+    # With --sync_saves the main process fails inside the save, where the others are already on their way to the
+    # next step's collective; with the background writer the failure is seen at a step boundary or the next save.
     with small_disk(tmp_path / "ckpt", "size=20m") as mounted:
         if not mounted:
             pytest.skip("this machine refuses tmpfs mounts (the one-process test injects the failure instead)")
-        tasks = start_tasks(run_args(sample_root, tmp_path, "--epochs", "2", "--save_every_steps", "2"), tasks=2)
+        tasks = start_tasks(run_args(sample_root, tmp_path, "--epochs", "2", "--save_every_steps", "2", *saves), tasks=2)
         (main_status, out), (other_status, other_out) = (finish(task) for task in tasks)
     assert main_status == other_status == 2, out + other_out
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
