@@ -8,7 +8,7 @@ Kept for the commands users already have; it needs the `brain_trainer` package b
 """
 import sys
 
-from brain_trainer.train import main
+from brain_trainer.train import run_program
 
 if __name__ == "__main__":
-    sys.exit(main(program=("python", "train_multimodal_brain_flickr8k.py")))
+    sys.exit(run_program(program=("python", "train_multimodal_brain_flickr8k.py")))

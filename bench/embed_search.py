@@ -16,7 +16,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from loader import photo_like_dataset  # bench/loader.py: this script's folder is on sys.path
 

@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 

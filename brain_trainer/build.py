@@ -254,6 +254,7 @@ def start_training(run: Run, resume: Resume, options: RunOptions, runtime: Runti
                    device=runtime.device, precision=run.settings.precision, batch_size=run.settings.batch_size,
                    per_process=runtime.per_process(run.settings.batch_size), lr=run.settings.lr,
                    start_epoch=run.state.epoch, epochs=run.settings.epochs, world_size=runtime.world_size)
+        log.small_split("val", len(run.data.splits["val"].images))
         restore_rng(resume, run, runtime, log, options.deterministic)
         log.open_tensorboard(options.logdir, purge_step=run.state.global_step + 1 if resume.location else 0,
                              config=trainer.record.config, step=run.state.global_step)

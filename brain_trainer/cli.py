@@ -31,13 +31,13 @@ SUBCOMMANDS = {
 
 
 def _train(argv: list[str], program: tuple[str, ...]) -> int:
-    from brain_trainer.train import main as train_main
-    return train_main(argv, program=(*program, "train"))
+    from brain_trainer.train import run_program
+    return run_program(argv, program=(*program, "train"))
 
 
 def _eval(argv: list[str], program: tuple[str, ...]) -> int:
-    from brain_trainer.train import main as train_main
-    return train_main(argv, program=(*program, "eval"), eval_only=True)
+    from brain_trainer.train import run_program
+    return run_program(argv, program=(*program, "eval"), eval_only=True)
 
 
 def _ckpt(argv: list[str], program: tuple[str, ...]) -> int:

@@ -88,6 +88,8 @@ DEMO_SETTINGS = {"image_encoder": "shufflenet_v2_x0_5", "image_weights": "none",
                  "vocab_size": 600}
 SETTING_FIELDS = [f for f in fields(BrainConfig) if f.name != "text_vocab_size"] + list(fields(TrainSettings))
 SETTING_DEFAULTS = {**BrainConfig().to_dict(), **asdict(TrainSettings())}
+FLOAT_SETTINGS = [name for name, value in SETTING_DEFAULTS.items() if isinstance(value, float)]
+FLOAT32 = torch.finfo(torch.float32)
 
 
 def _json_object(text: str) -> dict:
@@ -196,8 +198,7 @@ def parse_args(argv: list[str] | None = None, description: str = "",
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
     logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
-    logging.add_argument("--demo", action="store_true",
-                         help=f"train a small model on generated data in {DEMO_ROOT} (written if absent)")
+    logging.add_argument("--demo", action="store_true", help=demo_help())
     parser.set_defaults(eval_only=eval_only)  # `brain-trainer eval` is train's --eval_only
     args = vars(parser.parse_args(argv))
     given = {f.name: args.pop(f.name) for f in SETTING_FIELDS if args[f.name] is not None}
@@ -221,6 +222,13 @@ def with_saved_data(command: CommandLine, saved: dict | None) -> tuple[CommandLi
                       annotations=annotations if annotations in ANNOTATIONS else "auto")
     note = f"Data: {saved['root_dir']} (from the checkpoint; pass --root_dir to use other data)"
     return CommandLine(options, command.given), note
+
+
+def demo_help() -> str:
+    """--demo's help, generated from DEMO_SETTINGS so that it lists all of what the preset changes."""
+    preset = ", ".join(f"--{name} {value}" for name, value in DEMO_SETTINGS.items())
+    return (f"train a small model on generated data in {DEMO_ROOT} (written if absent), as --root_dir {DEMO_ROOT} "
+            f"{preset} (each unless given on the command line or restored from a checkpoint)")
 
 
 def _expected_type(name: str) -> tuple[type, ...]:
@@ -296,6 +304,9 @@ def check_settings(options: RunOptions, model_config: BrainConfig, settings: Tra
         value = getattr(settings, flag)
         need(value >= 0 and math.isfinite(value), flag, value, "must be a number >= 0")
     need(0 <= settings.seed <= MAX_SEED, "seed", settings.seed, f"must be in 0 .. {MAX_SEED}")
+    for flag in FLOAT_SETTINGS:  # the optimizer and the model hold these as float32
+        need(fits_float32(values[flag]), flag, values[flag],
+             f"is out of the float32 range the optimizer computes in ({FLOAT32.tiny:.1e} to {FLOAT32.max:.1e}, or 0)")
     need(0 <= model_config.dropout < 1, "dropout", model_config.dropout, "must be in [0, 1)")
     need(model_config.image_size >= 32, "image_size", model_config.image_size, "must be at least 32 pixels")
     need(model_config.d_shared % model_config.brain_heads == 0, "d_shared", model_config.d_shared,
@@ -320,6 +331,12 @@ def check_settings(options: RunOptions, model_config: BrainConfig, settings: Tra
     need(options.device != "cuda" or torch.cuda.is_available(), "device", options.device,
          "CUDA is not available on this machine; use --device cpu")
     need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
+
+
+def fits_float32(value: float) -> bool:
+    """True when float32 holds `value`: finite there, and not flushed to 0 unless it is 0."""
+    held = float(torch.tensor(value, dtype=torch.float32))
+    return math.isfinite(held) and (held != 0 or value == 0)
 
 
 def _check_image_encoder(model_config: BrainConfig, need) -> None:

@@ -22,6 +22,7 @@ from brain_trainer.data.flickr8k_dataset import CaptionCollator, ImageSource, Sp
 from brain_trainer.runtime import Runtime
 
 EVAL_LOSS_CHUNK = 32  # val loss is InfoNCE over fixed chunks of this many pairs, whatever --batch_size is
+RECALL_AT = (1, 5, 10)
 METRICS = ("loss", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
 
 
@@ -42,7 +43,7 @@ def retrieval_metrics(similarity: torch.Tensor, caption_image: torch.Tensor) -> 
     t2i_rank = 1 + ((similarity >= right_t2i) & ~positive).sum(dim=0)  # (num_captions,)
     metrics = {}
     for direction, ranks in (("i2t", i2t_rank), ("t2i", t2i_rank)):
-        for k in (1, 5, 10):
+        for k in RECALL_AT:
             metrics[f"{direction}_R@{k}"] = 100.0 * (ranks <= k).float().mean().item()
         metrics[f"{direction}_median_rank"] = ranks.float().median().item()
     return metrics

@@ -14,7 +14,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from brain_trainer.evaluation import chance_recall_at
+from brain_trainer.evaluation import RECALL_AT, chance_recall_at
 
 RULE = "=" * 60
 SCRIPT = "train_multimodal_brain_flickr8k.py"
@@ -97,6 +97,13 @@ class RunLog:
         self.print(f"Learning rate: {lr}")
         self.print(f"Training epochs: {start_epoch} -> {epochs}")
 
+    def small_split(self, name: str, images: int) -> None:
+        """One ⚠ line when a split is too small for recall@k to mean anything: R@k over k or fewer images is 100."""
+        if images <= max(RECALL_AT):
+            self.print(f"⚠ The {name} split has {images} images: text -> image R@k is 100 for every k >= {images} "
+                       f"whatever the model, and the others are near it; use at least {4 * max(RECALL_AT)} images "
+                       f"for recall that means something")
+
     def resume_block(self, *, location: str, lines: list[str], checkpoint: dict | None, overridden: list[str],
                      fingerprint: dict) -> None:
         """The resume guide's block: the file, what was restored (✓) or not (⚠), and the plan (`checkpoint`
@@ -131,6 +138,15 @@ class RunLog:
         chance_i2t, chance_t2i = chance_recall_at(5, num_images, round(num_captions / num_images))
         self.print(f"Demo retrieval on {num_images} val images: Recall@5 image->text {metrics['i2t_R@5']:.1f}% "
                    f"(chance {chance_i2t:.1f}%), text->image {metrics['t2i_R@5']:.1f}% (chance {chance_t2i:.1f}%)")
+
+    def summary(self, *, savedir: str, files: list[str], logdir: str, seconds: float) -> None:
+        """The end of a finished run: where its checkpoints and TensorBoard events are, how to view them, how long."""
+        minutes, rest = divmod(round(seconds), 60)
+        self.print(RULE)
+        self.print(f"Finished in {f'{minutes} min {rest} s' if minutes else f'{rest} s'}")
+        self.print(f"Checkpoints: {savedir} ({', '.join(files) or 'none written'})")
+        self.print(f"TensorBoard: {logdir} (view it with: {shlex.join(['tensorboard', '--logdir', str(logdir)])})")
+        self.print(RULE)
 
     def stopped(self, *, signum: int, where: str, path: str | None, argv: tuple[str, ...], world_size: int,
                 program: tuple[str, ...]) -> None:

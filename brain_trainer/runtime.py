@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
@@ -23,6 +24,7 @@ import torch.distributed._functional_collectives as functional_collectives
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+LOST_CONTACT_WORDS = ("gloo", "nccl", "connection closed by peer", "connection reset", "broken pipe", "timed out")
 
 
 class LaunchError(Exception):
@@ -31,23 +33,46 @@ class LaunchError(Exception):
 
 class StopFlag:
     """SIGINT, SIGTERM and SIGUSR1 ask the run to stop at the next step boundary; a second SIGINT exits at once
-    (atomic saves mean even that never leaves a half-written checkpoint)."""
+    (atomic saves mean even that never leaves a half-written checkpoint), saying so. Under torchrun, the death of
+    its agent (this process's parent) asks for a stop as SIGTERM does; `poll()` looks."""
 
     def __init__(self, announce: bool = True):
         self.signum: int | None = None
         self.announce = announce
+        self.last_good: str | None = None  # where a completed save is (path or URL; set by the program), for the quit line
+        # Under torchrun the parent is its agent: a signal it does not handle (SIGUSR1 without --signals-to-handle)
+        # kills it and leaves the workers training with no launcher. Its death counts as a SIGTERM.
+        self.parent = os.getppid() if "LOCAL_RANK" in os.environ else None
         self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+
+    def quit_line(self) -> str:
+        """What a second Ctrl-C says: which checkpoint survives it (saves are atomic renames: the last completed one)."""
+        if self.last_good is not None and ("://" in self.last_good or os.path.isfile(self.last_good)):
+            return (f"\nSIGINT again: quitting without saving; {self.last_good} (the last completed save) is intact: "
+                    f"inspect it with `python -m brain_trainer ckpt inspect {self.last_good}`, continue with --resume auto\n")
+        return "\nSIGINT again: quitting without saving; no checkpoint of this run was completed yet\n"
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            if self.announce:
+                os.write(2, self.quit_line().encode())  # not print(): a signal handler may interrupt a print
             os._exit(128 + signum)
         self.signum = self.signum or signum
         if self.announce:
             print(f"\n{signal.Signals(signum).name} received: stopping at the next step boundary "
                   f"(Ctrl-C again to quit without saving)", flush=True)
 
+    def poll(self) -> int | None:
+        """The stop signal, if any; a launcher that has died since the start (another parent) is a SIGTERM."""
+        if self.signum is None and self.parent is not None and os.getppid() != self.parent:
+            self.signum = signal.SIGTERM
+            if self.announce:
+                print(f"\nThe launcher (process {self.parent}) is gone: stopping at the next step boundary as on "
+                      f"SIGTERM", flush=True)
+        return self.signum
+
     def __bool__(self) -> bool:
-        return self.signum is not None
+        return self.poll() is not None
 
     def close(self) -> None:
         for signum, handler in self._previous.items():
@@ -221,8 +246,18 @@ class Runtime:
     def agree_to_stop(self, failed: bool = False) -> tuple[int | None, bool]:
         """At a step boundary: (a stop signal any process got, whether any process failed), the same everywhere,
         so every process stops at the same step (one process alone would hang in the next all-reduce)."""
-        signum, any_failed = self.max([self.stop.signum or 0, int(failed)], host=True)
+        signum, any_failed = self.max([self.stop.poll() or 0, int(failed)], host=True)
         return (signum or None), bool(any_failed)
+
+    def lost_contact(self, error: BaseException) -> str | None:
+        """The one line for a collective that failed because another process is gone (killed, its machine lost),
+        else None. Said by every process that survives, since the main one may be the one that died."""
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0][:160]  # no source location, one sentence
+        network = isinstance(error, dist.DistError) or any(word in text.lower() for word in LOST_CONTACT_WORDS)
+        if not self.distributed or not isinstance(error, RuntimeError) or not network:
+            return None
+        return f"Error: process {self.rank} lost contact with the others ({text}); resume with --resume auto"
 
     # -- seeding, precision, the model
     def seed(self, seed: int, deterministic: bool) -> None:

@@ -196,9 +196,15 @@ class Trainer:
         stops the run with its error (the previous checkpoint is intact)."""
         signum, failed = self.runtime.agree_to_stop(self.checkpointer.failed())
         if failed:
-            self.checkpointer.wait()  # raises the writer's CheckpointError on the main process
+            self.wait_for_save()  # raises the writer's CheckpointError on every process
             raise CheckpointError("the main process could not write a checkpoint (it says which and why)")
         return signum
+
+    def wait_for_save(self) -> None:
+        """Wait until the save in flight is durable. Only the main process writes, so only it can fail: its
+        CheckpointError is handed to every process, which all leave here together (none waits in a collective
+        for a process that has gone)."""
+        self.runtime.on_main(self.checkpointer.wait)
 
     def log_step(self, bar, loss: float, grad_norm: torch.Tensor, samples: int, wait: float, elapsed: float) -> None:
         self.sum_skips()
@@ -234,7 +240,7 @@ class Trainer:
                                      config=self.record.config,
                                      tokenizer=self.record.tokenizer_json, data=self.record.data,
                                      rng_states=self.runtime.gather_objects(capture_rng_state()), run=self.record.lineage)
-        stall = self.checkpointer.save(checkpoint, names)
+        stall = self.runtime.on_main(lambda: self.checkpointer.save(checkpoint, names))  # its error on every process
         self.log.scalars({"train/ckpt_stall_ms": 1000 * stall}, self.state.global_step)
         self.last_saved = self.checkpointer.location(names[0])
         return self.last_saved
@@ -251,7 +257,7 @@ class Trainer:
             if signum or metrics is None:
                 return self.stop(signum)
             self.end_epoch(metrics, time.perf_counter() - started)
-        self.checkpointer.wait()
+        self.wait_for_save()
         return 0
 
     def end_epoch(self, metrics: dict, seconds: float) -> None:
@@ -276,7 +282,7 @@ class Trainer:
         """Save where the run stands and wait until the file is durable; every process waits for it, so no
         launcher kills the writer. Returns the exit status, 128 + the signal."""
         self.save([LAST])
-        self.checkpointer.wait()
+        self.wait_for_save()
         self.runtime.barrier()
         self.log.flush()
         return 128 + signum

@@ -72,6 +72,19 @@ def trained(one_epoch_run, tmp_path) -> Path:
     return tmp_path
 
 
+@contextlib.contextmanager
+def small_disk(folder: Path, options: str):
+    """A real small or read-only disk: a tmpfs mounted at `folder` (root on Linux); False where mounting is refused."""
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(folder)])  # detached even if a test left it busy
+
+
 # ----------------------------------------------------------------------------- reading results back
 
 def events(logdir: Path) -> EventAccumulator:

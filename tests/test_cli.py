@@ -4,8 +4,8 @@ as a child process (the script, or a program in tests/workers/) where a test sen
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -24,9 +24,10 @@ from brain_trainer import train as cli
 from brain_trainer.checkpointing import BEST, LAST
 from brain_trainer.checkpointing import storage
 from brain_trainer.checkpointing.storage import LocalStorage
-from conftest import (DATA, ROOT, SCRIPT, assert_bitwise_equal, events, finish, load, run_args, scalars, start,
-                      wait_for_step)
-from brain_trainer.config import TrainSettings
+from conftest import (DATA, ROOT, SCRIPT, assert_bitwise_equal, events, finish, load, run_args, scalars, small_disk,
+                      start, wait_for_step)
+from brain_trainer.config import DEMO_SETTINGS, TrainSettings
+from brain_trainer.data.sample_data import write_sample_dataset
 from brain_trainer.trainer import learning_rate
 
 pytestmark = pytest.mark.slow
@@ -467,19 +468,6 @@ def test_a_signal_during_the_first_image_cache_build_stops_cleanly(sample_root, 
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")  # what shutil.disk_usage returns
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path, options: str):
-    """A real small or read-only disk: a tmpfs mounted at `folder` (root on Linux); False where mounting is refused."""
-    folder.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "--lazy", str(folder)])  # detached even if a test left it busy
-
-
 def test_a_disk_that_fills_up_mid_save_is_one_line_and_the_previous_checkpoint_stays(sample_root, tmp_path, capsys,
                                                                                      monkeypatch):
     # One checkpoint of the tiny model is ~12 MB: the first save fits in 20 MB, the second (written beside it) not.
@@ -519,3 +507,68 @@ def test_a_read_only_checkpoint_folder_is_one_line_before_any_training(sample_ro
         assert status == 2 and "Train samples" not in out
         assert err.startswith(f"Error: --savedir {tmp_path / 'ckpt'}: cannot be written (") and err.count("\n") == 1
         assert err.endswith("); choose a folder this user can write\n")
+
+
+def png_bomb(path: Path, side: int = 20000) -> None:
+    """A PNG header claiming side x side pixels in a few bytes: PIL refuses it as a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("cache", ["--cache_images", "--no-cache_images"])
+def test_a_decompression_bomb_is_an_unreadable_image_warned_and_substituted(fresh_root, tmp_path, capsys, cache):
+    train_names = (fresh_root / "Flickr8k_text" / "Flickr_8k.trainImages.txt").read_text().split()
+    bomb = fresh_root / "Flicker8k_Dataset" / train_names[0]
+    png_bomb(bomb)
+    status, out, err = run(capsys, *run_args(fresh_root, tmp_path, "--epochs", "1", cache))
+    assert status == 0, err
+    assert out.count(f"⚠ Could not read image {bomb.name}") == 1 and "Traceback" not in out + err
+    assert events(tmp_path / "runs").Scalars("train/skipped_images")[-1].value >= 1
+
+
+def test_a_karpathy_file_with_malformed_entries_skips_them_into_one_warning(tmp_path, capsys):
+    root = write_sample_dataset(tmp_path / "karpathy", "karpathy", images=12, val=2, test=1, size=(32, 24))
+    annotations = root / "dataset_flickr8k.json"
+    content = json.loads(annotations.read_text())
+    content["images"][0]["sentences"][0]["raw"] = 5
+    content["images"][1]["filename"] = 12345
+    annotations.write_text(json.dumps(content))
+    status, out, err = run(capsys, *run_args(root, tmp_path, "--batch_size", "1000"))  # stops after the data is read
+    assert f"⚠ {annotations}: skipped" in out and "2 malformed entries (first: images[0]: a sentence's 'raw' is 5" in out
+    assert status == 2 and err.startswith("Error: the train split has ") and err.count("\n") == 1
+
+
+def test_a_finished_run_ends_with_where_its_files_are_how_to_view_them_and_how_long_it_took(trained):
+    out = (trained / "out.txt").read_text()
+    summary = out[out.rindex("Finished in "):].splitlines()
+    assert re.fullmatch(r"Finished in (\d+ min )?\d+ s", summary[0])
+    assert re.fullmatch(rf"Checkpoints: .*ckpt \({LAST}, {BEST}\)", summary[1])
+    assert re.fullmatch(r"TensorBoard: (\S+runs) \(view it with: tensorboard --logdir \1\)", summary[2])
+
+
+def test_a_val_split_too_small_for_recall_is_one_warning(trained):
+    out = (trained / "out.txt").read_text()  # the sample set has 4 val images
+    assert out.count("⚠ The val split has 4 images: text -> image R@k is 100 for every k >= 4 whatever the model") == 1
+
+
+def test_demo_help_lists_every_setting_the_preset_changes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name, value in DEMO_SETTINGS.items():
+        assert f"--{name} {value}" in help_text
+
+
+def test_an_error_while_the_loader_workers_start_ends_the_process(sample_root, tmp_path):
+    worker = ROOT / "tests" / "workers" / "loader_start_fails.py"
+    args = run_args(sample_root, tmp_path, "--epochs", "1", "--num_workers", "2", "--no-cache_images")
+    child = subprocess.run([sys.executable, str(worker), *args], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 1, "a program error ends the process (it used to wait for its loader workers)"
+    assert "TypeError: ufunc 'right_shift' not supported for the input types (injected)" in child.stderr

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from brain_trainer.brain_model import BrainConfig
+from brain_trainer import train as cli
 from brain_trainer.build import build_model
-from brain_trainer.config import (DEMO_SETTINGS, ConfigError, TrainSettings, check_settings, parse_args, resolve_settings)
+from brain_trainer.config import (DEMO_SETTINGS, FLOAT_SETTINGS, ConfigError, TrainSettings, check_settings, fits_float32,
+                                   parse_args, resolve_settings)
+from conftest import run_args
 
 
 def test_the_command_line_beats_the_checkpoint_which_beats_the_defaults():
@@ -106,3 +109,17 @@ def test_a_bad_value_from_a_checkpoint_says_where_it_came_from_and_how_to_overri
     with pytest.raises(ConfigError, match=r"--batch_size 1: must be at least 2 .*\(from ckpt\.pt; pass --batch_size "
                                           r"to override\)"):
         check(saved={"batch_size": 1})
+
+
+@pytest.mark.parametrize("flag, value", [("lr", "1e308"), ("weight_decay", "1e39"), ("grad_clip", "1e300"),
+                                         ("lr", "1e-50"), ("min_lr_ratio", "1e-46")])
+def test_a_float_setting_float32_cannot_hold_is_one_line_at_startup(sample_root, tmp_path, capsys, flag, value):
+    status = cli.main(run_args(sample_root, tmp_path, f"--{flag}", value))
+    captured = capsys.readouterr()
+    assert status == 2 and captured.err.count("\n") == 1 and "Train samples" not in captured.out
+    assert captured.err.startswith(f"Error: --{flag} {float(value)}: is out of the float32 range the optimizer computes in")
+
+
+def test_every_float_setting_is_checked_against_float32():
+    assert set(FLOAT_SETTINGS) == {"lr", "weight_decay", "min_lr_ratio", "grad_clip", "dropout"}
+    assert fits_float32(2e-4) and fits_float32(0.0) and not fits_float32(1e39) and not fits_float32(1e-46)

@@ -17,7 +17,7 @@ import torch
 
 from brain_trainer import checkpointing as ck
 from conftest import (DATA, ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, finish, load, run_args, run_to_end, scalars,
-                      start, wait_for_step)
+                      small_disk, start, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +151,42 @@ def test_a_checkpoint_of_the_single_process_version_resumes_on_two_processes(sam
         assert out.count(line) == 1, line
     resumed = load(tmp_path / "ckpt" / ck.LAST)
     assert resumed["global_step"] == TOTAL_STEPS and resumed["world_size"] == 2
+
+
+@pytest.mark.parametrize("saves", [["--sync_saves"], []], ids=["sync-saves", "background-saves"])
+def test_a_full_disk_on_the_main_process_ends_every_process_with_status_2_and_one_line(sample_root, tmp_path, saves):
+    # One checkpoint of the tiny model is ~12 MB: the first save fits in 20 MB, the second (written beside it) not.
+    # With --sync_saves the main process fails inside the save, where the others are already on their way to the
+    # next step's collective; with the background writer the failure is seen at a step boundary or the next save.
+    with small_disk(tmp_path / "ckpt", "size=20m") as mounted:
+        if not mounted:
+            pytest.skip("this machine refuses tmpfs mounts (the one-process test injects the failure instead)")
+        tasks = start_tasks(run_args(sample_root, tmp_path, "--epochs", "2", "--save_every_steps", "2", *saves), tasks=2)
+        (main_status, out), (other_status, other_out) = (finish(task) for task in tasks)
+    assert main_status == other_status == 2, out + other_out
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: could not write {tmp_path / 'ckpt' / ck.LAST}: "
+                                                      f"No space left on device")
+    assert "Traceback" not in out + other_out and other_out == "", "only the main process speaks"
+
+
+def test_a_process_killed_outright_leaves_the_survivor_one_line_and_status_2(sample_root, tmp_path):
+    main, other = start_tasks(run_args(sample_root, tmp_path, "--epochs", "3"), tasks=2)
+    wait_for_step(main, 3)
+    main.kill()  # SIGKILL: the main process says nothing more, the survivor must
+    finish(main)
+    other_status, other_out = finish(other)
+    assert other_status == 2, other_out
+    assert re.fullmatch(r"Error: process 1 lost contact with the others \(.+\); resume with --resume auto\n", other_out)
+
+
+def test_workers_whose_torchrun_dies_of_an_unhandled_signal_stop_and_save_cleanly(sample_root, tmp_path):
+    launcher = start(run_args(sample_root, tmp_path, "--epochs", "3"), processes=2, signals=())
+    wait_for_step(launcher, 3)
+    launcher.send_signal(signal.SIGUSR1)  # torchrun does not handle SIGUSR1 by default: its agent dies of it
+    _, out = finish(launcher)  # the pipe closes when the last worker has exited
+    stopped = load(tmp_path / "ckpt" / ck.LAST)
+    step = stopped["global_step"]
+    assert 3 <= step < 3 * STEPS_PER_EPOCH, "the workers trained on after their launcher died"
+    assert "is gone: stopping at the next step boundary as on SIGTERM" in out
+    assert f"Stopped by SIGTERM at epoch {step // STEPS_PER_EPOCH}, step {step}" in out

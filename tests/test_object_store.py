@@ -94,7 +94,7 @@ def test_a_run_on_s3_stopped_by_sigterm_resumes_bitwise_equal_to_the_uninterrupt
     process.send_signal(signal.SIGTERM)
     status, out = finish(process)
     assert status == 143, out
-    assert f"Resume with: python train_multimodal_brain_flickr8k.py" in out and f"--resume {s3.url}/{LAST}" in out
+    assert "Resume with: python train_multimodal_brain_flickr8k.py" in out and f"--resume {s3.url}/{LAST}" in out
     run_to_end(args + ["--resume", "auto"])
 
     final, expected = s3.read(f"{s3.url}/{LAST}"), torch.load(reference / "ckpt" / LAST, weights_only=True)

@@ -52,7 +52,8 @@ class DatasetError(Exception):
 
 def derive_seed(*keys: int) -> int:
     """A well-mixed 63-bit seed from integer keys, e.g. (seed, epoch, index)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1  # a Python int first: numpy 1.26 cannot shift a uint64 by a Python int
 
 
 # ----------------------------------------------------------------------------- layouts and splits
@@ -150,18 +151,43 @@ def _parse_token_layout(layout: Layout) -> tuple[dict[str, list[str]], dict[str,
     return captions, split_images, skipped
 
 
+def _karpathy_entry(entry) -> tuple[str, str, list[str]]:
+    """(file name, split, captions) of one images[] entry; ValueError saying what is wrong with it."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"is {type(entry).__name__}, not an object")
+    for key, kind in (("filename", str), ("split", str), ("sentences", list)):
+        if not isinstance(entry.get(key), kind):
+            raise ValueError(f"'{key}' is {entry.get(key)!r:.40}, not a {kind.__name__}")
+    raws = [sentence.get("raw") if isinstance(sentence, dict) else None for sentence in entry["sentences"]]
+    if not all(isinstance(raw, str) for raw in raws):
+        raise ValueError(f"a sentence's 'raw' is {next(r for r in raws if not isinstance(r, str))!r:.40}, not a str")
+    # Karpathy's splits for COCO also have 'restval', which is training data.
+    split = {"restval": "train"}.get(entry["split"], entry["split"])
+    return entry["filename"], split, [raw.strip() for raw in raws if raw.strip()]
+
+
 def _parse_karpathy_layout(layout: Layout) -> tuple[dict[str, list[str]], dict[str, list[str]], Counter]:
+    """A malformed images[] entry is skipped into the summary warning, the first one named."""
     path = layout.annotation_files["captions"]
     try:
         entries = json.loads(read_text(path))["images"]
-        captions = {entry["filename"]: [s["raw"].strip() for s in entry["sentences"] if s["raw"].strip()]
-                    for entry in entries}
-        # Karpathy's splits for COCO also have 'restval', which is training data.
-        split_of = {entry["filename"]: {"restval": "train"}.get(entry["split"], entry["split"]) for entry in entries}
+        if not isinstance(entries, list):
+            raise TypeError(f"'images' is a {type(entries).__name__}, not a list")
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise DatasetError(f"{path}: not a Karpathy split file (images[].filename, .split, .sentences[].raw): {error}")
+    captions, split_of, skipped, first_bad = {}, {}, Counter(), None
+    for position, entry in enumerate(entries):
+        try:
+            name, split, entry_captions = _karpathy_entry(entry)
+        except ValueError as error:
+            first_bad = first_bad or f"images[{position}]: {error}"
+            skipped["malformed entries"] += 1
+            continue
+        captions[name], split_of[name] = entry_captions, split
+    if first_bad:
+        skipped[f"malformed entries (first: {first_bad})"] = skipped.pop("malformed entries")
     split_images = {split: [name for name in captions if split_of[name] == split] for split in SPLITS}
-    return captions, split_images, Counter()
+    return captions, split_images, skipped
 
 
 def kaggle_split(images: list[str]) -> dict[str, list[str]]:
@@ -234,7 +260,19 @@ class ImageSource(Protocol):
 
 
 def decode_image(path: Path, shorter_side: int | None = None) -> torch.Tensor:
-    """Decode a file to uint8 RGB (3, H, W), optionally resized so its shorter side is `shorter_side`."""
+    """Decode a file to uint8 RGB (3, H, W), optionally resized so its shorter side is `shorter_side`.
+
+    Raises OSError for every file that cannot be an image of the set, a decompression bomb (a small file that
+    claims more pixels than PIL's limit) included, so every reader substitutes it like any unreadable image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(path, shorter_side)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise OSError(f"{path.name}: {error}") from None
+
+
+def _decode(path: Path, shorter_side: int | None) -> torch.Tensor:
     with Image.open(path) as image:
         if shorter_side is not None:
             image.draft("RGB", (shorter_side, shorter_side))  # JPEG DCT scaling: decode at >= the size we keep

@@ -5,6 +5,7 @@ and the loaders, sharded over the processes. Parsing, the sampler and the datase
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import warnings
 from dataclasses import dataclass
@@ -111,6 +112,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
     # Loader workers leave signals to the main process, which stops at a step boundary and shuts them down.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def end_loader_workers() -> None:
+    """Kill the loader worker processes this process started and still holds. Called where the program ends,
+    however it ends: a worker ignores SIGTERM (see above), so an interpreter leaving on an error, whose
+    traceback keeps a started loader alive, would otherwise wait for it forever at exit (seen with torch 2.6,
+    which does not shut persistent workers down at exit). A worker holds nothing that needs saving."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
 
 
 def make_loader(dataset, *, batch_size: int, num_workers: int, device: torch.device, seed: int, **options) -> DataLoader:

@@ -1,13 +1,12 @@
-"""Two Ctrl-C in a row under the run's stop flag: the first asks for a stop (and says so), the second quits
-at once with status 130, so the last line is never printed.
-
-    python tests/workers/double_ctrl_c.py
-"""
+"""Run by tests/test_runtime.py: Ctrl-C twice to a process holding the stop flag, which names `last_good`
+(the first argument, if any) on the way out."""
 import signal
+import sys
 
 from brain_trainer.runtime import StopFlag
 
 stop = StopFlag()
+stop.last_good = sys.argv[1] if len(sys.argv) > 1 else None
 signal.raise_signal(signal.SIGINT)
 print("first: stop requested" if stop.signum == signal.SIGINT else "first: ignored", flush=True)
 signal.raise_signal(signal.SIGINT)

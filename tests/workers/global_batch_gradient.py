@@ -2,8 +2,6 @@
 the runtime's gather with gradient) against one process's gradient over the same global batch, in float64; and
 the same with a gather that drops the gradient (open_clip's default), which must be off. Prints one JSON line."""
 import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
