@@ -158,6 +158,10 @@ def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -
                                        scaler=scaler, precision=settings.precision,
                                        architecture=model_config.to_dict(), state=state)
         apply_group_settings(optimizer, settings)
+        if state.samples_seen > len(data.splits["train"]):
+            raise CheckpointError(f"{resume.location}: field 'data_state.samples_seen' is {state.samples_seen}, "
+                                  f"beyond the epoch's {len(data.splits['train'])} samples; the file is damaged "
+                                  f"(or of other data): resume from another checkpoint")
         log.resume_block(location=resume.location, lines=lines, checkpoint=checkpoint, overridden=overridden,
                          fingerprint=data.splits["train"].fingerprint())
     resume.drop_checkpoint()  # the weights and moments now live in the model and optimiser: no second copy

@@ -349,6 +349,17 @@ def test_a_damaged_checkpoint_field_is_one_line_at_startup(sample_root, trained,
                    f"damaged: resume from another checkpoint\n")
 
 
+def test_a_position_beyond_the_epoch_is_refused_before_the_folder_is_claimed(sample_root, trained, capsys):
+    checkpoint = load(trained / "ckpt" / LAST)
+    checkpoint["data_state"]["samples_seen"] = 10**9
+    torch.save(checkpoint, trained / "ckpt" / LAST)
+    before = (trained / "ckpt" / LAST).read_bytes()
+    status, out, err = run(capsys, *run_args(sample_root, trained, "--epochs", "2", "--resume", "auto"))
+    assert status == 2 and err.count("\n") == 1 and "Train samples" not in out
+    assert "field 'data_state.samples_seen' is 1000000000, beyond the epoch's 70 samples" in err
+    assert (trained / "ckpt" / LAST).read_bytes() == before
+
+
 @pytest.mark.parametrize("split, lines, message", [
     ("devImages", "", "the val split has 0 images and 0 captions"),
     ("testImages", "", "the test split has 0 images and 0 captions"),

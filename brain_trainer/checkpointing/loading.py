@@ -15,6 +15,14 @@ from brain_trainer.checkpointing.format import (CheckpointError, check_fields, f
 from brain_trainer.checkpointing.storage import Storage, locate
 
 
+# Globals that old checkpoints commonly hold and that build plain values when unpickled: only for files asking for
+# these alone does a refusal suggest `convert --trust`. Anything else (os.system, builtins.eval, ...) runs code.
+BENIGN_GLOBALS = {"argparse.Namespace", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
+                  "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+                  "collections.OrderedDict", "torch.torch_version.TorchVersion", "pathlib.PosixPath",
+                  "builtins.set", "builtins.slice", "_codecs.encode"}
+
+
 def _unsafe_globals(path: str, error: Exception) -> list[str]:
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
@@ -29,10 +37,14 @@ def _load_file(path: str, location: str, mmap: bool) -> dict:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path, error)
+        if unsafe and all(name.split(".dtype[")[0] in BENIGN_GLOBALS for name in unsafe):
+            raise CheckpointError(f"{location}: refused: loading it would need unsafe unpickling of "
+                                  f"{', '.join(unsafe)}; if you trust where the file comes from, `brain-trainer ckpt "
+                                  f"convert --trust {location} NEW.pt` makes a safe copy (unpickling runs its code)") from None
         if unsafe:
             raise CheckpointError(f"{location}: refused: loading it would need unsafe unpickling of "
-                                  f"{', '.join(unsafe)}; only a file you trust should ever be loaded that way "
-                                  f"(brain-trainer ckpt convert --trust {location} NEW.pt)") from None
+                                  f"{', '.join(unsafe)}, which can run any code; do not load it (there is no safe way "
+                                  f"to); point --resume at another file") from None
         raise CheckpointError(f"{location}: not a PyTorch checkpoint that loads safely (a plain pickle or a foreign "
                               f"file); point --resume at another file") from None
     except Exception as error:  # torch reports truncation and foreign files as RuntimeError, EOFError, ...

@@ -68,12 +68,24 @@ def _restore_optimizer(checkpoint: dict, optimizer: torch.optim.Optimizer, weigh
         return "⚠ Optimizer state not in checkpoint (starting fresh)"
     if weights.mismatched or weights.missing or weights.unexpected:
         return "⚠ Optimizer state not loaded: the model's parameters differ from the checkpoint's (starting fresh)"
+    fresh = optimizer.state_dict()
     try:
         optimizer.load_state_dict(optimizer_state)
         match_parameter_layout(optimizer)
+        _check_moment_shapes(optimizer)
     except (ValueError, KeyError, RuntimeError, TypeError) as error:
+        optimizer.load_state_dict(fresh)  # nothing half-restored: the fresh optimizer, as the line says
         return f"⚠ Optimizer state not loaded ({str(error).splitlines()[0]}); starting fresh"
     return "✓ Optimizer state loaded"
+
+
+def _check_moment_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """A moment of another shape than its weight would fail the first step, after the folder was claimed."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"its '{key}' has shape {tuple(value.shape)} for a weight of {tuple(param.shape)}")
 
 
 def _restore_scaler(checkpoint: dict, scaler: torch.amp.GradScaler, precision: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model_state_dict": Malicious(marker), "epoch": 1}, path)
     with pytest.raises(ck.CheckpointError, match=r"refused: loading it would need unsafe unpickling of .*system.*"
-                                                 r"ckpt convert --trust"):
+                                                 r"which can run any code; do not load it"):
         ck.load_checkpoint(str(path))
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -155,3 +156,35 @@ def test_the_format_2_file_of_commit_c80bc36_still_loads_for_resume():
     assert (state.epoch, state.samples_seen, state.global_step) == (1, 24, 11)
     assert len(ck.rng_states_of(checkpoint)) == 1
     assert len(ck.model_weights(checkpoint, path)) == len(checkpoint["model_state_dict"])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data_state", {"epoch": 1, "samples_seen": 0, "epoch_loss_sum": "x"}, "field 'data_state.epoch_loss_sum' is 'x'"),
+    ("data_state", {"epoch": 1, "samples_seen": 0, "skipped_images": "x"}, "field 'data_state.skipped_images' is 'x'"),
+    ("rng_state", [{"torch": torch.zeros(3, dtype=torch.uint8), "cuda": [], "python": {}, "numpy": {}}],
+     "field 'rng_state[0]' is 'dict' (expected a dict of python, numpy, torch and cuda states with their keys)"),
+    ("run", "abc", "field 'run' is 'abc' (expected a dict)"),
+    ("format_version", "3", "field 'format_version' is '3' (expected an integer)"),
+])
+def test_every_damaged_field_is_refused_before_anything_is_claimed(tmp_path, field, value, message):
+    checkpoint = a_full_checkpoint()
+    checkpoint[field] = value
+    path = str(tmp_path / "damaged.pt")
+    ck.save_checkpoint(checkpoint, path)
+    with pytest.raises(ck.CheckpointError, match=re.escape(message)):
+        ck.load_for_resume(path)
+
+
+def test_trust_is_offered_only_for_globals_known_to_build_plain_values(tmp_path):
+    import argparse
+
+    path = tmp_path / "namespace.pt"
+    torch.save({"model_state_dict": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=1.0)}, path)
+    with pytest.raises(ck.CheckpointError, match=r"argparse.Namespace; if you trust where the file comes from, "
+                                                 r"`brain-trainer ckpt convert --trust"):
+        ck.load_checkpoint(str(path))
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": Malicious(tmp_path / "pwned"), "epoch": 1}, evil)
+    with pytest.raises(ck.CheckpointError) as refusal:
+        ck.load_checkpoint(str(evil))
+    assert "which can run any code; do not load it" in str(refusal.value) and "--trust" not in str(refusal.value)
