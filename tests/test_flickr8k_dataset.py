@@ -136,7 +136,7 @@ def test_real_flickr8k_text_files_give_the_real_sample_counts(tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 def test_missing_root_dir_names_the_flag_and_where_to_get_flickr8k(tmp_path):
-    with pytest.raises(fd.DatasetError, match=r"--root_dir .*nowhere: no such folder.*sample_data\.py"):
+    with pytest.raises(fd.DatasetError, match=r"--root_dir .*nowhere: no such folder.*brain-trainer sample-data"):
         fd.load_splits(tmp_path / "nowhere")
 
 

@@ -493,7 +493,8 @@ def tokenizer_from_json(tokenizer_json: str):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), unk_token="[UNK]",
-                                   pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+                                   pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   clean_up_tokenization_spaces=False)  # said, so no version warns about its default
 
 
 # ----------------------------------------------------------------------------- the resumable sampler
