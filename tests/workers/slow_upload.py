@@ -32,9 +32,9 @@ class CrawlingHandle:
 real_write = object_store.ObjectStorage.write
 
 
-def crawling_write(self, name, save):
+def crawling_write(self, name, save, **options):
     saves.append(name)
-    real_write(self, name, lambda handle: save(CrawlingHandle(handle)))
+    real_write(self, name, lambda handle: save(CrawlingHandle(handle)), **options)
 
 
 object_store.ObjectStorage.write = crawling_write
