@@ -2,15 +2,12 @@
 per process (GradientCache, DDP, the runtime's gather with gradient) against one process's gradient over the whole
 global batch at once, in float64. Prints one JSON line: the relative error and loss of each N."""
 import json
-import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from global_batch_gradient import GLOBAL_BATCH, TwoTowers, gradient  # noqa: E402
+from global_batch_gradient import GLOBAL_BATCH, TwoTowers, gradient  # a sibling: Python puts this folder first on the path
 
 from brain_trainer.accumulation import GradientCache
 from brain_trainer.brain_model import ContrastiveLoss
