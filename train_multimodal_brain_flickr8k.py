@@ -6,6 +6,7 @@
 
 Kept for the commands users already have; it needs the `brain_trainer` package beside it or installed.
 """
+
 import sys
 
 from brain_trainer.train import run_program

@@ -14,6 +14,7 @@ Prints one JSON object.
     python bench/checkpoint_io.py --dir local-s3 --repeats 3     # also through S3 (moto's server on 127.0.0.1)
     python bench/checkpoint_io.py --dir s3://bucket/prefix       # also through a real store (AWS_* variables)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -43,18 +44,30 @@ def timed(action) -> float:
 
 
 def full_state(device: str) -> dict:
-    config = BrainConfig(image_encoder="resnet50", image_weights="none", text_encoder="scratch", text_vocab_size=30522,
-                         scratch_text_width=768, scratch_text_layers=6)
+    config = BrainConfig(
+        image_encoder="resnet50",
+        image_weights="none",
+        text_encoder="scratch",
+        text_vocab_size=30522,
+        scratch_text_width=768,
+        scratch_text_layers=6,
+    )
     model = BrainModel(config, pretrained=False).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()  # allocates the AdamW moments, as in a real run
     scaler = torch.amp.GradScaler(device, enabled=False)
-    return checkpointing.make_checkpoint(model=model, optimizer=optimizer, scaler=scaler,
-                                         train_state=TrainState(global_step=1).state_dict(), config=config.to_dict(),
-                                         tokenizer=None, rng_states=[checkpointing.capture_rng_state()],
-                                         run={"id": "bench", "parent": None, "started_ns": 0})
+    return checkpointing.make_checkpoint(
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        train_state=TrainState(global_step=1).state_dict(),
+        config=config.to_dict(),
+        tokenizer=None,
+        rng_states=[checkpointing.capture_rng_state()],
+        run={"id": "bench", "parent": None, "started_ns": 0},
+    )
 
 
 def bare_save_and_fsync(state: dict, path: Path) -> None:
@@ -72,21 +85,27 @@ def measure(state: dict, storage, repeats: int, scratch: Path) -> dict[str, floa
     checkpointer.save(state, [checkpointing.LAST])  # allocates the snapshot buffers, as a run's first save does
     checkpointer.wait()
     for repeat in range(repeats):
+
         def ours_save() -> None:
             started = time.perf_counter()
             times["stall"].append(timed(lambda: checkpointer.save(state, [checkpointing.LAST])))
             checkpointer.wait()
             times["durable"].append(time.perf_counter() - started)
 
-        actions = [("ours", ours_save), ("bare_save", lambda: torch.save(state, bare)),
-                   ("bare_save_fsync", lambda: bare_save_and_fsync(state, synced))]
+        actions = [
+            ("ours", ours_save),
+            ("bare_save", lambda: torch.save(state, bare)),
+            ("bare_save_fsync", lambda: bare_save_and_fsync(state, synced)),
+        ]
         for name, action in actions if repeat % 2 == 0 else actions[::-1]:
             if name == "ours":
                 action()
             else:
                 times[name].append(timed(action))
-        loads = [("load", lambda: checkpointing.load_checkpoint(checkpointer.location(checkpointing.LAST))),
-                 ("bare_load", lambda: torch.load(bare, map_location="cpu", weights_only=True))]
+        loads = [
+            ("load", lambda: checkpointing.load_checkpoint(checkpointer.location(checkpointing.LAST))),
+            ("bare_load", lambda: torch.load(bare, map_location="cpu", weights_only=True)),
+        ]
         for name, action in loads if repeat % 2 == 0 else loads[::-1]:
             times[name].append(timed(action))
     checkpointer.close()
@@ -94,10 +113,12 @@ def measure(state: dict, storage, repeats: int, scratch: Path) -> dict[str, floa
 
 
 def figures(median: dict[str, float], prefix: str = "") -> dict:
-    return {**{f"{prefix}{name}_s": round(value, 3) for name, value in median.items()},
-            f"{prefix}stall_over_bare_save": round(median["stall"] / median["bare_save"], 3),
-            f"{prefix}durable_over_bare_save_fsync": round(median["durable"] / median["bare_save_fsync"], 3),
-            f"{prefix}load_over_bare": round(median["load"] / median["bare_load"], 3)}
+    return {
+        **{f"{prefix}{name}_s": round(value, 3) for name, value in median.items()},
+        f"{prefix}stall_over_bare_save": round(median["stall"] / median["bare_save"], 3),
+        f"{prefix}durable_over_bare_save_fsync": round(median["durable"] / median["bare_save_fsync"], 3),
+        f"{prefix}load_over_bare": round(median["load"] / median["bare_load"], 3),
+    }
 
 
 @contextlib.contextmanager
@@ -108,10 +129,18 @@ def local_s3_server() -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_EC2_METADATA_DISABLED="true")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     try:
         for _ in range(200):
             with contextlib.suppress(OSError):
@@ -128,9 +157,12 @@ def local_s3_server() -> Iterator[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dir", default=None,
-                        help="a folder on the disk to measure (default: a temporary folder), or an s3:// URL, "
-                             "measured beside the local figures; `local-s3` starts moto's server on 127.0.0.1")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="a folder on the disk to measure (default: a temporary folder), or an s3:// URL, "
+        "measured beside the local figures; `local-s3` starts moto's server on 127.0.0.1",
+    )
     parser.add_argument("--device", default="cpu", help="where the state lives (cuda: snapshot into pinned memory)")
     args = parser.parse_args()
     state = full_state(args.device)
@@ -139,13 +171,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=local_dir) as folder:
         local = measure(state, checkpointing.LocalStorage(folder), args.repeats, Path(folder))
         size_mb = (Path(folder) / checkpointing.LAST).stat().st_size / 2**20
-        result = {"bench": "checkpoint_io", "device": args.device, "size_mb": round(size_mb), "repeats": args.repeats,
-                  **figures(local)}
+        result = {
+            "bench": "checkpoint_io",
+            "device": args.device,
+            "size_mb": round(size_mb),
+            "repeats": args.repeats,
+            **figures(local),
+        }
         if remote:
             with local_s3_server() if remote == "local-s3" else contextlib.nullcontext(remote) as url:
                 store = measure(state, checkpointing.open_storage(url), args.repeats, Path(folder))
-            result.update({"store": "moto on 127.0.0.1" if remote == "local-s3" else url, **figures(store, "store_"),
-                           "store_stall_over_local_stall": round(store["stall"] / local["stall"], 3)})
+            result.update(
+                {
+                    "store": "moto on 127.0.0.1" if remote == "local-s3" else url,
+                    **figures(store, "store_"),
+                    "store_stall_over_local_stall": round(store["stall"] / local["stall"], 3),
+                }
+            )
     print(json.dumps(result))
 
 

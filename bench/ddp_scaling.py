@@ -8,6 +8,7 @@ backward, median of 200, under torchrun. Prints one JSON object.
 
     python bench/ddp_scaling.py [--device cpu|cuda] [--processes 2] [--workers 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(processes: int, argv: list[str], threads: int) -> subprocess.CompletedProcess:
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run([*launcher, *argv], capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
@@ -39,9 +43,28 @@ def throughput(processes: int, root: Path, folder: Path, device: str, workers: i
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = folder / f"p{processes}"
-    launch(processes, ["train_multimodal_brain_flickr8k.py", "--demo", "--root_dir", str(root), "--epochs", "1",
-                       "--log_every", "10", "--device", device, "--num_workers", str(workers), "--savedir",
-                       str(run / "ckpt"), "--logdir", str(run / "runs")], threads=max(1, (os.cpu_count() or 1) // processes))
+    launch(
+        processes,
+        [
+            "train_multimodal_brain_flickr8k.py",
+            "--demo",
+            "--root_dir",
+            str(root),
+            "--epochs",
+            "1",
+            "--log_every",
+            "10",
+            "--device",
+            device,
+            "--num_workers",
+            str(workers),
+            "--savedir",
+            str(run / "ckpt"),
+            "--logdir",
+            str(run / "runs"),
+        ],
+        threads=max(1, (os.cpu_count() or 1) // processes),
+    )
     events = EventAccumulator(str(run / "runs"), size_guidance={"scalars": 0})
     events.Reload()
     return statistics.mean(e.value for e in events.Scalars("train/samples_per_sec")[1:])
@@ -83,13 +106,26 @@ def main() -> None:
         one = throughput(1, root, Path(folder), args.device, args.workers)
         many = throughput(args.processes, root, Path(folder), args.device, args.workers)
     local_batch, width = 32 // args.processes, 128  # the demo's global batch and d_shared
-    gather = launch(args.processes, [str(Path(__file__).resolve()), "--device", args.device, "--gather-worker",
-                                     str(local_batch), str(width)], threads=1)
-    print(json.dumps({"bench": "ddp_scaling", "config": "demo", "device": args.device, "cores": os.cpu_count(),
-                      "samples_per_s_1": round(one, 1), f"samples_per_s_{args.processes}": round(many, 1),
-                      "speedup": round(many / one, 2),
-                      "gather_with_grad_ms": json.loads(gather.stdout.strip().splitlines()[-1])["gather_ms"],
-                      "gathered": f"{args.processes} x ({local_batch}, {width}) float32"}))
+    gather = launch(
+        args.processes,
+        [str(Path(__file__).resolve()), "--device", args.device, "--gather-worker", str(local_batch), str(width)],
+        threads=1,
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "ddp_scaling",
+                "config": "demo",
+                "device": args.device,
+                "cores": os.cpu_count(),
+                "samples_per_s_1": round(one, 1),
+                f"samples_per_s_{args.processes}": round(many, 1),
+                "speedup": round(many / one, 2),
+                "gather_with_grad_ms": json.loads(gather.stdout.strip().splitlines()[-1])["gather_ms"],
+                "gathered": f"{args.processes} x ({local_batch}, {width}) float32",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

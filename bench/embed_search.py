@@ -6,6 +6,7 @@ Data: Flickr8k-sized photo-like JPEGs (bench/loader.py's). Model: the demo archi
 
     python bench/embed_search.py [--images 200] [--workers 2] [--device cpu|cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,24 @@ from brain_trainer.runtime import Runtime
 
 def demo_brain(captions: list[str], device: torch.device) -> Brain:
     tokenizer_json = fd.train_caption_tokenizer(captions, DEMO_SETTINGS["vocab_size"]).backend_tokenizer.to_str()
-    config = {**BrainConfig().to_dict(), **DEMO_SETTINGS, "text_vocab_size": 0, "precision": "fp32", "cache_images": False}
+    config = {
+        **BrainConfig().to_dict(),
+        **DEMO_SETTINGS,
+        "text_vocab_size": 0,
+        "precision": "fp32",
+        "cache_images": False,
+    }
     tokenizer = fd.tokenizer_from_json(tokenizer_json)
     config["text_vocab_size"] = len(tokenizer)
     model = BrainModel(BrainConfig.from_dict(config), pretrained=False).eval()
-    brain = Brain(model=model, config=config, tokenizer=tokenizer, tokenizer_json=tokenizer_json,
-                  checkpoint_sha256="bench", source=Path("bench"))
+    brain = Brain(
+        model=model,
+        config=config,
+        tokenizer=tokenizer,
+        tokenizer_json=tokenizer_json,
+        checkpoint_sha256="bench",
+        source=Path("bench"),
+    )
     return brain.to(device, "fp16" if device.type == "cuda" else "fp32")
 
 
@@ -55,11 +68,19 @@ def eval_loader_images_per_second(brain: Brain, split: fd.Split, workers: int, b
 
     @torch.no_grad()
     def run() -> None:
-        loader = eval_loader(split, fd.JpegImages(split.image_paths()), image_size=brain.preprocess.image_size,
-                             batch_size=batch_size, num_workers=workers, runtime=runtime, seed=0)
+        loader = eval_loader(
+            split,
+            fd.JpegImages(split.image_paths()),
+            image_size=brain.preprocess.image_size,
+            batch_size=batch_size,
+            num_workers=workers,
+            runtime=runtime,
+            seed=0,
+        )
         for images, _ in loader:
             with brain.autocast():
                 brain.model.encode_image(images_to_device(images, brain.device)).cpu()
+
     return len(split.images) / timed(run)
 
 
@@ -89,11 +110,17 @@ def main() -> None:
         split = fd.load_splits(root)["train"]
         brain = demo_brain(split.captions, device)
         embed = lambda: embed_files(brain, split.image_paths(), batch_size=args.batch_size, num_workers=args.workers)
-        result = {"images": len(split.images), "workers": args.workers, "batch_size": args.batch_size,
-                  "device": str(device), "precision": brain.precision,
-                  "embed_images_per_s": round(len(split.images) / timed(embed), 1),
-                  "eval_loader_images_per_s": round(eval_loader_images_per_second(brain, split, args.workers,
-                                                                                   args.batch_size), 1)}
+        result = {
+            "images": len(split.images),
+            "workers": args.workers,
+            "batch_size": args.batch_size,
+            "device": str(device),
+            "precision": brain.precision,
+            "embed_images_per_s": round(len(split.images) / timed(embed), 1),
+            "eval_loader_images_per_s": round(
+                eval_loader_images_per_second(brain, split, args.workers, args.batch_size), 1
+            ),
+        }
     for width in (128, 512):
         for queries in (1, 100):
             result[f"search_100k_d{width}_q{queries}_ms"] = round(search_latency_ms(width, device, queries), 2)

@@ -6,6 +6,7 @@ Prints one JSON object.
 
     python bench/loader.py [--images 200] [--workers 2] [--image_size 224]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,16 @@ def photo_like_dataset(root: Path, images: int) -> Path:
 
 def samples_per_second(dataset: fd.Flickr8kDataset, collate, workers: int, batch_size: int = 32) -> float:
     sampler = fd.ResumableSampler(len(dataset), seed=0, global_batch=batch_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                        drop_last=True, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
     for _ in loader:  # one pass to start the workers and warm the page cache
         break
     started, samples = time.perf_counter(), 0
@@ -60,16 +69,31 @@ def main() -> None:
         collate = fd.CaptionCollator(fd.train_caption_tokenizer(split.captions, 1000), max_text_len=32)
         augment = TrainAugment(args.image_size)
         started = time.perf_counter()
-        cache = fd.build_image_cache(split.image_paths(), args.image_size, Path(folder) / "cache", args.workers,
-                                     progress=False)
+        cache = fd.build_image_cache(
+            split.image_paths(), args.image_size, Path(folder) / "cache", args.workers, progress=False
+        )
         build_seconds = time.perf_counter() - started
-        jpeg = samples_per_second(fd.Flickr8kDataset(split, fd.JpegImages(split.image_paths()), augment), collate, args.workers)
+        jpeg = samples_per_second(
+            fd.Flickr8kDataset(split, fd.JpegImages(split.image_paths()), augment), collate, args.workers
+        )
         cached = samples_per_second(fd.Flickr8kDataset(split, cache, augment), collate, args.workers)
         jpeg_bytes = sum(p.stat().st_size for p in split.image_paths()) / len(split.images)
-    print(json.dumps({"bench": "loader", "images": len(split.images), "samples": len(split), "workers": args.workers,
-                      "image_size": args.image_size, "mean_jpeg_kb": round(jpeg_bytes / 1024),
-                      "jpeg_samples_per_s": round(jpeg), "cache_samples_per_s": round(cached),
-                      "cache_over_jpeg": round(cached / jpeg, 2), "cache_build_s": round(build_seconds, 2)}))
+    print(
+        json.dumps(
+            {
+                "bench": "loader",
+                "images": len(split.images),
+                "samples": len(split),
+                "workers": args.workers,
+                "image_size": args.image_size,
+                "mean_jpeg_kb": round(jpeg_bytes / 1024),
+                "jpeg_samples_per_s": round(jpeg),
+                "cache_samples_per_s": round(cached),
+                "cache_over_jpeg": round(cached / jpeg, 2),
+                "cache_build_s": round(build_seconds, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ peak RSS, and on both the peak of activations held for backward).
 The first epoch warms up (allocator, kernels, compilation) and is not counted; evaluation and saves (epoch ends)
 are not part of either figure. The bare loop takes as many steps as the counted epochs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from brain_trainer import build, trainer as trainer_module
+from brain_trainer import build
+from brain_trainer import trainer as trainer_module
 from brain_trainer.config import parse_args
 from brain_trainer.data.augment import normalize_images
 from brain_trainer.data.sample_data import write_sample_dataset
@@ -35,17 +37,45 @@ from brain_trainer.trainer import Trainer
 
 # The default architecture (ResNet-50, a 6-layer 768-wide text encoder, 224 px) without downloads: the scratch
 # BERT has DistilBERT's shape (6 layers, 768 wide, 12 heads, 3072 feed-forward).
-SIZES = {"demo": ["--demo"],
-         "default": ["--image_encoder", "resnet50", "--image_weights", "none", "--text_encoder", "scratch",
-                     "--scratch_text_width", "768", "--scratch_text_layers", "6"]}
+SIZES = {
+    "demo": ["--demo"],
+    "default": [
+        "--image_encoder",
+        "resnet50",
+        "--image_weights",
+        "none",
+        "--text_encoder",
+        "scratch",
+        "--scratch_text_width",
+        "768",
+        "--scratch_text_layers",
+        "6",
+    ],
+}
 
 
 def trainer_for(args: argparse.Namespace, folder: Path) -> Trainer:
     """A Trainer assembled by the CLI's own build steps over generated data (cache on)."""
     root = write_sample_dataset(folder / "flickr8k", images=args.images, val=10, test=10, seed=1)
-    argv = [*SIZES[args.size], "--root_dir", str(root), "--savedir", str(folder / "ckpt"), "--logdir",
-            str(folder / "runs"), "--device", args.device, "--num_workers", str(args.workers), "--epochs", "100",
-            "--log_every", str(args.log_every or 10**6), "--accum_steps", str(args.accum_steps)]
+    argv = [
+        *SIZES[args.size],
+        "--root_dir",
+        str(root),
+        "--savedir",
+        str(folder / "ckpt"),
+        "--logdir",
+        str(folder / "runs"),
+        "--device",
+        args.device,
+        "--num_workers",
+        str(args.workers),
+        "--epochs",
+        "100",
+        "--log_every",
+        str(args.log_every or 10**6),
+        "--accum_steps",
+        str(args.accum_steps),
+    ]
     argv += ["--precision", args.precision] if args.precision else []
     argv += ["--batch_size", str(args.batch_size)] if args.batch_size else []
     argv += ["--compile"] if args.compile else []
@@ -55,14 +85,18 @@ def trainer_for(args: argparse.Namespace, folder: Path) -> Trainer:
     run = build.build(command, resume, runtime, log)
     if args.channels_last:
         run.model.image_encoder.to(memory_format=torch.channels_last)
-    return build.make_trainer(run, resume, command.options, runtime, log, storage=build.savedir_storage(command.options))
+    return build.make_trainer(
+        run, resume, command.options, runtime, log, storage=build.savedir_storage(command.options)
+    )
 
 
 def images_to_device(channels_last: bool):
     """The project's batch-to-device step, with the memory format the bench asks for."""
+
     def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
         layout = torch.channels_last if channels_last else torch.contiguous_format
         return normalize_images(images.to(device, non_blocking=True)).contiguous(memory_format=layout)
+
     return to_device
 
 
@@ -83,8 +117,13 @@ def timed_epochs(trainer: Trainer, epochs: int) -> tuple[int, float, float]:
 def device_batches(trainer: Trainer, count: int, to_device) -> list[tuple[torch.Tensor, ...]]:
     batches = []
     for batch in trainer.loaders.train:
-        batches.append((to_device(batch["images"], trainer.runtime.device),
-                        batch["input_ids"].to(trainer.runtime.device), batch["attention_mask"].to(trainer.runtime.device)))
+        batches.append(
+            (
+                to_device(batch["images"], trainer.runtime.device),
+                batch["input_ids"].to(trainer.runtime.device),
+                batch["attention_mask"].to(trainer.runtime.device),
+            )
+        )
         if len(batches) == count:
             return batches
     return batches
@@ -99,7 +138,9 @@ def bare_step(trainer: Trainer, inputs: tuple[torch.Tensor, ...]) -> None:
             loss = trainer.loss(*trainer.step_model(*inputs))
         scaler.scale(loss).backward()
     else:
-        trainer.accumulation.backward(inputs, trainer.settings.accum_steps, lambda value: scaler.scale(value).backward())
+        trainer.accumulation.backward(
+            inputs, trainer.settings.accum_steps, lambda value: scaler.scale(value).backward()
+        )
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.settings.grad_clip or float("inf"))
     scaler.step(optimizer)
@@ -187,23 +228,39 @@ def measure(args: argparse.Namespace) -> dict:
         trainer.checkpointer.close()
     loop, bare = samples / seconds, bare_samples / bare_seconds
     mib = lambda value: None if value is None else round(value / 2**20, 1)
-    return {"bench": "loop_efficiency", "device": args.device, "size": args.size, "precision": trainer.settings.precision,
-            "compile": args.compile, "channels_last": args.channels_last, "batch_size": trainer.settings.batch_size,
-            "accum_steps": trainer.settings.accum_steps, "workers": args.workers, "steps": samples // trainer.settings.batch_size,
-            "loop_samples_per_s": round(loop, 2), "bare_samples_per_s": round(bare, 2),
-            "loop_over_bare": round(loop / bare, 3), "data_wait": round(wait / seconds, 4),
-            "peak_gpu_mib_loop": mib(loop_peak), "peak_gpu_mib_bare": mib(bare_peak),
-            "peak_saved_for_backward_mib": mib(saved.peak),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "bench": "loop_efficiency",
+        "device": args.device,
+        "size": args.size,
+        "precision": trainer.settings.precision,
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "batch_size": trainer.settings.batch_size,
+        "accum_steps": trainer.settings.accum_steps,
+        "workers": args.workers,
+        "steps": samples // trainer.settings.batch_size,
+        "loop_samples_per_s": round(loop, 2),
+        "bare_samples_per_s": round(bare, 2),
+        "loop_over_bare": round(loop / bare, 3),
+        "data_wait": round(wait / seconds, 4),
+        "peak_gpu_mib_loop": mib(loop_peak),
+        "peak_gpu_mib_bare": mib(bare_peak),
+        "peak_saved_for_backward_mib": mib(saved.peak),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--size", choices=tuple(SIZES), default="demo")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: the run's (fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "fp16", "bf16"), help="default: the run's (fp16 on CUDA, fp32 on CPU)"
+    )
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--channels_last", action="store_true", help="image encoder and inputs channels-last (always on CUDA)")
+    parser.add_argument(
+        "--channels_last", action="store_true", help="image encoder and inputs channels-last (always on CUDA)"
+    )
     parser.add_argument("--batch_size", type=int, help="the global batch (default: the size's)")
     parser.add_argument("--accum_steps", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="loader processes (the CLI's default: 2)")

@@ -5,6 +5,7 @@ for the whole run.
 
     python bench/resume_memory.py     # each measurement in a fresh process
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,22 @@ from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import Runtime
 from brain_trainer.trainer import TrainState
 
-DEFAULT_SIZE = ["--image_encoder", "resnet50", "--image_weights", "none", "--text_encoder", "scratch",
-                "--scratch_text_width", "768", "--scratch_text_layers", "6", "--num_workers", "0", "--batch_size", "8"]
+DEFAULT_SIZE = [
+    "--image_encoder",
+    "resnet50",
+    "--image_weights",
+    "none",
+    "--text_encoder",
+    "scratch",
+    "--scratch_text_width",
+    "768",
+    "--scratch_text_layers",
+    "6",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "8",
+]
 
 
 def resident_mib() -> float:
@@ -45,18 +60,28 @@ def write_checkpoint(folder: Path, root: Path) -> Path:
         parameter.grad = torch.zeros_like(parameter)
     run.optimizer.step()  # the AdamW moments, as in a real run
     path = folder / "last_brain_v2.pt"
-    save_checkpoint(make_checkpoint(model=run.model, optimizer=run.optimizer, scaler=run.scaler,
-                                    train_state=TrainState(epoch=0, global_step=1).state_dict(), config={},
-                                    tokenizer=run.data.tokenizer_json, rng_states=[capture_rng_state()],
-                                    run={"id": "bench", "parent": None, "started_ns": 0}), str(path))
+    save_checkpoint(
+        make_checkpoint(
+            model=run.model,
+            optimizer=run.optimizer,
+            scaler=run.scaler,
+            train_state=TrainState(epoch=0, global_step=1).state_dict(),
+            config={},
+            tokenizer=run.data.tokenizer_json,
+            rng_states=[capture_rng_state()],
+            run={"id": "bench", "parent": None, "started_ns": 0},
+        ),
+        str(path),
+    )
     runtime.close()
     return path
 
 
 def measure(path: Path, root: Path, keep: bool) -> float:
     """Resident MiB after `build` restored `path` (in a process that did nothing else)."""
-    command = parse_args(["--root_dir", str(root), "--savedir", str(path.parent / "ckpt"), "--resume", str(path),
-                          *DEFAULT_SIZE])
+    command = parse_args(
+        ["--root_dir", str(root), "--savedir", str(path.parent / "ckpt"), "--resume", str(path), *DEFAULT_SIZE]
+    )
     runtime, log = Runtime.start("cpu"), RunLog(enabled=False)
     resume = build.choose_checkpoint(command.options, runtime, log)
     held = [resume.checkpoint] if keep else []  # the whole file, referenced for the run, as before
@@ -79,13 +104,24 @@ def main() -> None:
         path = write_checkpoint(Path(folder), root)
         resident = {}
         for keep in (True, False):  # each in a fresh process: nothing else in its memory
-            answer = subprocess.run([sys.executable, __file__, "--measure", str(path), str(root)] + ["--keep"] * keep,
-                                    capture_output=True, text=True, check=True)
+            answer = subprocess.run(
+                [sys.executable, __file__, "--measure", str(path), str(root)] + ["--keep"] * keep,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             resident[keep] = float(answer.stdout.split()[-1])
-        print(json.dumps({"bench": "resume_memory", "checkpoint_mib": round(path.stat().st_size / 2**20),
-                          "resident_checkpoint_kept_mib": round(resident[True]),
-                          "resident_checkpoint_dropped_mib": round(resident[False]),
-                          "saved_mib": round(resident[True] - resident[False])}))
+        print(
+            json.dumps(
+                {
+                    "bench": "resume_memory",
+                    "checkpoint_mib": round(path.stat().st_size / 2**20),
+                    "resident_checkpoint_kept_mib": round(resident[True]),
+                    "resident_checkpoint_dropped_mib": round(resident[False]),
+                    "saved_mib": round(resident[True] - resident[False]),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

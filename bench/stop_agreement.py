@@ -4,6 +4,7 @@ processes. Prints one JSON line (from the main process): microseconds per call.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 bench/stop_agreement.py [--calls 2000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,17 @@ def main() -> None:
             runtime.agree_to_stop(False)
         rounds.append((time.perf_counter() - started) / args.calls)
     if runtime.is_main:
-        print(json.dumps({"bench": "stop_agreement", "device": args.device, "processes": runtime.world_size,
-                          "us_per_step_median": round(1e6 * statistics.median(rounds[1:]), 1),
-                          "us_per_step_min": round(1e6 * min(rounds[1:]), 1)}))
+        print(
+            json.dumps(
+                {
+                    "bench": "stop_agreement",
+                    "device": args.device,
+                    "processes": runtime.world_size,
+                    "us_per_step_median": round(1e6 * statistics.median(rounds[1:]), 1),
+                    "us_per_step_min": round(1e6 * min(rounds[1:]), 1),
+                }
+            )
+        )
     runtime.close()
 
 

@@ -6,6 +6,7 @@ Prints one JSON object.
 
     python bench/train_throughput.py [--device cpu|cuda] [--workers 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,23 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = write_sample_dataset(Path(folder) / "flickr8k")
-        argv = ["--demo", "--root_dir", str(root), "--epochs", "1", "--log_every", "10", "--device", args.device,
-                "--num_workers", str(args.workers), "--savedir", f"{folder}/ckpt", "--logdir", f"{folder}/runs"]
+        argv = [
+            "--demo",
+            "--root_dir",
+            str(root),
+            "--epochs",
+            "1",
+            "--log_every",
+            "10",
+            "--device",
+            args.device,
+            "--num_workers",
+            str(args.workers),
+            "--savedir",
+            f"{folder}/ckpt",
+            "--logdir",
+            f"{folder}/runs",
+        ]
         with contextlib.redirect_stdout(io.StringIO()):
             status = trainer.main(argv)
         assert status == 0, f"the run failed with status {status}"
@@ -38,9 +54,18 @@ def main() -> None:
         events.Reload()
         throughput = [e.value for e in events.Scalars("train/samples_per_sec")][1:]  # the first window starts workers
         waiting = [e.value for e in events.Scalars("train/data_wait")][1:]
-    print(json.dumps({"bench": "train_throughput", "config": "demo", "device": args.device, "workers": args.workers,
-                      "samples_per_s": round(statistics.mean(throughput), 1),
-                      "data_wait_fraction": round(statistics.mean(waiting), 4)}))
+    print(
+        json.dumps(
+            {
+                "bench": "train_throughput",
+                "config": "demo",
+                "device": args.device,
+                "workers": args.workers,
+                "samples_per_s": round(statistics.mean(throughput), 1),
+                "data_wait_fraction": round(statistics.mean(waiting), 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """`python -m brain_trainer ...` is the `brain-trainer` command."""
+
 import sys
 
 from brain_trainer.cli import main

@@ -11,10 +11,11 @@ other. BatchNorm in training mode does depend on its batch: each micro-batch is 
 as in any accumulation, and its running statistics are updated once per micro-batch (by the re-run; the first
 pass's updates are undone).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Callable
 
 import torch
 
@@ -34,16 +35,22 @@ def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch
 
 
 def batchnorm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [buffer for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-            for buffer in module.buffers()]
+    return [
+        buffer
+        for module in model.modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        for buffer in module.buffers()
+    ]
 
 
 def accumulation_note(model: torch.nn.Module, steps: int) -> str | None:
     """The ⚠ line when accumulation is not exact for this model (BatchNorm in training mode), else None."""
     if steps == 1 or not batchnorm_buffers(model):
         return None
-    return (f"⚠ --accum_steps {steps}: BatchNorm normalises each micro-batch by its own statistics, so the update "
-            f"is close to, not the same as, the one-big-batch update")
+    return (
+        f"⚠ --accum_steps {steps}: BatchNorm normalises each micro-batch by its own statistics, so the update "
+        f"is close to, not the same as, the one-big-batch update"
+    )
 
 
 class GradientCache:
@@ -55,13 +62,22 @@ class GradientCache:
     processes all-reduce once, after the last micro-batch.
     """
 
-    def __init__(self, *, forward: Forward, plain: torch.nn.Module, loss: Loss, autocast: Callable,
-                 no_sync: Callable[[], AbstractContextManager], device: torch.device):
+    def __init__(
+        self,
+        *,
+        forward: Forward,
+        plain: torch.nn.Module,
+        loss: Loss,
+        autocast: Callable,
+        no_sync: Callable[[], AbstractContextManager],
+        device: torch.device,
+    ):
         self.forward, self.plain, self.loss, self.autocast = forward, plain, loss, autocast
         self.no_sync, self.device = no_sync, device
 
-    def backward(self, inputs: tuple[torch.Tensor, ...], steps: int,
-                 backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    def backward(
+        self, inputs: tuple[torch.Tensor, ...], steps: int, backward: Callable[[torch.Tensor], None]
+    ) -> torch.Tensor:
         """`backward(loss)` runs the loss's own backward (the GradScaler's scaling goes there)."""
         micro_batches = list(zip(*(tensor.chunk(steps) for tensor in inputs)))
         states, (image, text, scale) = self._embed(micro_batches)
@@ -76,7 +92,9 @@ class GradientCache:
                 with self.autocast():
                     image_part, text_part, scale_part = self.forward(*micro_batch)
                 size = len(image_part)
-                surrogate = (image_part * image.grad[rows:rows + size]).sum() + (text_part * text.grad[rows:rows + size]).sum()
+                surrogate = (image_part * image.grad[rows : rows + size]).sum() + (
+                    text_part * text.grad[rows : rows + size]
+                ).sum()
                 if last:  # the temperature's gradient, once, in the backward that all-reduces
                     surrogate = surrogate + scale_part * scale.grad
                 surrogate.backward()
@@ -98,4 +116,3 @@ class GradientCache:
                 buffer.copy_(saved)
         leaves = [torch.cat(images), torch.cat(texts), scale.detach().clone()]
         return states, [leaf.requires_grad_() for leaf in leaves]
-

@@ -4,11 +4,12 @@ told apart only by a learned modality embedding), and are pooled into L2-normali
 a CLIP-style symmetric InfoNCE loss pulls together. Architecture and loss only: no files, no optimisers,
 no processes (the loss gets its gather from the runtime).
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -44,7 +45,7 @@ class BrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "BrainConfig":
+    def from_dict(cls, values: dict) -> BrainConfig:
         """Takes the architecture keys of any dict (a checkpoint's run config holds more)."""
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
@@ -62,6 +63,7 @@ def torchvision_weights(config: BrainConfig, pretrained: bool):
     weights = torchvision.models.get_model_weights(config.image_encoder)
     return weights.DEFAULT if name == "DEFAULT" else weights[name.split(".")[-1]]  # IMAGENET1K_V1 or its full name
 
+
 class ImageEncoder(nn.Module):
     """A torchvision CNN classifier without its pooling and classifier: image -> a grid of token features."""
 
@@ -74,8 +76,10 @@ class ImageEncoder(nn.Module):
                 break
             trunk[name] = child
         self.trunk = nn.Sequential(trunk)
-        refusal = (f"--image_encoder {config.image_encoder}: not a convolutional classifier; use a resnet, "
-                   f"shufflenet, mobilenet, efficientnet, convnext or regnet model")
+        refusal = (
+            f"--image_encoder {config.image_encoder}: not a convolutional classifier; use a resnet, "
+            f"shufflenet, mobilenet, efficientnet, convnext or regnet model"
+        )
         with torch.no_grad():  # one probe, in eval mode, tells the feature width and grid size
             try:
                 grid = self.trunk.eval()(torch.zeros(1, 3, config.image_size, config.image_size))
@@ -100,11 +104,19 @@ def build_text_backbone(config: BrainConfig, pretrained: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
     if config.text_encoder == "scratch":
-        return BertModel(BertConfig(
-            vocab_size=config.text_vocab_size, hidden_size=config.scratch_text_width,
-            num_hidden_layers=config.scratch_text_layers, num_attention_heads=scratch_text_heads(config.scratch_text_width),
-            intermediate_size=4 * config.scratch_text_width, max_position_embeddings=max(config.max_text_len, 8),
-            hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout), add_pooling_layer=False)
+        return BertModel(
+            BertConfig(
+                vocab_size=config.text_vocab_size,
+                hidden_size=config.scratch_text_width,
+                num_hidden_layers=config.scratch_text_layers,
+                num_attention_heads=scratch_text_heads(config.scratch_text_width),
+                intermediate_size=4 * config.scratch_text_width,
+                max_position_embeddings=max(config.max_text_len, 8),
+                hidden_dropout_prob=config.dropout,
+                attention_probs_dropout_prob=config.dropout,
+            ),
+            add_pooling_layer=False,
+        )
     if pretrained:
         return AutoModel.from_pretrained(config.text_encoder)
     return AutoModel.from_config(AutoConfig.from_pretrained(config.text_encoder))
@@ -128,10 +140,10 @@ class BrainModel(nn.Module):
         # Image tokens come from a fixed grid, so a learned position per cell tells "left" from "right".
         self.image_pos = nn.Parameter(torch.zeros(1, self.image_encoder.num_tokens, d))
         self.modality = nn.Embedding(2, d)
-        layer = nn.TransformerEncoderLayer(d, config.brain_heads, 4 * d, config.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.brain = nn.TransformerEncoder(layer, config.brain_layers, norm=nn.LayerNorm(d),
-                                           enable_nested_tensor=False)
+        layer = nn.TransformerEncoderLayer(
+            d, config.brain_heads, 4 * d, config.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.brain = nn.TransformerEncoder(layer, config.brain_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
         nn.init.normal_(self.image_pos, std=0.02)
 
@@ -154,8 +166,9 @@ class BrainModel(nn.Module):
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
         return self._pool(self.text_proj(hidden), TEXT, attention_mask == 0)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image and text embeddings of a batch of pairs, and the loss's temperature (as open_clip returns it)."""
         return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.logit_scale
 

@@ -4,6 +4,7 @@ and the start of training (claiming the folders, the RNG, TensorBoard). Every pr
 the main process may do (choose a file, claim a folder) goes through the runtime. Nothing here prints but
 through the run log, and nothing here trains.
 """
+
 from __future__ import annotations
 
 import time
@@ -15,13 +16,33 @@ from pathlib import Path
 import torch
 
 from brain_trainer.brain_model import BrainConfig, BrainModel, UnsupportedEncoder, is_weights_file
-from brain_trainer.checkpointing import (Checkpointer, CheckpointError, Discovery, checkpoint_in_folder,
-                                         claim_savedir, find_latest_checkpoint, load_checkpoint, load_for_resume,
-                                         load_model_weights, locate, model_weights, open_storage, restore_rng_state,
-                                         restore_training_state, rng_states_of)
+from brain_trainer.checkpointing import (
+    Checkpointer,
+    CheckpointError,
+    Discovery,
+    checkpoint_in_folder,
+    claim_savedir,
+    find_latest_checkpoint,
+    load_checkpoint,
+    load_for_resume,
+    load_model_weights,
+    locate,
+    model_weights,
+    open_storage,
+    restore_rng_state,
+    restore_training_state,
+    rng_states_of,
+)
 from brain_trainer.checkpointing.storage import Lock, Storage
-from brain_trainer.config import (CommandLine, ConfigError, RunOptions, TrainSettings, check_settings, resolve_settings,
-                                  with_saved_data)
+from brain_trainer.config import (
+    CommandLine,
+    ConfigError,
+    RunOptions,
+    TrainSettings,
+    check_settings,
+    resolve_settings,
+    with_saved_data,
+)
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, derive_seed
 from brain_trainer.data.loaders import Data, build_loaders, check_split_sizes, eval_loader, image_source, load_data
 from brain_trainer.evaluation import Evaluator
@@ -36,6 +57,7 @@ DECAY_GROUPS = ("decay", "no_decay")  # AdamW's parameter groups, by name
 class Resume:
     """The checkpoint a run resumes from. `checkpoint` (the whole file, weights and Adam moments) is dropped
     once `build` has restored it; what the run still needs afterwards is kept beside it."""
+
     location: str | None
     checkpoint: dict | None
     unreadable: list[tuple[str, str]]  # names `--resume auto` could not read: set aside before the run writes
@@ -51,6 +73,7 @@ class Resume:
 @dataclass
 class Run:
     """What `build` makes: the settings resolved, the data, the model and its optimiser, where the run is."""
+
     model_config: BrainConfig
     settings: TrainSettings
     data: Data
@@ -65,6 +88,7 @@ class Run:
 @dataclass
 class Training:
     """A started run: its Trainer and the lock that makes the checkpoint folder its own (main process)."""
+
     trainer: Trainer
     lock: Lock | None
 
@@ -76,6 +100,7 @@ def savedir_storage(options: RunOptions) -> Storage:
 def choose_checkpoint(options: RunOptions, runtime: Runtime, log: RunLog) -> Resume:
     """The main process picks the file (`auto`: newest of the newest run; a folder: its newest); every process
     loads it to the CPU."""
+
     def choose() -> Discovery:
         if options.resume != "auto":
             storage, name = locate(options.resume, options.storage_options)
@@ -83,15 +108,17 @@ def choose_checkpoint(options: RunOptions, runtime: Runtime, log: RunLog) -> Res
             return Discovery(checkpoint_in_folder(folder) if storage.kind(name) == "folder" else options.resume, [])
         found = find_latest_checkpoint(savedir_storage(options), log=log.print)
         if found.location is None and options.eval_only:
-            raise CheckpointError(f"--eval_only --resume auto: no checkpoint in {options.savedir} to evaluate; "
-                                  f"pass --resume PATH")
+            raise CheckpointError(
+                f"--eval_only --resume auto: no checkpoint in {options.savedir} to evaluate; pass --resume PATH"
+            )
         if found.location is None:
             log.print(f"--resume auto: no loadable checkpoint in {options.savedir}; starting a fresh run")
         return found
 
     found = runtime.on_main(choose) if options.resume else Discovery(None, [])
-    checkpoint = (load_for_resume(found.location, options.allow_nonfinite, options.storage_options)
-                  if found.location else None)
+    checkpoint = (
+        load_for_resume(found.location, options.allow_nonfinite, options.storage_options) if found.location else None
+    )
     return Resume(found.location, checkpoint, found.unreadable)
 
 
@@ -102,18 +129,24 @@ def build_model(model_config: BrainConfig, pretrained: bool) -> BrainModel:
     except UnsupportedEncoder as error:
         raise ConfigError(str(error)) from None
     except urllib.error.URLError:  # torchvision downloads weights with urllib
-        raise ConfigError(f"--image_weights {model_config.image_weights}: weights for {model_config.image_encoder} "
-                          f"could not be downloaded (no network?); give a local weights file or none") from None
+        raise ConfigError(
+            f"--image_weights {model_config.image_weights}: weights for {model_config.image_encoder} "
+            f"could not be downloaded (no network?); give a local weights file or none"
+        ) from None
     except (OSError, ValueError) as error:  # transformers reports a failed download or a bad folder so
-        raise ConfigError(f"--text_encoder {model_config.text_encoder}: could not be loaded "
-                          f"({str(error).splitlines()[0][:120]}); give a local folder, or use --text_encoder scratch") from None
+        raise ConfigError(
+            f"--text_encoder {model_config.text_encoder}: could not be loaded "
+            f"({str(error).splitlines()[0][:120]}); give a local folder, or use --text_encoder scratch"
+        ) from None
 
 
 def build_optimizer(model: torch.nn.Module, settings: TrainSettings, device: torch.device) -> torch.optim.AdamW:
     """AdamW with CLIP's betas; weight decay on matrices only, never on biases, norms or the temperature."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
-              {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
+        {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
 
 
@@ -131,15 +164,23 @@ def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -
     command, data_note = with_saved_data(command, (checkpoint or {}).get("data"))
     options = command.options
     model_config, settings, overridden, from_checkpoint = resolve_settings(
-        command.given, (checkpoint or {}).get("config"), options.demo, str(resume.location))
+        command.given, (checkpoint or {}).get("config"), options.demo, str(resume.location)
+    )
     check_settings(options, model_config, settings, runtime.world_size, from_checkpoint)
     settings = replace(settings, precision=runtime.resolve_precision(settings.precision))  # the file records it
     runtime.seed(settings.seed, options.deterministic)
     if data_note:
         log.print(data_note)
-    data = load_data(root_dir=options.root_dir, annotations=options.annotations, demo=options.demo,
-                     text_encoder=model_config.text_encoder, vocab_size=settings.vocab_size,
-                     saved_tokenizer=(checkpoint or {}).get("tokenizer"), runtime=runtime, log=log)
+    data = load_data(
+        root_dir=options.root_dir,
+        annotations=options.annotations,
+        demo=options.demo,
+        text_encoder=model_config.text_encoder,
+        vocab_size=settings.vocab_size,
+        saved_tokenizer=(checkpoint or {}).get("tokenizer"),
+        runtime=runtime,
+        log=log,
+    )
     check_split_sizes(data.splits, batch_size=settings.batch_size, eval_split=options.eval_only and options.eval_split)
     if model_config.text_encoder == "scratch":
         model_config = replace(model_config, text_vocab_size=len(data.tokenizer))
@@ -151,19 +192,32 @@ def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -
     state = TrainState()
     if checkpoint is not None and options.eval_only:  # the weights alone: no optimizer, no position to report
         weights = load_model_weights(model, model_weights(checkpoint, resume.location), resume.location)
-        log.resume_block(location=resume.location, lines=weights.lines, checkpoint=None, overridden=[],
-                         fingerprint={})
+        log.resume_block(location=resume.location, lines=weights.lines, checkpoint=None, overridden=[], fingerprint={})
     elif checkpoint is not None:
-        lines = restore_training_state(checkpoint=checkpoint, path=resume.location, model=model, optimizer=optimizer,
-                                       scaler=scaler, precision=settings.precision,
-                                       architecture=model_config.to_dict(), state=state)
+        lines = restore_training_state(
+            checkpoint=checkpoint,
+            path=resume.location,
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            precision=settings.precision,
+            architecture=model_config.to_dict(),
+            state=state,
+        )
         apply_group_settings(optimizer, settings)
         if state.samples_seen > len(data.splits["train"]):
-            raise CheckpointError(f"{resume.location}: field 'data_state.samples_seen' is {state.samples_seen}, "
-                                  f"beyond the epoch's {len(data.splits['train'])} samples; the file is damaged "
-                                  f"(or of other data): resume from another checkpoint")
-        log.resume_block(location=resume.location, lines=lines, checkpoint=checkpoint, overridden=overridden,
-                         fingerprint=data.splits["train"].fingerprint())
+            raise CheckpointError(
+                f"{resume.location}: field 'data_state.samples_seen' is {state.samples_seen}, "
+                f"beyond the epoch's {len(data.splits['train'])} samples; the file is damaged "
+                f"(or of other data): resume from another checkpoint"
+            )
+        log.resume_block(
+            location=resume.location,
+            lines=lines,
+            checkpoint=checkpoint,
+            overridden=overridden,
+            fingerprint=data.splits["train"].fingerprint(),
+        )
     resume.drop_checkpoint()  # the weights and moments now live in the model and optimiser: no second copy
     if note := runtime.batchnorm_note(model):
         log.print(note)
@@ -172,7 +226,9 @@ def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -
 
 def load_image_weights_file(model: BrainModel, path: str, log: RunLog) -> None:
     report = load_model_weights(model.image_encoder.trunk, model_weights(load_checkpoint(path), path), path)
-    log.print(f"✓ Image weights from {path}: {report.loaded} tensors ({100 * report.loaded_fraction:.0f}% of the trunk)")
+    log.print(
+        f"✓ Image weights from {path}: {report.loaded} tensors ({100 * report.loaded_fraction:.0f}% of the trunk)"
+    )
 
 
 def _cache_dir(options: RunOptions) -> Path:
@@ -182,44 +238,95 @@ def _cache_dir(options: RunOptions) -> Path:
 def make_evaluator(run: Run, split_name: str, images, options: RunOptions, runtime: Runtime) -> Evaluator:
     """The evaluator of one split: the same for the epoch end and for `eval`."""
     split = run.data.splits[split_name]
-    loader = eval_loader(split, images, image_size=run.model_config.image_size, batch_size=run.settings.batch_size,
-                         num_workers=options.num_workers, runtime=runtime, seed=run.settings.seed)
-    return Evaluator(model=run.model, split=split, images=images, image_loader=loader,
-                     collator=CaptionCollator(run.data.tokenizer, run.model_config.max_text_len),
-                     autocast=run.autocast, runtime=runtime, caption_batch=4 * run.settings.batch_size)
+    loader = eval_loader(
+        split,
+        images,
+        image_size=run.model_config.image_size,
+        batch_size=run.settings.batch_size,
+        num_workers=options.num_workers,
+        runtime=runtime,
+        seed=run.settings.seed,
+    )
+    return Evaluator(
+        model=run.model,
+        split=split,
+        images=images,
+        image_loader=loader,
+        collator=CaptionCollator(run.data.tokenizer, run.model_config.max_text_len),
+        autocast=run.autocast,
+        runtime=runtime,
+        caption_batch=4 * run.settings.batch_size,
+    )
 
 
 def build_eval(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> Evaluator:
     """`eval`: the evaluator of `--eval_split` over its images (cached as training caches them)."""
-    images, _ = image_source(run.data.splits[options.eval_split], use_cache=run.settings.cache_images,
-                             image_size=run.model_config.image_size, cache_dir=_cache_dir(options),
-                             num_workers=options.num_workers, runtime=runtime, log=log)
+    images, _ = image_source(
+        run.data.splits[options.eval_split],
+        use_cache=run.settings.cache_images,
+        image_size=run.model_config.image_size,
+        cache_dir=_cache_dir(options),
+        num_workers=options.num_workers,
+        runtime=runtime,
+        log=log,
+    )
     return make_evaluator(run, options.eval_split, images, options, runtime)
 
 
-def make_trainer(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog, *,
-                 storage: Storage) -> Trainer:
+def make_trainer(
+    run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog, *, storage: Storage
+) -> Trainer:
     """Image sources and loaders, the run's record for its checkpoints, the checkpointer, the Trainer."""
     settings, splits = run.settings, run.data.splits
-    cache = {"use_cache": settings.cache_images, "image_size": run.model_config.image_size, "runtime": runtime,
-             "cache_dir": _cache_dir(options), "num_workers": options.num_workers}
+    cache = {
+        "use_cache": settings.cache_images,
+        "image_size": run.model_config.image_size,
+        "runtime": runtime,
+        "cache_dir": _cache_dir(options),
+        "num_workers": options.num_workers,
+    }
     train_images, cached = image_source(splits["train"], log=log, **cache)
     val_images, cached = image_source(splits["val"], log=log, **{**cache, "use_cache": cached})
     settings = replace(settings, cache_images=cached)  # one ⚠ line, and the run records that it decodes JPEGs
     collator = CaptionCollator(run.data.tokenizer, run.model_config.max_text_len)
-    loaders = build_loaders(run.data, collator, train_images=train_images, image_size=run.model_config.image_size, hflip=settings.hflip, batch_size=settings.batch_size,
-                            seed=settings.seed, num_workers=options.num_workers, runtime=runtime)
+    loaders = build_loaders(
+        run.data,
+        collator,
+        train_images=train_images,
+        image_size=run.model_config.image_size,
+        hflip=settings.hflip,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        num_workers=options.num_workers,
+        runtime=runtime,
+    )
     lineage = runtime.broadcast({"id": uuid.uuid4().hex, "parent": resume.parent, "started_ns": time.time_ns()})
-    record = RunRecord(config={**run.model_config.to_dict(), **asdict(settings)}, tokenizer_json=run.data.tokenizer_json,
-                       fingerprint=splits["train"].fingerprint(), lineage=lineage,
-                       data={"root_dir": str(Path(options.root_dir).absolute()), "annotations": options.annotations})
-    checkpointer = Checkpointer(storage=storage,
-                                keep_last=settings.keep_last, background=not options.sync_saves,
-                                enabled=runtime.is_main)
-    return Trainer(runtime=runtime, model=run.model, optimizer=run.optimizer, autocast=run.autocast, scaler=run.scaler,
-                   settings=settings, loaders=loaders, evaluator=make_evaluator(run, "val", val_images, options, runtime),
-                   checkpointer=checkpointer, record=record, state=run.state, log=log, log_every=options.log_every,
-                   compile=options.compile)
+    record = RunRecord(
+        config={**run.model_config.to_dict(), **asdict(settings)},
+        tokenizer_json=run.data.tokenizer_json,
+        fingerprint=splits["train"].fingerprint(),
+        lineage=lineage,
+        data={"root_dir": str(Path(options.root_dir).absolute()), "annotations": options.annotations},
+    )
+    checkpointer = Checkpointer(
+        storage=storage, keep_last=settings.keep_last, background=not options.sync_saves, enabled=runtime.is_main
+    )
+    return Trainer(
+        runtime=runtime,
+        model=run.model,
+        optimizer=run.optimizer,
+        autocast=run.autocast,
+        scaler=run.scaler,
+        settings=settings,
+        loaders=loaders,
+        evaluator=make_evaluator(run, "val", val_images, options, runtime),
+        checkpointer=checkpointer,
+        record=record,
+        state=run.state,
+        log=log,
+        log_every=options.log_every,
+        compile=options.compile,
+    )
 
 
 def restore_rng(resume: Resume, run: Run, runtime: Runtime, log: RunLog, deterministic: bool) -> None:
@@ -237,8 +344,9 @@ def claim_folders(options: RunOptions, storage: Storage, resume: Resume, log: Ru
     """Both folders writable, and the checkpoint folder this run's (locked; see `claim_savedir`)."""
     logdir = open_storage(options.logdir)
     logdir.check_writable("logdir")
-    lock = claim_savedir(storage, resume=resume.location,
-                         overwrite=options.overwrite, unreadable=resume.unreadable, log=log.print)
+    lock = claim_savedir(
+        storage, resume=resume.location, overwrite=options.overwrite, unreadable=resume.unreadable, log=log.print
+    )
     try:
         logdir.prepare("logdir")
     except BaseException:
@@ -254,14 +362,26 @@ def start_training(run: Run, resume: Resume, options: RunOptions, runtime: Runti
     lock = runtime.main_only(lambda: claim_folders(options, storage, resume, log))
     try:
         trainer = make_trainer(run, resume, options, runtime, log, storage=storage)
-        log.banner(train_samples=len(run.data.splits["train"]), val_samples=len(run.data.splits["val"]),
-                   device=runtime.device, precision=run.settings.precision, batch_size=run.settings.batch_size,
-                   per_process=runtime.per_process(run.settings.batch_size), lr=run.settings.lr,
-                   start_epoch=run.state.epoch, epochs=run.settings.epochs, world_size=runtime.world_size)
+        log.banner(
+            train_samples=len(run.data.splits["train"]),
+            val_samples=len(run.data.splits["val"]),
+            device=runtime.device,
+            precision=run.settings.precision,
+            batch_size=run.settings.batch_size,
+            per_process=runtime.per_process(run.settings.batch_size),
+            lr=run.settings.lr,
+            start_epoch=run.state.epoch,
+            epochs=run.settings.epochs,
+            world_size=runtime.world_size,
+        )
         log.small_split("val", len(run.data.splits["val"].images))
         restore_rng(resume, run, runtime, log, options.deterministic)
-        log.open_tensorboard(options.logdir, purge_step=run.state.global_step + 1 if resume.location else 0,
-                             config=trainer.record.config, step=run.state.global_step)
+        log.open_tensorboard(
+            options.logdir,
+            purge_step=run.state.global_step + 1 if resume.location else 0,
+            config=trainer.record.config,
+            step=run.state.global_step,
+        )
     except BaseException:
         if lock is not None:
             lock.release()

@@ -11,11 +11,12 @@
 
 Each subcommand's own `--help` is its reference.
 """
+
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' threads and loader workers do not mix
 
@@ -32,42 +33,55 @@ SUBCOMMANDS = {
 
 def _train(argv: list[str], program: tuple[str, ...]) -> int:
     from brain_trainer.train import run_program
+
     return run_program(argv, program=(*program, "train"))
 
 
 def _eval(argv: list[str], program: tuple[str, ...]) -> int:
     from brain_trainer.train import run_program
+
     return run_program(argv, program=(*program, "eval"), eval_only=True)
 
 
 def _ckpt(argv: list[str], program: tuple[str, ...]) -> int:
     from brain_trainer.checkpointing.cli import main as ckpt_main
+
     return ckpt_main(argv, prog=" ".join((*program, "ckpt")))
 
 
 def _sample_data(argv: list[str], program: tuple[str, ...]) -> int:
     from brain_trainer.data.sample_data import main as sample_main
+
     return sample_main(argv, prog=" ".join((*program, "sample-data")))
 
 
 def _embed(argv: list[str], program: tuple[str, ...]) -> int:
     from brain_trainer.inference.embed import main as embed_main
+
     return embed_main(argv, prog=" ".join((*program, "embed")))
 
 
 def _search(argv: list[str], program: tuple[str, ...]) -> int:
     from brain_trainer.inference.search import main as search_main
+
     return search_main(argv, prog=" ".join((*program, "search")))
 
 
 def _export(argv: list[str], program: tuple[str, ...]) -> int:
     from brain_trainer.inference.export import main as export_main
+
     return export_main(argv, prog=" ".join((*program, "export")))
 
 
 COMMANDS: dict[str, Callable[[list[str], tuple[str, ...]], int]] = {
-    "train": _train, "eval": _eval, "ckpt": _ckpt, "sample-data": _sample_data, "embed": _embed, "search": _search,
-    "export": _export}
+    "train": _train,
+    "eval": _eval,
+    "ckpt": _ckpt,
+    "sample-data": _sample_data,
+    "embed": _embed,
+    "search": _search,
+    "export": _export,
+}
 
 
 def usage(program: tuple[str, ...]) -> str:

@@ -5,6 +5,7 @@ Two kinds of values: *settings* of the run (architecture, optimisation, precisio
 in the checkpoint and come back on resume; *options* say where things are and how this process runs (paths,
 device, workers, logging) and never come back.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class TrainSettings:
     """Settings of the run besides the architecture: saved in the checkpoint and restored on resume."""
+
     epochs: int = 50
     batch_size: int = 8  # pairs per optimizer step over all processes (the global batch)
     accum_steps: int = 1  # micro-batches per process per step; the loss stays the global batch's (GradCache)
@@ -52,6 +54,7 @@ class TrainSettings:
 @dataclass(frozen=True)
 class RunOptions:
     """Where things are and how this process runs; never saved, never restored."""
+
     root_dir: Path | None
     annotations: str
     num_workers: int
@@ -82,10 +85,23 @@ class CommandLine:
 
 
 # A small configuration that trains in about two minutes on 2 CPU cores and needs no download.
-DEMO_SETTINGS = {"image_encoder": "shufflenet_v2_x0_5", "image_weights": "none", "image_size": 64, "text_encoder": "scratch",
-                 "scratch_text_width": 128, "scratch_text_layers": 2, "max_text_len": 24, "d_shared": 128,
-                 "brain_layers": 1, "brain_heads": 4, "epochs": 8, "batch_size": 32, "lr": 1e-3, "warmup_steps": 30,
-                 "vocab_size": 600}
+DEMO_SETTINGS = {
+    "image_encoder": "shufflenet_v2_x0_5",
+    "image_weights": "none",
+    "image_size": 64,
+    "text_encoder": "scratch",
+    "scratch_text_width": 128,
+    "scratch_text_layers": 2,
+    "max_text_len": 24,
+    "d_shared": 128,
+    "brain_layers": 1,
+    "brain_heads": 4,
+    "epochs": 8,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "warmup_steps": 30,
+    "vocab_size": 600,
+}
 SETTING_FIELDS = [f for f in fields(BrainConfig) if f.name != "text_vocab_size"] + list(fields(TrainSettings))
 SETTING_DEFAULTS = {**BrainConfig().to_dict(), **asdict(TrainSettings())}
 FLOAT_SETTINGS = [name for name, value in SETTING_DEFAULTS.items() if isinstance(value, float)]
@@ -96,19 +112,23 @@ def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error.msg}); pass an object like '{{\"key\": \"value\"}}'")
+        raise argparse.ArgumentTypeError(
+            f'not JSON ({error.msg}); pass an object like \'{{"key": "value"}}\''
+        ) from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object ({...})")
     return value
 
 
-ACCUM_HELP = ("take each process's share of the global batch in N micro-batches, for big contrastive batches on "
-              "small GPUs: every micro-batch's embeddings are computed without gradient, the InfoNCE loss is taken over "
-              "all of them (every process's too), then each micro-batch's forward is re-run with gradient and the same "
-              "RNG (GradCache, open_clip's --accum-freq); the update is the one-big-batch update, exactly so for a model "
-              "without batch statistics (BatchNorm normalises each micro-batch by its own statistics: close to it). "
-              "Costs one extra forward per micro-batch; --batch_size must divide by processes x N; "
-              "may change on resume. Memory figures: bench/README.md")
+ACCUM_HELP = (
+    "take each process's share of the global batch in N micro-batches, for big contrastive batches on "
+    "small GPUs: every micro-batch's embeddings are computed without gradient, the InfoNCE loss is taken over "
+    "all of them (every process's too), then each micro-batch's forward is re-run with gradient and the same "
+    "RNG (GradCache, open_clip's --accum-freq); the update is the one-big-batch update, exactly so for a model "
+    "without batch statistics (BatchNorm normalises each micro-batch by its own statistics: close to it). "
+    "Costs one extra forward per micro-batch; --batch_size must divide by processes x N; "
+    "may change on resume. Memory figures: bench/README.md"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,12 +136,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"Error: {message} (see --help)\n")
 
 
-def parse_args(argv: list[str] | None = None, description: str = "",
-               program: tuple[str, ...] = ("brain-trainer", "train"), eval_only: bool = False) -> CommandLine:
+def parse_args(
+    argv: list[str] | None = None,
+    description: str = "",
+    program: tuple[str, ...] = ("brain-trainer", "train"),
+    eval_only: bool = False,
+) -> CommandLine:
     """Settings default to None here: None means "not given", so that on resume the checkpoint's value
     applies (see `resolve_settings`)."""
-    parser = _Parser(prog=" ".join(program), description=description,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog=" ".join(program), description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
     def setting(group, name: str, kind=None, **options) -> None:
         help_text = f"{options.pop('help')} (default: {SETTING_DEFAULTS[name]}; on resume: the checkpoint's)"
@@ -131,11 +156,17 @@ def parse_args(argv: list[str] | None = None, description: str = "",
             group.add_argument(f"--{name}", type=kind, default=None, help=help_text, **options)
 
     data = parser.add_argument_group("data")
-    data.add_argument("--root_dir", type=Path,
-                      help="Flickr8k folder (token, Karpathy or Kaggle layout); on resume and in eval: the checkpoint's")
-    data.add_argument("--annotations", choices=ANNOTATIONS, default="auto",
-                      help="annotation layout to read (default: detected)")
-    data.add_argument("--num_workers", type=int, default=2, help="data loader processes per training process (default: 2)")
+    data.add_argument(
+        "--root_dir",
+        type=Path,
+        help="Flickr8k folder (token, Karpathy or Kaggle layout); on resume and in eval: the checkpoint's",
+    )
+    data.add_argument(
+        "--annotations", choices=ANNOTATIONS, default="auto", help="annotation layout to read (default: detected)"
+    )
+    data.add_argument(
+        "--num_workers", type=int, default=2, help="data loader processes per training process (default: 2)"
+    )
     data.add_argument("--cache_dir", type=Path, help="image cache folder (default: ROOT_DIR/.brain_cache)")
     setting(data, "image_size", int, help="image side in pixels")
     setting(data, "max_text_len", int, help="captions are cut at this many tokens")
@@ -166,30 +197,55 @@ def parse_args(argv: list[str] | None = None, description: str = "",
     setting(optimisation, "seed", int, help=f"seed of every random choice in the run, 0 to {MAX_SEED}")
 
     device = parser.add_argument_group("precision and device")
-    setting(device, "precision", str, choices=("auto",) + PRECISIONS, help="autocast precision; auto: fp16 on CUDA, fp32 on CPU")
-    device.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="default: cuda if available (cuda:LOCAL_RANK under torchrun)")
+    setting(
+        device,
+        "precision",
+        str,
+        choices=("auto",) + PRECISIONS,
+        help="autocast precision; auto: fp16 on CUDA, fp32 on CPU",
+    )
+    device.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="default: cuda if available (cuda:LOCAL_RANK under torchrun)",
+    )
     device.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (slower)")
     device.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
 
     saving = parser.add_argument_group("checkpointing")
-    saving.add_argument("--savedir", default="checkpoints_brain_v2",
-                        help="checkpoint folder, or an object-store URL such as s3://bucket/run (default: "
-                             "checkpoints_brain_v2)")
-    saving.add_argument("--storage_options", type=_json_object, default={},
-                        help='JSON options for the object store\'s client, e.g. \'{"endpoint_url": '
-                             '"http://127.0.0.1:9000"}\' (s3fs; AWS_ENDPOINT_URL and AWS_PROFILE work too)')
+    saving.add_argument(
+        "--savedir",
+        default="checkpoints_brain_v2",
+        help="checkpoint folder, or an object-store URL such as s3://bucket/run (default: checkpoints_brain_v2)",
+    )
+    saving.add_argument(
+        "--storage_options",
+        type=_json_object,
+        default={},
+        help="JSON options for the object store's client, e.g. '{\"endpoint_url\": "
+        '"http://127.0.0.1:9000"}\' (s3fs; AWS_ENDPOINT_URL and AWS_PROFILE work too)',
+    )
     saving.add_argument("--resume", help="checkpoint file, a folder holding one, or auto (newest in --savedir)")
-    saving.add_argument("--lock_expiry", type=float, default=120.0,
-                        help="object stores only: a run's lock on the prefix lapses this many seconds after its "
-                             "last renewal (renewed every third of it), so a killed run's prefix frees itself "
-                             "(default: 120)")
-    saving.add_argument("--overwrite", action="store_true",
-                        help="let this run replace the checkpoints another run left in --savedir")
-    saving.add_argument("--sync_saves", action="store_true",
-                        help="write checkpoints in the training loop instead of a background writer")
-    saving.add_argument("--allow_nonfinite", action="store_true",
-                        help="load a checkpoint whose weights hold NaN or inf (for forensics)")
+    saving.add_argument(
+        "--lock_expiry",
+        type=float,
+        default=120.0,
+        help="object stores only: a run's lock on the prefix lapses this many seconds after its "
+        "last renewal (renewed every third of it), so a killed run's prefix frees itself "
+        "(default: 120)",
+    )
+    saving.add_argument(
+        "--overwrite", action="store_true", help="let this run replace the checkpoints another run left in --savedir"
+    )
+    saving.add_argument(
+        "--sync_saves",
+        action="store_true",
+        help="write checkpoints in the training loop instead of a background writer",
+    )
+    saving.add_argument(
+        "--allow_nonfinite", action="store_true", help="load a checkpoint whose weights hold NaN or inf (for forensics)"
+    )
     setting(saving, "save_every_steps", int, help="also save last_brain_v2.pt every N steps (0: epoch ends only)")
     setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
 
@@ -218,8 +274,9 @@ def with_saved_data(command: CommandLine, saved: dict | None) -> tuple[CommandLi
     if options.root_dir is not None or not isinstance(saved, dict) or not isinstance(saved.get("root_dir"), str):
         return command, None
     annotations = saved.get("annotations") if options.annotations == "auto" else options.annotations
-    options = replace(options, root_dir=Path(saved["root_dir"]),
-                      annotations=annotations if annotations in ANNOTATIONS else "auto")
+    options = replace(
+        options, root_dir=Path(saved["root_dir"]), annotations=annotations if annotations in ANNOTATIONS else "auto"
+    )
     note = f"Data: {saved['root_dir']} (from the checkpoint; pass --root_dir to use other data)"
     return CommandLine(options, command.given), note
 
@@ -227,8 +284,10 @@ def with_saved_data(command: CommandLine, saved: dict | None) -> tuple[CommandLi
 def demo_help() -> str:
     """--demo's help, generated from DEMO_SETTINGS so that it lists all of what the preset changes."""
     preset = ", ".join(f"--{name} {value}" for name, value in DEMO_SETTINGS.items())
-    return (f"train a small model on generated data in {DEMO_ROOT} (written if absent), as --root_dir {DEMO_ROOT} "
-            f"{preset} (each unless given on the command line or restored from a checkpoint)")
+    return (
+        f"train a small model on generated data in {DEMO_ROOT} (written if absent), as --root_dir {DEMO_ROOT} "
+        f"{preset} (each unless given on the command line or restored from a checkpoint)"
+    )
 
 
 def _expected_type(name: str) -> tuple[type, ...]:
@@ -239,12 +298,15 @@ def _expected_type(name: str) -> tuple[type, ...]:
 def _check_saved_value(name: str, value, source: str) -> None:
     kinds = _expected_type(name)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ConfigError(f"{source}: field 'config.{name}' is {value!r} (expected a {kinds[-1].__name__}); "
-                          f"the checkpoint is damaged: pass --{name} to override it, or resume from another file")
+        raise ConfigError(
+            f"{source}: field 'config.{name}' is {value!r} (expected a {kinds[-1].__name__}); "
+            f"the checkpoint is damaged: pass --{name} to override it, or resume from another file"
+        )
 
 
-def resolve_settings(given: dict, saved: dict | None, demo: bool,
-                     source: str = "") -> tuple[BrainConfig, TrainSettings, list[str], dict[str, str]]:
+def resolve_settings(
+    given: dict, saved: dict | None, demo: bool, source: str = ""
+) -> tuple[BrainConfig, TrainSettings, list[str], dict[str, str]]:
     """Command line > checkpoint config > demo settings (with --demo) > defaults.
 
     Returns the architecture, the training settings, the overrides ("lr 0.001 -> 0.0005") and, for each setting
@@ -272,8 +334,13 @@ def resolve_settings(given: dict, saved: dict | None, demo: bool,
     return model_config, settings, overridden, from_checkpoint
 
 
-def check_settings(options: RunOptions, model_config: BrainConfig, settings: TrainSettings, world_size: int = 1,
-                   from_checkpoint: dict[str, str] | None = None) -> None:
+def check_settings(
+    options: RunOptions,
+    model_config: BrainConfig,
+    settings: TrainSettings,
+    world_size: int = 1,
+    from_checkpoint: dict[str, str] | None = None,
+) -> None:
     """Every check of the options, in one place; raises ConfigError naming the flag, the value and the fix
     (and the checkpoint, when the value came from one)."""
     from_checkpoint = from_checkpoint or {}
@@ -283,21 +350,51 @@ def check_settings(options: RunOptions, model_config: BrainConfig, settings: Tra
             where = f" (from {from_checkpoint[flag]}; pass --{flag} to override)" if flag in from_checkpoint else ""
             raise ConfigError(f"--{flag} {value}: {fix}{where}")
 
-    need(options.root_dir is not None, "root_dir", "(missing)",
-         "give the Flickr8k folder, or use --demo" + (" (the checkpoint does not say where its data is)"
-                                                       if options.resume else ""))
+    need(
+        options.root_dir is not None,
+        "root_dir",
+        "(missing)",
+        "give the Flickr8k folder, or use --demo"
+        + (" (the checkpoint does not say where its data is)" if options.resume else ""),
+    )
     values = {**model_config.to_dict(), **asdict(settings)}
-    for flag in ("epochs", "image_size", "max_text_len", "d_shared", "brain_layers", "brain_heads",
-                 "scratch_text_width", "scratch_text_layers"):
+    for flag in (
+        "epochs",
+        "image_size",
+        "max_text_len",
+        "d_shared",
+        "brain_layers",
+        "brain_heads",
+        "scratch_text_width",
+        "scratch_text_layers",
+    ):
         need(values[flag] >= 1, flag, values[flag], "must be a positive integer")
-    need(settings.batch_size >= 2, "batch_size", settings.batch_size, "must be at least 2 (contrastive pairs need negatives)")
-    need(settings.batch_size % world_size == 0, "batch_size", settings.batch_size,
-         f"the global batch must divide by the {world_size} processes; use a multiple of {world_size}")
-    need(settings.accum_steps >= 1, "accum_steps", settings.accum_steps, "must be a positive integer (1: no accumulation)")
+    need(
+        settings.batch_size >= 2,
+        "batch_size",
+        settings.batch_size,
+        "must be at least 2 (contrastive pairs need negatives)",
+    )
+    need(
+        settings.batch_size % world_size == 0,
+        "batch_size",
+        settings.batch_size,
+        f"the global batch must divide by the {world_size} processes; use a multiple of {world_size}",
+    )
+    need(
+        settings.accum_steps >= 1,
+        "accum_steps",
+        settings.accum_steps,
+        "must be a positive integer (1: no accumulation)",
+    )
     parts = world_size * settings.accum_steps
-    need(settings.batch_size % parts == 0, "accum_steps", settings.accum_steps,
-         f"--batch_size {settings.batch_size} must divide into {world_size} process(es) x {settings.accum_steps} "
-         f"micro-batches; use a batch size that is a multiple of {parts}")
+    need(
+        settings.batch_size % parts == 0,
+        "accum_steps",
+        settings.accum_steps,
+        f"--batch_size {settings.batch_size} must divide into {world_size} process(es) x {settings.accum_steps} "
+        f"micro-batches; use a batch size that is a multiple of {parts}",
+    )
     need(settings.lr > 0 and math.isfinite(settings.lr), "lr", settings.lr, "must be a positive number such as 2e-4")
     need(0 < settings.min_lr_ratio <= 1, "min_lr_ratio", settings.min_lr_ratio, "must be in (0, 1]")
     for flag in ("weight_decay", "warmup_steps", "grad_clip", "save_every_steps", "keep_last"):
@@ -305,31 +402,60 @@ def check_settings(options: RunOptions, model_config: BrainConfig, settings: Tra
         need(value >= 0 and math.isfinite(value), flag, value, "must be a number >= 0")
     need(0 <= settings.seed <= MAX_SEED, "seed", settings.seed, f"must be in 0 .. {MAX_SEED}")
     for flag in FLOAT_SETTINGS:  # the optimizer and the model hold these as float32
-        need(fits_float32(values[flag]), flag, values[flag],
-             f"is out of the float32 range the optimizer computes in ({FLOAT32.tiny:.1e} to {FLOAT32.max:.1e}, or 0)")
+        need(
+            fits_float32(values[flag]),
+            flag,
+            values[flag],
+            f"is out of the float32 range the optimizer computes in ({FLOAT32.tiny:.1e} to {FLOAT32.max:.1e}, or 0)",
+        )
     need(0 <= model_config.dropout < 1, "dropout", model_config.dropout, "must be in [0, 1)")
     need(model_config.image_size >= 32, "image_size", model_config.image_size, "must be at least 32 pixels")
-    need(model_config.d_shared % model_config.brain_heads == 0, "d_shared", model_config.d_shared,
-         f"must be divisible by --brain_heads {model_config.brain_heads}")
+    need(
+        model_config.d_shared % model_config.brain_heads == 0,
+        "d_shared",
+        model_config.d_shared,
+        f"must be divisible by --brain_heads {model_config.brain_heads}",
+    )
     width = model_config.scratch_text_width
-    need(width < 64 or width % 64 == 0, "scratch_text_width", width,
-         "must be below 64 or a multiple of 64 (one attention head per 64 channels)")
+    need(
+        width < 64 or width % 64 == 0,
+        "scratch_text_width",
+        width,
+        "must be below 64 or a multiple of 64 (one attention head per 64 channels)",
+    )
     need(settings.vocab_size >= 100, "vocab_size", settings.vocab_size, "must be at least 100")
-    need(settings.precision in ("auto",) + PRECISIONS, "precision", settings.precision, f"use one of {', '.join(PRECISIONS)}")
+    need(
+        settings.precision in ("auto",) + PRECISIONS,
+        "precision",
+        settings.precision,
+        f"use one of {', '.join(PRECISIONS)}",
+    )
     need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
     need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
-    need(options.lock_expiry >= 3 and math.isfinite(options.lock_expiry), "lock_expiry", options.lock_expiry,
-         "must be at least 3 seconds")
+    need(
+        options.lock_expiry >= 3 and math.isfinite(options.lock_expiry),
+        "lock_expiry",
+        options.lock_expiry,
+        "must be at least 3 seconds",
+    )
     for flag in ("savedir", "logdir"):
         folder = getattr(options, flag)
         if "://" not in folder or folder.startswith("file://"):
             folder = Path(folder.removeprefix("file://"))
             need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
-    need("://" not in options.logdir or options.logdir.startswith("file://"), "logdir", options.logdir,
-         "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)")
+    need(
+        "://" not in options.logdir or options.logdir.startswith("file://"),
+        "logdir",
+        options.logdir,
+        "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
+    )
     _check_image_encoder(model_config, need)
-    need(options.device != "cuda" or torch.cuda.is_available(), "device", options.device,
-         "CUDA is not available on this machine; use --device cpu")
+    need(
+        options.device != "cuda" or torch.cuda.is_available(),
+        "device",
+        options.device,
+        "CUDA is not available on this machine; use --device cpu",
+    )
     need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
 
 
@@ -341,12 +467,20 @@ def fits_float32(value: float) -> bool:
 
 def _check_image_encoder(model_config: BrainConfig, need) -> None:
     models = torchvision.models.list_models(module=torchvision.models)
-    need(model_config.image_encoder in models, "image_encoder", model_config.image_encoder,
-         "not a torchvision classification model; try resnet50, resnet18 or convnext_tiny")
+    need(
+        model_config.image_encoder in models,
+        "image_encoder",
+        model_config.image_encoder,
+        "not a torchvision classification model; try resnet50, resnet18 or convnext_tiny",
+    )
     weights = model_config.image_weights
     if is_weights_file(weights):
         need(Path(weights).is_file(), "image_weights", weights, "no such file; give a torchvision weights file or none")
     elif weights not in ("DEFAULT", "none"):
         known = [w.name for w in torchvision.models.get_model_weights(model_config.image_encoder)]
-        need(weights.split(".")[-1] in known, "image_weights", weights,
-             f"use DEFAULT, none, a local .pth file or one of {', '.join(known)}")
+        need(
+            weights.split(".")[-1] in known,
+            "image_weights",
+            weights,
+            f"use DEFAULT, none, a local .pth file or one of {', '.join(known)}",
+        )

@@ -4,11 +4,12 @@ picture of a few retrievals that TensorBoard shows.
 With several processes each embeds its shard of the images and captions; the embeddings are gathered in
 order, so the metrics and the val loss are the one-process values (every sample counted exactly once).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -16,8 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from brain_trainer.data.augment import eval_transform, images_to_device
 from brain_trainer.brain_model import BrainModel, ContrastiveLoss
+from brain_trainer.data.augment import eval_transform, images_to_device
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, ImageSource, Split
 from brain_trainer.runtime import Runtime
 
@@ -57,9 +58,17 @@ def chance_recall_at(k: int, num_images: int, captions_per_image: int) -> tuple[
 
 
 @torch.no_grad()
-def evaluate(*, model: BrainModel, split: Split, image_loader: DataLoader, collator: CaptionCollator,
-             autocast: Callable, runtime: Runtime, caption_batch: int,
-             should_stop: Callable[[], bool] = lambda: False) -> dict | None:
+def evaluate(
+    *,
+    model: BrainModel,
+    split: Split,
+    image_loader: DataLoader,
+    collator: CaptionCollator,
+    autocast: Callable,
+    runtime: Runtime,
+    caption_batch: int,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict | None:
     """Val loss and retrieval over the split's unique images; None when `should_stop` interrupts it.
 
     `image_loader` yields this process's shard of the images (`runtime.shard`), as (pixels, readable) batches.
@@ -79,10 +88,13 @@ def evaluate(*, model: BrainModel, split: Split, image_loader: DataLoader, colla
         for start in range(0, len(captions), caption_batch):
             if should_stop():
                 return None
-            tokens = collator.tokenize(captions[start:start + caption_batch])
+            tokens = collator.tokenize(captions[start : start + caption_batch])
             with autocast():
-                text_embeddings.append(model.encode_text(tokens["input_ids"].to(runtime.device),
-                                                         tokens["attention_mask"].to(runtime.device)))
+                text_embeddings.append(
+                    model.encode_text(
+                        tokens["input_ids"].to(runtime.device), tokens["attention_mask"].to(runtime.device)
+                    )
+                )
     finally:
         model.train(was_training)
     width = model.config.d_shared
@@ -95,14 +107,19 @@ def evaluate(*, model: BrainModel, split: Split, image_loader: DataLoader, colla
     chunks = [chunk for chunk in order.split(EVAL_LOSS_CHUNK) if len(chunk) > 1]
     losses = [loss(image_emb[caption_image[chunk]], text_emb[chunk], model.logit_scale).item() for chunk in chunks]
     similarity = image_emb @ text_emb.T  # (num_images, num_captions)
-    return {"loss": sum(losses) / len(losses), **retrieval_metrics(similarity, caption_image),
-            "similarity": similarity, "unreadable_images": int(runtime.sum(unreadable))}
+    return {
+        "loss": sum(losses) / len(losses),
+        **retrieval_metrics(similarity, caption_image),
+        "similarity": similarity,
+        "unreadable_images": int(runtime.sum(unreadable)),
+    }
 
 
 @dataclass
 class Evaluator:
     """One split's evaluation, as the epoch end and `eval` both run it: `evaluator()` is `evaluate` over the
     split, interrupted (None) by a stop this process can act on alone."""
+
     model: BrainModel
     split: Split
     images: ImageSource
@@ -113,9 +130,16 @@ class Evaluator:
     caption_batch: int
 
     def __call__(self) -> dict | None:
-        return evaluate(model=self.model, split=self.split, image_loader=self.image_loader, collator=self.collator,
-                        autocast=self.autocast, runtime=self.runtime, caption_batch=self.caption_batch,
-                        should_stop=self.runtime.stop_seen_alone)
+        return evaluate(
+            model=self.model,
+            split=self.split,
+            image_loader=self.image_loader,
+            collator=self.collator,
+            autocast=self.autocast,
+            runtime=self.runtime,
+            caption_batch=self.caption_batch,
+            should_stop=self.runtime.stop_seen_alone,
+        )
 
 
 def _concat(embeddings: list[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:

@@ -2,6 +2,7 @@
 the step line or tqdm bar, the epoch line, TensorBoard. Only the main process speaks; the others hold a
 silent RunLog, so the loop never asks which process it is in.
 """
+
 from __future__ import annotations
 
 import os
@@ -71,24 +72,42 @@ class RunLog:
     def progress_bar(self, *, total: int, initial: int, desc: str) -> tqdm:
         return tqdm(total=total, initial=initial, desc=desc, disable=not self.interactive, dynamic_ncols=True)
 
-    def step(self, bar: tqdm, *, epoch: int, step: int, loss: float, lr: float, samples_per_sec: float,
-             data_wait: float) -> None:
+    def step(
+        self, bar: tqdm, *, epoch: int, step: int, loss: float, lr: float, samples_per_sec: float, data_wait: float
+    ) -> None:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_sec:.0f}")
         if not self.interactive:
-            self.print(f"epoch {epoch} step {step} loss {loss:.4f} lr {lr:.2e} {samples_per_sec:.0f} samples/s, "
-                       f"data wait {100 * data_wait:.0f}%")
+            self.print(
+                f"epoch {epoch} step {step} loss {loss:.4f} lr {lr:.2e} {samples_per_sec:.0f} samples/s, "
+                f"data wait {100 * data_wait:.0f}%"
+            )
 
-    def epoch_end(self, *, epoch: int, epochs: int, train_loss: float | None, metrics: dict, improved: bool,
-                  seconds: float) -> None:
+    def epoch_end(
+        self, *, epoch: int, epochs: int, train_loss: float | None, metrics: dict, improved: bool, seconds: float
+    ) -> None:
         train = f"{train_loss:.4f}" if train_loss is not None else "n/a (no step this epoch)"
-        self.print(f"Epoch {epoch}/{epochs}: train loss {train}, val loss {metrics['loss']:.4f}"
-                   f"{' (best)' if improved else ''}, i2t R@1/5/10 {metrics['i2t_R@1']:.1f}/{metrics['i2t_R@5']:.1f}/"
-                   f"{metrics['i2t_R@10']:.1f}, t2i R@1/5/10 {metrics['t2i_R@1']:.1f}/{metrics['t2i_R@5']:.1f}/"
-                   f"{metrics['t2i_R@10']:.1f}, {seconds:.0f} s")
+        self.print(
+            f"Epoch {epoch}/{epochs}: train loss {train}, val loss {metrics['loss']:.4f}"
+            f"{' (best)' if improved else ''}, i2t R@1/5/10 {metrics['i2t_R@1']:.1f}/{metrics['i2t_R@5']:.1f}/"
+            f"{metrics['i2t_R@10']:.1f}, t2i R@1/5/10 {metrics['t2i_R@1']:.1f}/{metrics['t2i_R@5']:.1f}/"
+            f"{metrics['t2i_R@10']:.1f}, {seconds:.0f} s"
+        )
 
     # -- reports
-    def banner(self, *, train_samples: int, val_samples: int, device: torch.device, precision: str, batch_size: int,
-               per_process: int, lr: float, start_epoch: int, epochs: int, world_size: int) -> None:
+    def banner(
+        self,
+        *,
+        train_samples: int,
+        val_samples: int,
+        device: torch.device,
+        precision: str,
+        batch_size: int,
+        per_process: int,
+        lr: float,
+        start_epoch: int,
+        epochs: int,
+        world_size: int,
+    ) -> None:
         self.print(f"\nTrain samples: {train_samples}")
         self.print(f"Val samples:   {val_samples}")
         self.print(f"Device: {device.type}" + (f" ({world_size} processes)" if world_size > 1 else ""))
@@ -100,12 +119,15 @@ class RunLog:
     def small_split(self, name: str, images: int) -> None:
         """One ⚠ line when a split is too small for recall@k to mean anything: R@k over k or fewer images is 100."""
         if images <= max(RECALL_AT):
-            self.print(f"⚠ The {name} split has {images} images: text -> image R@k is 100 for every k >= {images} "
-                       f"whatever the model, and the others are near it; use at least {4 * max(RECALL_AT)} images "
-                       f"for recall that means something")
+            self.print(
+                f"⚠ The {name} split has {images} images: text -> image R@k is 100 for every k >= {images} "
+                f"whatever the model, and the others are near it; use at least {4 * max(RECALL_AT)} images "
+                f"for recall that means something"
+            )
 
-    def resume_block(self, *, location: str, lines: list[str], checkpoint: dict | None, overridden: list[str],
-                     fingerprint: dict) -> None:
+    def resume_block(
+        self, *, location: str, lines: list[str], checkpoint: dict | None, overridden: list[str], fingerprint: dict
+    ) -> None:
         """The resume guide's block: the file, what was restored (✓) or not (⚠), and the plan (`checkpoint`
         None: evaluation, which restores the weights alone and has no plan)."""
         self.print(RULE)
@@ -116,28 +138,40 @@ class RunLog:
         if checkpoint is None:
             self.print(RULE)
             return
-        restored = ["settings" if checkpoint.get("config") else "", "RNG" if checkpoint.get("rng_state") else "",
-                    "data position" if checkpoint.get("data_state") else ""]
+        restored = [
+            "settings" if checkpoint.get("config") else "",
+            "RNG" if checkpoint.get("rng_state") else "",
+            "data position" if checkpoint.get("data_state") else "",
+        ]
         self.print(RULE)
-        self.print(f"Plan: restored {', '.join(item for item in restored if item) or 'weights only'} from the checkpoint")
+        self.print(
+            f"Plan: restored {', '.join(item for item in restored if item) or 'weights only'} from the checkpoint"
+        )
         self.print(f"      overridden on the command line: {'; '.join(overridden) or 'nothing'}")
         saved = (checkpoint.get("data_state") or {}).get("fingerprint")
         if isinstance(saved, dict) and saved != fingerprint:
-            self.print(f"⚠ Training data differs from the checkpoint's: {saved.get('samples')} samples "
-                       f"({saved.get('sha256')}) -> {fingerprint['samples']} samples ({fingerprint['sha256']})")
+            self.print(
+                f"⚠ Training data differs from the checkpoint's: {saved.get('samples')} samples "
+                f"({saved.get('sha256')}) -> {fingerprint['samples']} samples ({fingerprint['sha256']})"
+            )
 
     def metrics_table(self, metrics: dict, split: str, *, images: int, captions: int) -> None:
         self.print(f"Scored {images} {split} images against {captions} captions")
         self.print(f"{split} loss {metrics['loss']:.4f}")
         self.print(f"{'':16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median rank':>14}")
         for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
-            self.print(f"{label:16}" + "".join(f"{metrics[f'{direction}_R@{k}']:8.1f}" for k in (1, 5, 10))
-                       + f"{metrics[f'{direction}_median_rank']:14.0f}")
+            self.print(
+                f"{label:16}"
+                + "".join(f"{metrics[f'{direction}_R@{k}']:8.1f}" for k in (1, 5, 10))
+                + f"{metrics[f'{direction}_median_rank']:14.0f}"
+            )
 
     def demo_report(self, metrics: dict, num_images: int, num_captions: int) -> None:
         chance_i2t, chance_t2i = chance_recall_at(5, num_images, round(num_captions / num_images))
-        self.print(f"Demo retrieval on {num_images} val images: Recall@5 image->text {metrics['i2t_R@5']:.1f}% "
-                   f"(chance {chance_i2t:.1f}%), text->image {metrics['t2i_R@5']:.1f}% (chance {chance_t2i:.1f}%)")
+        self.print(
+            f"Demo retrieval on {num_images} val images: Recall@5 image->text {metrics['i2t_R@5']:.1f}% "
+            f"(chance {chance_i2t:.1f}%), text->image {metrics['t2i_R@5']:.1f}% (chance {chance_t2i:.1f}%)"
+        )
 
     def summary(self, *, savedir: str, files: list[str], logdir: str, seconds: float) -> None:
         """The end of a finished run: where its checkpoints and TensorBoard events are, how to view them, how long."""
@@ -148,12 +182,23 @@ class RunLog:
         self.print(f"TensorBoard: {logdir} (view it with: {shlex.join(['tensorboard', '--logdir', str(logdir)])})")
         self.print(RULE)
 
-    def stopped(self, *, signum: int, where: str, path: str | None, argv: tuple[str, ...], world_size: int,
-                program: tuple[str, ...]) -> None:
+    def stopped(
+        self,
+        *,
+        signum: int,
+        where: str,
+        path: str | None,
+        argv: tuple[str, ...],
+        world_size: int,
+        program: tuple[str, ...],
+    ) -> None:
         saved = f"; saved {path}" if path else "; nothing to save yet"
         self.print(f"Stopped by {signal.Signals(signum).name} {where}{saved}")
-        self.print(f"Resume with: {resume_command(argv, path, world_size, program)}" if path else
-                   f"Run the same command again: {resume_command(argv, None, world_size, program)}")
+        self.print(
+            f"Resume with: {resume_command(argv, path, world_size, program)}"
+            if path
+            else f"Run the same command again: {resume_command(argv, None, world_size, program)}"
+        )
 
 
 def launcher(world_size: int, program: tuple[str, ...]) -> list[str]:
@@ -167,21 +212,30 @@ def launcher(world_size: int, program: tuple[str, ...]) -> list[str]:
         tokens = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
     except OSError:
         tokens = []
-    program_at = next((index for index, token in enumerate(tokens)
-                       if token.endswith(SCRIPT) or token in ("brain_trainer", "brain-trainer")
-                       or token.endswith("/brain-trainer")), None)
+    program_at = next(
+        (
+            index
+            for index, token in enumerate(tokens)
+            if token.endswith(SCRIPT) or token in ("brain_trainer", "brain-trainer") or token.endswith("/brain-trainer")
+        ),
+        None,
+    )
     if program_at is not None and tokens[program_at - 1] in ("-m", "--module"):
         program_at -= 1
     for index, token in enumerate(tokens[:program_at] if program_at else []):
         if token.endswith("torchrun") or token == "torch.distributed.run":
-            return ["torchrun", *tokens[index + 1:program_at], *in_python]
+            return ["torchrun", *tokens[index + 1 : program_at], *in_python]
     if "SLURM_PROCID" in os.environ:
         return ["srun", *program]
     return ["torchrun", "--nproc_per_node", str(world_size), *in_python]
 
 
-def resume_command(argv: tuple[str, ...], checkpoint: Path | str | None, world_size: int = 1,
-                   program: tuple[str, ...] = ("python", SCRIPT)) -> str:
+def resume_command(
+    argv: tuple[str, ...],
+    checkpoint: Path | str | None,
+    world_size: int = 1,
+    program: tuple[str, ...] = ("python", SCRIPT),
+) -> str:
     """The command line as given, with --resume pointing at `checkpoint`, behind the launcher that started it."""
     kept, skip = [], False
     for token in argv:

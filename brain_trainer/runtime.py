@@ -6,16 +6,18 @@ WORLD_SIZE, LOCAL_RANK) or SLURM's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCAL
 MASTER_PORT set by the batch script) the process joins the group: NCCL on CUDA, gloo on the CPU. Each process
 uses cuda:LOCAL_RANK. Every process calls every collective in the same order: none sits in a main-only branch.
 """
+
 from __future__ import annotations
 
 import os
 import random
 import re
 import signal
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from functools import partial
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -39,17 +41,23 @@ class StopFlag:
     def __init__(self, announce: bool = True):
         self.signum: int | None = None
         self.announce = announce
-        self.last_good: str | None = None  # where a completed save is (path or URL; set by the program), for the quit line
+        self.last_good: str | None = (
+            None  # where a completed save is (path or URL; set by the program), for the quit line
+        )
         # Under torchrun the parent is its agent: a signal it does not handle (SIGUSR1 without --signals-to-handle)
         # kills it and leaves the workers training with no launcher. Its death counts as a SIGTERM.
         self.parent = os.getppid() if "LOCAL_RANK" in os.environ else None
         self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
 
     def quit_line(self) -> str:
-        """What a second Ctrl-C says: which checkpoint survives it (saves are atomic renames: the last completed one)."""
+        """What a second Ctrl-C says: which checkpoint survives it (saves are atomic renames: the last completed
+        one)."""
         if self.last_good is not None and ("://" in self.last_good or os.path.isfile(self.last_good)):
-            return (f"\nSIGINT again: quitting without saving; {self.last_good} (the last completed save) is intact: "
-                    f"inspect it with `python -m brain_trainer ckpt inspect {self.last_good}`, continue with --resume auto\n")
+            return (
+                f"\nSIGINT again: quitting without saving; {self.last_good} (the last completed save) is intact: "
+                f"inspect it with `python -m brain_trainer ckpt inspect {self.last_good}`, "
+                "continue with --resume auto\n"
+            )
         return "\nSIGINT again: quitting without saving; no checkpoint of this run was completed yet\n"
 
     def _handle(self, signum: int, frame) -> None:
@@ -59,16 +67,21 @@ class StopFlag:
             os._exit(128 + signum)
         self.signum = self.signum or signum
         if self.announce:
-            print(f"\n{signal.Signals(signum).name} received: stopping at the next step boundary "
-                  f"(Ctrl-C again to quit without saving)", flush=True)
+            print(
+                f"\n{signal.Signals(signum).name} received: stopping at the next step boundary "
+                f"(Ctrl-C again to quit without saving)",
+                flush=True,
+            )
 
     def poll(self) -> int | None:
         """The stop signal, if any; a launcher that has died since the start (another parent) is a SIGTERM."""
         if self.signum is None and self.parent is not None and os.getppid() != self.parent:
             self.signum = signal.SIGTERM
             if self.announce:
-                print(f"\nThe launcher (process {self.parent}) is gone: stopping at the next step boundary as on "
-                      f"SIGTERM", flush=True)
+                print(
+                    f"\nThe launcher (process {self.parent}) is gone: stopping at the next step boundary as on SIGTERM",
+                    flush=True,
+                )
         return self.signum
 
     def __bool__(self) -> bool:
@@ -82,15 +95,23 @@ class StopFlag:
 def process_group_env() -> dict[str, int] | None:
     """rank, world_size and local_rank from torchrun's variables, else from SLURM's; None for a plain process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"]),
-                "local_rank": int(os.environ.get("LOCAL_RANK", 0))}
+        return {
+            "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"]),
+            "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+        }
     if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in os.environ:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
-                raise LaunchError(f"{name} is not set: under srun, export MASTER_ADDR (the first node's host name) "
-                                  f"and MASTER_PORT in the batch script (see the README's SLURM example)")
-        return {"rank": int(os.environ["SLURM_PROCID"]), "world_size": int(os.environ["SLURM_NTASKS"]),
-                "local_rank": int(os.environ.get("SLURM_LOCALID", 0))}
+                raise LaunchError(
+                    f"{name} is not set: under srun, export MASTER_ADDR (the first node's host name) "
+                    f"and MASTER_PORT in the batch script (see the README's SLURM example)"
+                )
+        return {
+            "rank": int(os.environ["SLURM_PROCID"]),
+            "world_size": int(os.environ["SLURM_NTASKS"]),
+            "local_rank": int(os.environ.get("SLURM_LOCALID", 0)),
+        }
     return None
 
 
@@ -118,14 +139,21 @@ class Runtime:
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         if use_cuda:
             if env["local_rank"] >= torch.cuda.device_count():
-                raise LaunchError(f"LOCAL_RANK {env['local_rank']} has no GPU: this node has "
-                                  f"{torch.cuda.device_count()}; start at most that many processes per node")
+                raise LaunchError(
+                    f"LOCAL_RANK {env['local_rank']} has no GPU: this node has "
+                    f"{torch.cuda.device_count()}; start at most that many processes per node"
+                )
             torch.cuda.set_device(env["local_rank"])
         run_device = torch.device("cuda", env["local_rank"]) if use_cuda else torch.device("cpu")
         os.environ.setdefault("RANK", str(env["rank"]))  # env:// rendezvous under srun reads these
         os.environ.setdefault("WORLD_SIZE", str(env["world_size"]))
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=env["rank"], world_size=env["world_size"],
-                                timeout=timedelta(minutes=30), device_id=run_device if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            rank=env["rank"],
+            world_size=env["world_size"],
+            timeout=timedelta(minutes=30),
+            device_id=run_device if use_cuda else None,
+        )
         runtime = cls(device=run_device, **env)
         if use_cuda:
             runtime.host_group = dist.new_group(backend="gloo")
@@ -168,7 +196,9 @@ class Runtime:
         process's gradient of this process's rows (torch's functional all_gather with autograd)."""
         if not self.distributed:
             return tensor
-        return functional_collectives.all_gather_single_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+        return functional_collectives.all_gather_single_autograd(
+            tensor.contiguous(), gather_dim=0, group=dist.group.WORLD
+        )
 
     def no_sync(self, module: torch.nn.Module) -> Callable[[], AbstractContextManager]:
         """DDP's `no_sync` of the module the step calls (compiled or not): a backward under it keeps its gradient
@@ -187,7 +217,7 @@ class Runtime:
             return local
         chunk = -(-total // self.world_size)
         padded = torch.zeros(chunk, *local.shape[1:], dtype=local.dtype, device=local.device)
-        padded[:len(local)] = local
+        padded[: len(local)] = local
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(gathered, padded.to(self.comm_device) if self.comm_device != local.device else padded)
         return torch.cat([part.to(local.device) for part in gathered])[:total]
@@ -282,8 +312,10 @@ class Runtime:
     def batchnorm_note(self, model: torch.nn.Module) -> str | None:
         """The ⚠ line when BatchNorm stays per process (several CPU processes), else None."""
         if self.distributed and self.device.type != "cuda" and _has_batchnorm(model):
-            return ("⚠ BatchNorm statistics stay per process on the CPU (torch's SyncBatchNorm needs GPUs): "
-                    "this run is close to, not the same as, the one-process run")
+            return (
+                "⚠ BatchNorm statistics stay per process on the CPU (torch's SyncBatchNorm needs GPUs): "
+                "this run is close to, not the same as, the one-process run"
+            )
         return None
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -300,16 +332,18 @@ class Runtime:
         """The module the training step calls: DDP with several processes, then torch.compile if asked."""
         if self.distributed:
             model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         return torch.compile(model) if compile else model
 
     def rng_state_note(self, saved_world_size: int) -> str | None:
         """The ⚠ line when the RNG cannot come back per process (another world size), else None."""
         if saved_world_size == self.world_size:
             return None
-        return (f"⚠ RNG derived from (seed, step, rank): the checkpoint was written by {saved_world_size} "
-                f"process(es), this run has {self.world_size}; the resume is not bitwise exact")
-
+        return (
+            f"⚠ RNG derived from (seed, step, rank): the checkpoint was written by {saved_world_size} "
+            f"process(es), this run has {self.world_size}; the resume is not bitwise exact"
+        )
 
 
 def _has_batchnorm(model: torch.nn.Module) -> bool:

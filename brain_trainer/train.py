@@ -10,6 +10,7 @@ A run can be stopped at any step (Ctrl-C, SIGTERM, SLURM's SIGUSR1) and resumed 
 model, optimizer, scaler, RNG and data position come back, so it continues as if never stopped, also
 on another number of processes (--batch_size is the global batch). docs/resume.md is the guide.
 """
+
 from __future__ import annotations
 
 import signal
@@ -34,14 +35,24 @@ def fit(training: Training, run: Run, options: RunOptions, runtime: Runtime, log
     try:
         status = trainer.fit()
         if status:
-            log.stopped(signum=status - 128, where=trainer.position(), path=trainer.last_saved, argv=options.argv,
-                        world_size=runtime.world_size, program=options.program)
+            log.stopped(
+                signum=status - 128,
+                where=trainer.position(),
+                path=trainer.last_saved,
+                argv=options.argv,
+                world_size=runtime.world_size,
+                program=options.program,
+            )
         elif options.demo:
             split = trainer.evaluator.split
             log.demo_report(trainer.last_metrics, len(split.images), len(split))
         if not status:
-            log.summary(savedir=options.savedir, logdir=options.logdir, seconds=time.monotonic() - started,
-                        files=checkpoint_names(trainer.checkpointer.storage))
+            log.summary(
+                savedir=options.savedir,
+                logdir=options.logdir,
+                seconds=time.monotonic() - started,
+                files=checkpoint_names(trainer.checkpointer.storage),
+            )
         return status
     finally:
         log.close()
@@ -62,13 +73,15 @@ def evaluate_only(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) 
 
 def stopped_early(runtime: Runtime, log: RunLog, where: str, options: RunOptions) -> int:
     signum = runtime.stop.signum or signal.SIGTERM
-    log.stopped(signum=signum, where=where, path=None, argv=options.argv, world_size=runtime.world_size,
-                program=options.program)
+    log.stopped(
+        signum=signum, where=where, path=None, argv=options.argv, world_size=runtime.world_size, program=options.program
+    )
     return 128 + signum
 
 
-def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer", "train"),
-         eval_only: bool = False) -> int:
+def main(
+    argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer", "train"), eval_only: bool = False
+) -> int:
     """parse -> runtime -> build -> fit -> close; returns the exit status."""
     started, options = time.monotonic(), None
     runtime, log = None, RunLog()
@@ -83,8 +96,10 @@ def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-train
         if options.eval_only:
             return evaluate_only(run, options, runtime, log)
         if run.state.epoch >= run.settings.epochs:
-            log.print(f"Nothing left to train: the checkpoint has finished epoch {run.state.epoch - 1} and --epochs "
-                      f"is {run.settings.epochs}; pass a larger --epochs to train on.")
+            log.print(
+                f"Nothing left to train: the checkpoint has finished epoch {run.state.epoch - 1} and --epochs "
+                f"is {run.settings.epochs}; pass a larger --epochs to train on."
+            )
             return 0
         return fit(start_training(run, resume, options, runtime, log), run, options, runtime, log, started=started)
     except (ConfigError, DatasetError, CheckpointError, LaunchError) as error:
@@ -106,8 +121,9 @@ def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-train
             runtime.close()
 
 
-def run_program(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer", "train"),
-                eval_only: bool = False) -> int:
+def run_program(
+    argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer", "train"), eval_only: bool = False
+) -> int:
     """`main` as a program runs it: whatever way it ends (an unexpected error included), it ends the process's
     loader workers, so the process itself ends."""
     try:

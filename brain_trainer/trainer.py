@@ -4,20 +4,29 @@ step, the epoch, evaluation and save policy at its end, and stopping at a step b
 Nothing here asks which process it runs in: collectives go through the runtime, output through the run
 log, files through the checkpointer (silent on all but the main process).
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
 from brain_trainer.accumulation import GradientCache, accumulation_note
-from brain_trainer.data.augment import images_to_device
 from brain_trainer.brain_model import BrainModel, ContrastiveLoss
-from brain_trainer.checkpointing import BEST, LAST, CheckpointError, Checkpointer, capture_rng_state, make_checkpoint, snapshot_name
+from brain_trainer.checkpointing import (
+    BEST,
+    LAST,
+    Checkpointer,
+    CheckpointError,
+    capture_rng_state,
+    make_checkpoint,
+    snapshot_name,
+)
 from brain_trainer.config import TrainSettings
+from brain_trainer.data.augment import images_to_device
 from brain_trainer.data.loaders import TrainLoaders
 from brain_trainer.evaluation import METRICS, Evaluator, retrieval_picture
 from brain_trainer.run_log import RunLog
@@ -31,6 +40,7 @@ class TrainingError(Exception):
 @dataclass
 class TrainState:
     """Where the run is: everything besides tensors that a resume needs to continue exactly."""
+
     epoch: int = 0  # the epoch being trained
     samples_seen: int = 0  # of that epoch, over all processes
     global_step: int = 0
@@ -64,6 +74,7 @@ def learning_rate(step: int, settings: TrainSettings, total_steps: int) -> float
 @dataclass(frozen=True)
 class RunRecord:
     """What every checkpoint of this run carries besides tensors and the train state."""
+
     config: dict  # every setting of the run
     tokenizer_json: str | None
     fingerprint: dict  # of the training data
@@ -92,8 +103,10 @@ class StepLosses:
         values, self.losses = torch.stack(self.losses).tolist(), []
         for offset, value in enumerate(self.runtime.mean_each(values)):  # every process's rows: the global batch's
             if self.check_finite and not math.isfinite(value):
-                raise TrainingError(f"loss is {value} at step {self.first_step + offset} "
-                                    f"({self.precision}); lower --lr or check the data")
+                raise TrainingError(
+                    f"loss is {value} at step {self.first_step + offset} "
+                    f"({self.precision}); lower --lr or check the data"
+                )
             self.state.epoch_loss_sum += value
             self.state.epoch_loss_steps += 1
         return value
@@ -102,11 +115,31 @@ class StepLosses:
 class Trainer:
     """The loop, evaluation, logging and saving of one run; `fit` is the whole of training."""
 
-    def __init__(self, *, runtime: Runtime, model: BrainModel, optimizer: torch.optim.Optimizer, autocast: Callable,
-                 scaler: torch.amp.GradScaler, settings: TrainSettings, loaders: TrainLoaders,
-                 evaluator: Evaluator, checkpointer: Checkpointer, record: RunRecord, state: TrainState,
-                 log: RunLog, log_every: int, compile: bool = False):
-        self.runtime, self.model, self.optimizer, self.autocast, self.scaler = runtime, model, optimizer, autocast, scaler
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        model: BrainModel,
+        optimizer: torch.optim.Optimizer,
+        autocast: Callable,
+        scaler: torch.amp.GradScaler,
+        settings: TrainSettings,
+        loaders: TrainLoaders,
+        evaluator: Evaluator,
+        checkpointer: Checkpointer,
+        record: RunRecord,
+        state: TrainState,
+        log: RunLog,
+        log_every: int,
+        compile: bool = False,
+    ):
+        self.runtime, self.model, self.optimizer, self.autocast, self.scaler = (
+            runtime,
+            model,
+            optimizer,
+            autocast,
+            scaler,
+        )
         self.settings, self.loaders, self.evaluator, self.checkpointer = settings, loaders, evaluator, checkpointer
         self.record, self.state, self.log, self.log_every = record, state, log, log_every
         self.step_model = runtime.wrap(model, compile)  # saves always use the plain model
@@ -115,10 +148,20 @@ class Trainer:
         self.last_metrics: dict | None = None  # the latest epoch's evaluation
         self.last_saved: str | None = None  # the path or URL of the latest save
         self.unsummed_skips = 0  # images this process substituted since the last sum over processes
-        self.losses = StepLosses(runtime=runtime, state=state, check_finite=not scaler.is_enabled(),  # fp16: the scaler's job
-                                 precision=settings.precision)
-        self.accumulation = GradientCache(forward=self.step_model, plain=model, loss=self.loss, autocast=autocast,
-                                          no_sync=runtime.no_sync(self.step_model), device=runtime.device)
+        self.losses = StepLosses(
+            runtime=runtime,
+            state=state,
+            check_finite=not scaler.is_enabled(),  # fp16: the scaler's job
+            precision=settings.precision,
+        )
+        self.accumulation = GradientCache(
+            forward=self.step_model,
+            plain=model,
+            loss=self.loss,
+            autocast=autocast,
+            no_sync=runtime.no_sync(self.step_model),
+            device=runtime.device,
+        )
         if note := accumulation_note(model, settings.accum_steps):
             log.print(note)
 
@@ -138,8 +181,11 @@ class Trainer:
                 loss = self.loss(*self.step_model(images, input_ids, attention_mask))
             self.scaler.scale(loss).backward()
         else:
-            loss = self.accumulation.backward((images, input_ids, attention_mask), self.settings.accum_steps,
-                                              lambda value: self.scaler.scale(value).backward())
+            loss = self.accumulation.backward(
+                (images, input_ids, attention_mask),
+                self.settings.accum_steps,
+                lambda value: self.scaler.scale(value).backward(),
+            )
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip or float("inf"))
         self.scaler.step(self.optimizer)
@@ -148,8 +194,9 @@ class Trainer:
 
     def note_bad_files(self, batch: dict) -> None:
         for name in batch["bad_files"]:  # the process that read the file says so: once over all processes
-            self.log.warn_once(name, f"⚠ Could not read image {name}: substituting the next sample "
-                                     f"(counted in train/skipped_images)")
+            self.log.warn_once(
+                name, f"⚠ Could not read image {name}: substituting the next sample (counted in train/skipped_images)"
+            )
         self.unsummed_skips += len(batch["bad_files"])
 
     def sum_skips(self) -> None:
@@ -162,8 +209,11 @@ class Trainer:
         state, loaders = self.state, self.loaders
         loaders.sampler.set_position(state.epoch, state.samples_seen)
         self.model.train()
-        bar = self.log.progress_bar(total=loaders.steps_per_epoch, initial=state.samples_seen // self.settings.batch_size,
-                                    desc=f"epoch {state.epoch}")
+        bar = self.log.progress_bar(
+            total=loaders.steps_per_epoch,
+            initial=state.samples_seen // self.settings.batch_size,
+            desc=f"epoch {state.epoch}",
+        )
         window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
         fetch_start = time.perf_counter()
         for batch in loaders.train:
@@ -182,7 +232,9 @@ class Trainer:
             bar.update()
             if state.global_step % self.log_every == 0:
                 loss_value = self.losses.read()  # waits for the device: the window's time is the steps' time
-                self.log_step(bar, loss_value, grad_norm, window_samples, window_wait, time.perf_counter() - window_start)
+                self.log_step(
+                    bar, loss_value, grad_norm, window_samples, window_wait, time.perf_counter() - window_start
+                )
                 window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
             if self.settings.save_every_steps and state.global_step % self.settings.save_every_steps == 0:
                 self.save([LAST])
@@ -209,21 +261,36 @@ class Trainer:
     def log_step(self, bar, loss: float, grad_norm: torch.Tensor, samples: int, wait: float, elapsed: float) -> None:
         self.sum_skips()
         lr = self.optimizer.param_groups[0]["lr"]
-        scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
-                   "train/samples_per_sec": samples / max(elapsed, 1e-9), "train/data_wait": wait / max(elapsed, 1e-9),
-                   "train/skipped_images": self.state.skipped_images}
+        scalars = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm.item(),
+            "train/samples_per_sec": samples / max(elapsed, 1e-9),
+            "train/data_wait": wait / max(elapsed, 1e-9),
+            "train/skipped_images": self.state.skipped_images,
+        }
         if self.scaler.is_enabled():
             scalars["train/amp_scale"] = self.scaler.get_scale()
         self.log.scalars(scalars, self.state.global_step)
-        self.log.step(bar, epoch=self.state.epoch, step=self.state.global_step, loss=loss, lr=lr,
-                      samples_per_sec=scalars["train/samples_per_sec"], data_wait=scalars["train/data_wait"])
+        self.log.step(
+            bar,
+            epoch=self.state.epoch,
+            step=self.state.global_step,
+            loss=loss,
+            lr=lr,
+            samples_per_sec=scalars["train/samples_per_sec"],
+            data_wait=scalars["train/data_wait"],
+        )
 
     # -- evaluation
     def evaluate(self) -> dict | None:
         metrics = self.evaluator()
         if metrics and metrics["unreadable_images"]:
-            self.log.warn_once("val-unreadable", f"⚠ {metrics['unreadable_images']} val images could not be read: "
-                                                 f"they are scored as black squares (counted as misses)")
+            self.log.warn_once(
+                "val-unreadable",
+                f"⚠ {metrics['unreadable_images']} val images could not be read: "
+                f"they are scored as black squares (counted as misses)",
+            )
         return metrics
 
     # -- checkpoints
@@ -233,13 +300,22 @@ class Trainer:
         self.losses.read()  # a non-finite loss since the last read stops the run before this save
         self.sum_skips()
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():  # one device sync
-            raise TrainingError(f"the weights hold NaN or inf at step {self.state.global_step}; not saved, so the "
-                                f"last good checkpoint is kept; lower --lr or use --precision bf16")
-        checkpoint = make_checkpoint(model=self.model, optimizer=self.optimizer, scaler=self.scaler,
-                                     train_state=self.state.state_dict(), fingerprint=self.record.fingerprint,
-                                     config=self.record.config,
-                                     tokenizer=self.record.tokenizer_json, data=self.record.data,
-                                     rng_states=self.runtime.gather_objects(capture_rng_state()), run=self.record.lineage)
+            raise TrainingError(
+                f"the weights hold NaN or inf at step {self.state.global_step}; not saved, so the "
+                f"last good checkpoint is kept; lower --lr or use --precision bf16"
+            )
+        checkpoint = make_checkpoint(
+            model=self.model,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            train_state=self.state.state_dict(),
+            fingerprint=self.record.fingerprint,
+            config=self.record.config,
+            tokenizer=self.record.tokenizer_json,
+            data=self.record.data,
+            rng_states=self.runtime.gather_objects(capture_rng_state()),
+            run=self.record.lineage,
+        )
         stall = self.runtime.on_main(lambda: self.checkpointer.save(checkpoint, names))  # its error on every process
         self.log.scalars({"train/ckpt_stall_ms": 1000 * stall}, self.state.global_step)
         self.last_saved = self.checkpointer.location(names[0])
@@ -271,11 +347,18 @@ class Trainer:
         state.best_val = metrics["loss"] if improved else state.best_val
         finished_epoch, train_loss = state.epoch, state.epoch_loss()
         state.epoch, state.samples_seen, state.epoch_loss_sum, state.epoch_loss_steps = state.epoch + 1, 0, 0.0, 0
-        self.save([LAST] + ([BEST] if improved else []) +
-                  ([snapshot_name(finished_epoch)] if self.settings.keep_last else []))
+        self.save(
+            [LAST] + ([BEST] if improved else []) + ([snapshot_name(finished_epoch)] if self.settings.keep_last else [])
+        )
         self.log.flush()
-        self.log.epoch_end(epoch=finished_epoch, epochs=self.settings.epochs, train_loss=train_loss, metrics=metrics,
-                           improved=improved, seconds=seconds)
+        self.log.epoch_end(
+            epoch=finished_epoch,
+            epochs=self.settings.epochs,
+            train_loss=train_loss,
+            metrics=metrics,
+            improved=improved,
+            seconds=seconds,
+        )
         self.last_metrics = metrics
 
     def stop(self, signum: int) -> int:
@@ -289,5 +372,7 @@ class Trainer:
 
     def position(self) -> str:
         state = self.state
-        return (f"at epoch {state.epoch}, step {state.global_step} "
-                f"(sample {state.samples_seen} of {self.loaders.train_samples})")
+        return (
+            f"at epoch {state.epoch}, step {state.global_step} "
+            f"(sample {state.samples_seen} of {self.loaders.train_samples})"
+        )

@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: small generated data sets, the flags of a tiny model, one shared training run,
 starting the CLI (plain and under torchrun), reading TensorBoard back, and bitwise comparison."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,22 +23,52 @@ SCRIPT = str(ROOT / "train_multimodal_brain_flickr8k.py")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
-from brain_trainer.data.sample_data import write_sample_dataset
+from brain_trainer.data.sample_data import write_sample_dataset  # noqa: E402 (after the environment above)
 
 # A model small enough that a step takes milliseconds on one CPU core; dropout and augmentation stay on.
-TINY_MODEL = ["--image_encoder", "mobilenet_v3_small", "--image_weights", "none", "--image_size", "32",
-              "--text_encoder", "scratch", "--vocab_size", "150", "--scratch_text_width", "32",
-              "--scratch_text_layers", "1", "--d_shared", "32", "--brain_layers", "1", "--brain_heads", "2",
-              "--max_text_len", "16", "--batch_size", "8", "--lr", "1e-3", "--warmup_steps", "2",
-              "--log_every", "1", "--num_workers", "0"]
+TINY_MODEL = [
+    "--image_encoder",
+    "mobilenet_v3_small",
+    "--image_weights",
+    "none",
+    "--image_size",
+    "32",
+    "--text_encoder",
+    "scratch",
+    "--vocab_size",
+    "150",
+    "--scratch_text_width",
+    "32",
+    "--scratch_text_layers",
+    "1",
+    "--d_shared",
+    "32",
+    "--brain_layers",
+    "1",
+    "--brain_heads",
+    "2",
+    "--max_text_len",
+    "16",
+    "--batch_size",
+    "8",
+    "--lr",
+    "1e-3",
+    "--warmup_steps",
+    "2",
+    "--log_every",
+    "1",
+    "--num_workers",
+    "0",
+]
 STEPS_PER_EPOCH = 8  # 70 train samples, batches of 8
 
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """20 drawn images in the original token layout: 14 train (70 samples), 4 val (20), 2 test (10)."""
-    return write_sample_dataset(tmp_path_factory.mktemp("flickr") / "flickr8k", "token", images=20, val=4, test=2,
-                                size=(96, 72), seed=1)
+    return write_sample_dataset(
+        tmp_path_factory.mktemp("flickr") / "flickr8k", "token", images=20, val=4, test=2, size=(96, 72), seed=1
+    )
 
 
 @pytest.fixture
@@ -47,8 +78,18 @@ def fresh_root(sample_root, tmp_path) -> Path:
 
 
 def run_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--root_dir", str(root), "--savedir", str(run_dir / "ckpt"), "--logdir", str(run_dir / "runs"),
-            "--cache_dir", str(run_dir / "cache"), *TINY_MODEL, *extra]
+    return [
+        "--root_dir",
+        str(root),
+        "--savedir",
+        str(run_dir / "ckpt"),
+        "--logdir",
+        str(run_dir / "runs"),
+        "--cache_dir",
+        str(run_dir / "cache"),
+        *TINY_MODEL,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +117,10 @@ def trained(one_epoch_run, tmp_path) -> Path:
 def small_disk(folder: Path, options: str):
     """A real small or read-only disk: a tmpfs mounted at `folder` (root on Linux); False where mounting is refused."""
     folder.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode
+        == 0
+    )
     try:
         yield mounted
     finally:
@@ -86,6 +129,7 @@ def small_disk(folder: Path, options: str):
 
 
 # ----------------------------------------------------------------------------- reading results back
+
 
 def events(logdir: Path) -> EventAccumulator:
     accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
@@ -118,15 +162,31 @@ def assert_bitwise_equal(left, right, where: str = "") -> None:
 
 # ----------------------------------------------------------------------------- the CLI in a subprocess
 
-def start(args: list[str], processes: int = 0, extra_env: dict | None = None,
-          signals: tuple[str, ...] = ("--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1")) -> subprocess.Popen:
+
+def start(
+    args: list[str],
+    processes: int = 0,
+    extra_env: dict | None = None,
+    signals: tuple[str, ...] = ("--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"),
+) -> subprocess.Popen:
     """The CLI as a user starts it: `python SCRIPT ...`, or `torchrun --nproc_per_node N SCRIPT ...`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    launcher = [sys.executable] if not processes else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-        *signals]
-    return subprocess.Popen([*launcher, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=ROOT)
+    launcher = (
+        [sys.executable]
+        if not processes
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            *signals,
+        ]
+    )
+    return subprocess.Popen(
+        [*launcher, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+    )
 
 
 def wait_for_step(process: subprocess.Popen, step: int) -> list[str]:
@@ -153,13 +213,15 @@ def run_to_end(args: list[str], processes: int = 0) -> str:
 
 # ----------------------------------------------------------------------------- a local S3 server
 
+
 @dataclass
 class S3Server:
     """moto's S3 server on 127.0.0.1, reached through a TCP relay the tests can cut (a store that stops
     answering) without losing what the server holds."""
+
     endpoint: str
     env: dict
-    relay: "Relay"
+    relay: Relay
     url: str = ""  # s3://BUCKET/run: the test's own prefix
 
     def bucket(self, name: str) -> str:
@@ -243,8 +305,11 @@ def s3_server() -> S3Server:
     import time
 
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(200):
             with contextlib.suppress(OSError):
@@ -269,9 +334,16 @@ def _free_port() -> int:
 
 def _s3_env(port: int) -> dict:
     """Test credentials for the local server; nothing looks for others (no instance-metadata lookups)."""
-    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2", "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_MAX_ATTEMPTS": "2",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+    }
 
 
 @pytest.fixture
@@ -291,6 +363,7 @@ def s3(s3_server, monkeypatch, request) -> S3Server:
 
 
 # ----------------------------------------------------------------------------- using a trained brain
+
 
 @pytest.fixture(scope="session")
 def retrieval_run(tmp_path_factory) -> tuple[Path, Path]:
@@ -318,7 +391,9 @@ def split_folder(root: Path, split: str, dest: Path) -> tuple[Path, Path, Path]:
     names = [f"{position:04d}_{name}" for position, name in enumerate(data.images)]
     for name, path in zip(names, data.image_paths()):
         shutil.copy2(path, images / name)
-    token_lines = [f"{names[image]}#{n}\t{caption}" for n, (caption, image) in enumerate(zip(data.captions, data.caption_image))]
+    token_lines = [
+        f"{names[image]}#{n}\t{caption}" for n, (caption, image) in enumerate(zip(data.captions, data.caption_image))
+    ]
     (dest / f"{split}_captions.token.txt").write_text("\n".join(token_lines) + "\n")
     (dest / f"{split}_queries.txt").write_text("\n".join(data.captions) + "\n")
     return images, dest / f"{split}_captions.token.txt", dest / f"{split}_queries.txt"

@@ -2,6 +2,7 @@
 gradient in float64 (one process here, two under torchrun); each micro-batch's re-run forward draws the same
 random numbers as its first; BatchNorm's running statistics are updated once per micro-batch; the setting is
 checked; and a run with it stops and resumes bit for bit."""
+
 from __future__ import annotations
 
 import json
@@ -14,19 +15,36 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from conftest import (
+    ROOT,
+    STEPS_PER_EPOCH,
+    assert_bitwise_equal,
+    finish,
+    load,
+    run_args,
+    run_to_end,
+    scalars,
+    start,
+    wait_for_step,
+)
+from test_config import check
+from workers.global_batch_gradient import GLOBAL_BATCH, TwoTowers, gradient
 
 from brain_trainer import checkpointing as ck
 from brain_trainer.accumulation import GradientCache, accumulation_note
 from brain_trainer.brain_model import ContrastiveLoss
 from brain_trainer.config import ConfigError
-from conftest import ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, finish, load, run_args, run_to_end, scalars, start, wait_for_step
-from test_config import check
-from workers.global_batch_gradient import GLOBAL_BATCH, TwoTowers, gradient
 
 
 def cache_for(model: torch.nn.Module) -> GradientCache:
-    return GradientCache(forward=model, plain=model, loss=ContrastiveLoss(), autocast=nullcontext, no_sync=nullcontext,
-                         device=torch.device("cpu"))
+    return GradientCache(
+        forward=model,
+        plain=model,
+        loss=ContrastiveLoss(),
+        autocast=nullcontext,
+        no_sync=nullcontext,
+        device=torch.device("cpu"),
+    )
 
 
 @pytest.fixture
@@ -117,7 +135,9 @@ def test_batchnorm_running_statistics_are_updated_once_per_micro_batch():
     for part in images.chunk(4):
         reference.norm(part)
     assert torch.equal(model.norm.running_mean, reference.norm.running_mean)
-    assert accumulation_note(model, 4).startswith("⚠ --accum_steps 4: BatchNorm") and accumulation_note(model, 1) is None
+    assert (
+        accumulation_note(model, 4).startswith("⚠ --accum_steps 4: BatchNorm") and accumulation_note(model, 1) is None
+    )
     assert accumulation_note(TwoTowers(), 4) is None
 
 
@@ -126,8 +146,11 @@ def test_accum_steps_is_checked_against_the_batch_and_the_processes():
         check("--accum_steps", "0")
     with pytest.raises(ConfigError, match=r"--accum_steps 3: --batch_size 8 must divide into 1 process\(es\) x 3"):
         check("--batch_size", "8", "--accum_steps", "3")
-    with pytest.raises(ConfigError, match=r"--accum_steps 4: --batch_size 8 must divide into 4 process\(es\) x 4 "
-                                          r"micro-batches; use a batch size that is a multiple of 16"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--accum_steps 4: --batch_size 8 must divide into 4 process\(es\) x 4 "
+        r"micro-batches; use a batch size that is a multiple of 16",
+    ):
         check("--batch_size", "8", "--accum_steps", "4", world_size=4)
     check("--batch_size", "16", "--accum_steps", "4", world_size=4)
 
@@ -135,8 +158,13 @@ def test_accum_steps_is_checked_against_the_batch_and_the_processes():
 @pytest.mark.slow
 def test_two_processes_in_micro_batches_give_the_one_process_whole_batch_gradient():
     worker = ROOT / "tests" / "workers" / "accumulated_gradient.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(worker)], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout.strip().splitlines()[-1])
     for steps in (1, 2, 4):

@@ -1,4 +1,5 @@
 """Augmentation: keyed crops and flips, normalisation, the batch's way to the device."""
+
 from __future__ import annotations
 
 import torch

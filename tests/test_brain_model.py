@@ -1,4 +1,5 @@
 """The brain model: config round trip, shapes, the contrastive loss, learning."""
+
 from __future__ import annotations
 
 import math
@@ -9,9 +10,20 @@ import torchvision
 
 from brain_trainer.brain_model import BrainConfig, BrainModel, ContrastiveLoss, UnsupportedEncoder
 
-TINY = BrainConfig(image_encoder="mobilenet_v3_small", image_weights="none", image_size=32, text_encoder="scratch",
-                   text_vocab_size=50, scratch_text_width=32, scratch_text_layers=1, max_text_len=12, d_shared=32,
-                   brain_layers=1, brain_heads=2, dropout=0.0)
+TINY = BrainConfig(
+    image_encoder="mobilenet_v3_small",
+    image_weights="none",
+    image_size=32,
+    text_encoder="scratch",
+    text_vocab_size=50,
+    scratch_text_width=32,
+    scratch_text_layers=1,
+    max_text_len=12,
+    d_shared=32,
+    brain_layers=1,
+    brain_heads=2,
+    dropout=0.0,
+)
 
 
 def tiny_batch(size: int = 6, length: int = 7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,6 +108,8 @@ def test_the_loss_is_symmetric_infonce_with_the_positive_on_the_diagonal():
     text = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1)
     scale = torch.tensor(2.0)
     logits = scale.exp() * image @ text.T
-    by_hand = (torch.nn.functional.cross_entropy(logits, torch.arange(5))
-               + torch.nn.functional.cross_entropy(logits.T, torch.arange(5))) / 2
+    by_hand = (
+        torch.nn.functional.cross_entropy(logits, torch.arange(5))
+        + torch.nn.functional.cross_entropy(logits.T, torch.arange(5))
+    ) / 2
     assert ContrastiveLoss()(image, text, scale).item() == pytest.approx(by_hand.item(), rel=1e-6)

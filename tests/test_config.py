@@ -1,23 +1,34 @@
 """Settings: precedence (command line > checkpoint > demo > defaults), the checks with their one-line messages,
 and a checkpoint's damaged config named as such."""
+
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-
-from brain_trainer.brain_model import BrainConfig
-from brain_trainer import train as cli
-from brain_trainer.build import build_model
-from brain_trainer.config import (DEMO_SETTINGS, FLOAT_SETTINGS, ConfigError, TrainSettings, check_settings, fits_float32,
-                                   parse_args, resolve_settings)
 from conftest import run_args
+
+from brain_trainer import train as cli
+from brain_trainer.brain_model import BrainConfig
+from brain_trainer.build import build_model
+from brain_trainer.config import (
+    DEMO_SETTINGS,
+    FLOAT_SETTINGS,
+    ConfigError,
+    TrainSettings,
+    check_settings,
+    fits_float32,
+    parse_args,
+    resolve_settings,
+)
 
 
 def test_the_command_line_beats_the_checkpoint_which_beats_the_defaults():
     saved = {**BrainConfig(d_shared=48).to_dict(), **asdict(TrainSettings(lr=3e-3, batch_size=10))}
-    model_config, settings, overridden, from_checkpoint = resolve_settings({"lr": 5e-4}, saved, demo=False, source="x.pt")
+    model_config, settings, overridden, from_checkpoint = resolve_settings(
+        {"lr": 5e-4}, saved, demo=False, source="x.pt"
+    )
     assert settings.lr == 5e-4 and settings.batch_size == 10 and model_config.d_shared == 48
     assert overridden == ["lr 0.003 -> 0.0005"]
     assert from_checkpoint["batch_size"] == "x.pt" and "lr" not in from_checkpoint
@@ -36,8 +47,10 @@ def test_options_and_settings_are_kept_apart_and_argv_is_recorded():
     assert command.options.argv == ("--demo", "--lr", "1e-3", "--num_workers", "0")
 
 
-@pytest.mark.parametrize("field, value, expected", [("lr", "fast", "float"), ("batch_size", 8.5, "int"),
-                                                     ("hflip", "yes", "bool"), ("epochs", True, "int")])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [("lr", "fast", "float"), ("batch_size", 8.5, "int"), ("hflip", "yes", "bool"), ("epochs", True, "int")],
+)
 def test_a_damaged_config_value_in_a_checkpoint_is_named_with_the_file(field, value, expected):
     with pytest.raises(ConfigError, match=rf"x\.pt: field 'config\.{field}' is .* \(expected a {expected}\)"):
         resolve_settings({}, {field: value}, demo=False, source="x.pt")
@@ -75,10 +88,13 @@ def test_each_bad_value_is_one_line_naming_its_flag_and_the_fix(argv, message):
     assert str(refusal.value).startswith(message) and "\n" not in str(refusal.value)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch_size", "abc"], "Error: argument --batch_size: invalid int value: 'abc'"),
-    (["--precision", "fp8"], "Error: argument --precision: invalid choice: 'fp8'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch_size", "abc"], "Error: argument --batch_size: invalid int value: 'abc'"),
+        (["--precision", "fp8"], "Error: argument --precision: invalid choice: 'fp8'"),
+    ],
+)
 def test_a_value_argparse_cannot_read_is_one_line_with_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--root_dir", "somewhere", *argv])
@@ -88,8 +104,9 @@ def test_a_value_argparse_cannot_read_is_one_line_with_status_2(argv, message, c
 
 
 def test_an_image_encoder_that_is_not_a_convolutional_classifier_is_refused_as_the_model_is_built():
-    command = parse_args(["--root_dir", "somewhere", "--image_encoder", "vit_b_16", "--image_weights", "none",
-                          "--image_size", "32"])
+    command = parse_args(
+        ["--root_dir", "somewhere", "--image_encoder", "vit_b_16", "--image_weights", "none", "--image_size", "32"]
+    )
     model_config, settings, _, _ = resolve_settings(command.given, None, False)
     check_settings(command.options, model_config, settings)  # a torchvision classifier: the options pass
     with pytest.raises(ConfigError) as refusal:
@@ -99,25 +116,35 @@ def test_an_image_encoder_that_is_not_a_convolutional_classifier_is_refused_as_t
 
 
 def test_the_global_batch_must_divide_by_the_processes():
-    with pytest.raises(ConfigError, match=r"--batch_size 10: the global batch must divide by the 4 processes; "
-                                          r"use a multiple of 4"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--batch_size 10: the global batch must divide by the 4 processes; "
+        r"use a multiple of 4",
+    ):
         check("--batch_size", "10", world_size=4)
     check("--batch_size", "12", world_size=4)
 
 
 def test_a_bad_value_from_a_checkpoint_says_where_it_came_from_and_how_to_override_it():
-    with pytest.raises(ConfigError, match=r"--batch_size 1: must be at least 2 .*\(from ckpt\.pt; pass --batch_size "
-                                          r"to override\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--batch_size 1: must be at least 2 .*\(from ckpt\.pt; pass --batch_size "
+        r"to override\)",
+    ):
         check(saved={"batch_size": 1})
 
 
-@pytest.mark.parametrize("flag, value", [("lr", "1e308"), ("weight_decay", "1e39"), ("grad_clip", "1e300"),
-                                         ("lr", "1e-50"), ("min_lr_ratio", "1e-46")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("lr", "1e308"), ("weight_decay", "1e39"), ("grad_clip", "1e300"), ("lr", "1e-50"), ("min_lr_ratio", "1e-46")],
+)
 def test_a_float_setting_float32_cannot_hold_is_one_line_at_startup(sample_root, tmp_path, capsys, flag, value):
     status = cli.main(run_args(sample_root, tmp_path, f"--{flag}", value))
     captured = capsys.readouterr()
     assert status == 2 and captured.err.count("\n") == 1 and "Train samples" not in captured.out
-    assert captured.err.startswith(f"Error: --{flag} {float(value)}: is out of the float32 range the optimizer computes in")
+    assert captured.err.startswith(
+        f"Error: --{flag} {float(value)}: is out of the float32 range the optimizer computes in"
+    )
 
 
 def test_every_float_setting_is_checked_against_float32():

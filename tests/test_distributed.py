@@ -1,6 +1,7 @@
 """Many processes on the CPU (gloo), started as users start them: torchrun, and srun's task variables. The loss
 is the exact global-batch loss, two processes train the one-process run, a stop on any process stops all of them
 at one step, and a checkpoint resumes at the same or at another number of processes."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,22 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    DATA,
+    ROOT,
+    STEPS_PER_EPOCH,
+    assert_bitwise_equal,
+    finish,
+    load,
+    run_args,
+    run_to_end,
+    scalars,
+    small_disk,
+    start,
+    wait_for_step,
+)
 
 from brain_trainer import checkpointing as ck
-from conftest import (DATA, ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, finish, load, run_args, run_to_end, scalars,
-                      small_disk, start, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +43,13 @@ WEIGHTS_TOLERANCE = 1e-2  # relative L2 distance of all weights at the end; meas
 
 def test_the_global_batch_gradient_on_two_processes_equals_the_one_process_gradient():
     worker = ROOT / "tests" / "workers" / "global_batch_gradient.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(worker)], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert results["with_gradient"] < 1e-10, "gathered with gradient: the one-process gradient, to float64 rounding"
@@ -71,11 +89,14 @@ def test_two_processes_train_the_one_process_run(runs):
     assert out.count("Batch size: 8 (4 per process)") == 1
     saved = load(two / "ckpt" / ck.LAST)
     assert saved["world_size"] == 2 and len(saved["rng_state"]) == 2
-    assert not any(key.startswith("module.") for key in saved["model_state_dict"]), "checkpoints never hold DDP's prefix"
+    assert not any(key.startswith("module.") for key in saved["model_state_dict"]), (
+        "checkpoints never hold DDP's prefix"
+    )
 
 
 def test_a_run_stopped_under_torchrun_resumes_bitwise_at_two_processes_and_at_the_same_sample_on_one(
-        sample_root, tmp_path, runs):
+    sample_root, tmp_path, runs
+):
     reference, _ = runs[2]
     args = run_args(sample_root, tmp_path, *SAME_AT_ANY_WORLD_SIZE)
     process = start(args, processes=2)
@@ -98,8 +119,9 @@ def test_a_run_stopped_under_torchrun_resumes_bitwise_at_two_processes_and_at_th
     assert_bitwise_equal(final["optimizer_state_dict"], expected["optimizer_state_dict"], "optimizer")
     assert scalars(tmp_path / "runs", "train/loss") == scalars(reference / "runs", "train/loss")
 
-    moved = run_to_end(run_args(sample_root, one_process, *SAME_AT_ANY_WORLD_SIZE, "--resume",
-                                str(one_process / "last.pt")))
+    moved = run_to_end(
+        run_args(sample_root, one_process, *SAME_AT_ANY_WORLD_SIZE, "--resume", str(one_process / "last.pt"))
+    )
     samples = stopped["data_state"]["samples_seen"]
     where = f", sample {samples} (mid-epoch)" if samples else ""
     assert f"✓ Starting from epoch {stopped['data_state']['epoch']}{where}" in moved
@@ -116,8 +138,19 @@ def free_port() -> int:
 def start_tasks(args: list[str], tasks: int) -> list[subprocess.Popen]:
     """The processes as srun starts them: one per task, told their place by SLURM's variables alone."""
     port = str(free_port())
-    return [start(args, extra_env={"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(tasks),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for rank in range(tasks)]
+    return [
+        start(
+            args,
+            extra_env={
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank),
+                "SLURM_NTASKS": str(tasks),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
+        for rank in range(tasks)
+    ]
 
 
 def test_a_signal_to_one_task_stops_every_task_at_the_same_step_with_one_save(sample_root, tmp_path):
@@ -139,15 +172,35 @@ def test_a_batch_size_that_does_not_divide_is_one_error_line_and_status_2_on_eve
     assert other_out == "" and not (tmp_path / "ckpt").exists()
 
 
-
 def test_a_checkpoint_of_the_single_process_version_resumes_on_two_processes(sample_root, tmp_path):
     old = DATA / "main_c80bc36_step11.pt"  # format 2, one process, stopped at step 11 of 16
-    out = run_to_end(["--root_dir", str(sample_root), "--savedir", str(tmp_path / "ckpt"), "--logdir",
-                      str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0",
-                      "--epochs", "2", "--log_every", "1", "--resume", str(old)], processes=2)
-    for line in ("✓ Starting from epoch 1, sample 24 (mid-epoch)", "✓ Global step restored to 11",
-                 "⚠ RNG derived from (seed, step, rank): the checkpoint was written by 1 process(es), this run has 2",
-                 "⚠ BatchNorm statistics stay per process on the CPU"):
+    out = run_to_end(
+        [
+            "--root_dir",
+            str(sample_root),
+            "--savedir",
+            str(tmp_path / "ckpt"),
+            "--logdir",
+            str(tmp_path / "runs"),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--num_workers",
+            "0",
+            "--epochs",
+            "2",
+            "--log_every",
+            "1",
+            "--resume",
+            str(old),
+        ],
+        processes=2,
+    )
+    for line in (
+        "✓ Starting from epoch 1, sample 24 (mid-epoch)",
+        "✓ Global step restored to 11",
+        "⚠ RNG derived from (seed, step, rank): the checkpoint was written by 1 process(es), this run has 2",
+        "⚠ BatchNorm statistics stay per process on the CPU",
+    ):
         assert out.count(line) == 1, line
     resumed = load(tmp_path / "ckpt" / ck.LAST)
     assert resumed["global_step"] == TOTAL_STEPS and resumed["world_size"] == 2
@@ -161,12 +214,15 @@ def test_a_full_disk_on_the_main_process_ends_every_process_with_status_2_and_on
     with small_disk(tmp_path / "ckpt", "size=20m") as mounted:
         if not mounted:
             pytest.skip("this machine refuses tmpfs mounts (the one-process test injects the failure instead)")
-        tasks = start_tasks(run_args(sample_root, tmp_path, "--epochs", "2", "--save_every_steps", "2", *saves), tasks=2)
+        tasks = start_tasks(
+            run_args(sample_root, tmp_path, "--epochs", "2", "--save_every_steps", "2", *saves), tasks=2
+        )
         (main_status, out), (other_status, other_out) = (finish(task) for task in tasks)
     assert main_status == other_status == 2, out + other_out
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"Error: could not write {tmp_path / 'ckpt' / ck.LAST}: "
-                                                      f"No space left on device")
+    assert len(errors) == 1 and errors[0].startswith(
+        f"Error: could not write {tmp_path / 'ckpt' / ck.LAST}: No space left on device"
+    )
     assert "Traceback" not in out + other_out and other_out == "", "only the main process speaks"
 
 

@@ -1,5 +1,6 @@
 """`brain-trainer embed`: the index it writes, re-runs that embed only what changed, another checkpoint
 rebuilding, unreadable images, caption files in every layout, and bad inputs as one line with exit 2."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, assert_one_error_line, run_cli, split_folder
 
 from brain_trainer import __version__, load_brain
@@ -26,8 +26,9 @@ def setup(sample_root, trained, tmp_path):
 
 
 def embed(capsys, checkpoint, images, index, *extra):
-    return run_cli(capsys, "embed", "--checkpoint", checkpoint, "--images", images, "--out", index,
-                   "--num_workers", "0", *extra)
+    return run_cli(
+        capsys, "embed", "--checkpoint", checkpoint, "--images", images, "--out", index, "--num_workers", "0", *extra
+    )
 
 
 def test_index_holds_normalised_embeddings_metadata_and_manifest(setup, capsys):
@@ -100,8 +101,9 @@ def test_caption_files_in_every_layout(tmp_path):
     token = tmp_path / "Flickr8k.token.txt"
     token.write_text("a.jpg#0\tA dog runs .\na.jpg#1\tA brown dog .\n")
     karpathy = tmp_path / "dataset_flickr8k.json"
-    karpathy.write_text(json.dumps({"images": [{"filename": "b.jpg", "split": "test",
-                                                "sentences": [{"raw": "Two cats ."}]}]}))
+    karpathy.write_text(
+        json.dumps({"images": [{"filename": "b.jpg", "split": "test", "sentences": [{"raw": "Two cats ."}]}]})
+    )
     kaggle = tmp_path / "captions.txt"
     kaggle.write_text("image,caption\nc.jpg,A bird , flying .\n")
     plain = tmp_path / "lines.txt"
@@ -139,8 +141,27 @@ def test_bad_inputs_are_one_line(setup, tmp_path, capsys):
 @pytest.mark.slow
 def test_embed_in_a_subprocess(setup):
     checkpoint, images, captions, index = setup
-    done = subprocess.run([sys.executable, "-m", "brain_trainer", "embed", "--checkpoint", str(checkpoint), "--images",
-                           str(images), "--captions", str(captions), "--out", str(index), "--num_workers", "1"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brain_trainer",
+            "embed",
+            "--checkpoint",
+            str(checkpoint),
+            "--images",
+            str(images),
+            "--captions",
+            str(captions),
+            "--out",
+            str(index),
+            "--num_workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == f"Index {index}: 4 images, 20 captions, 32-wide float32 embeddings"

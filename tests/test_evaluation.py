@@ -1,5 +1,6 @@
 """Evaluation: retrieval metrics by hand (ties and NaN count against the model), chance levels, and the
 evaluation of a split on one process."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,7 @@ def test_ties_count_against_the_model():
 
 def test_duplicate_captions_score_by_the_hand_computed_ranks():
     # Image 0 owns captions 0 and 1; image 1 owns caption 2, a duplicate of caption 0 (same column).
-    similarity = torch.tensor([[0.9, 0.2, 0.9],
-                               [0.5, 0.1, 0.5]])
+    similarity = torch.tensor([[0.9, 0.2, 0.9], [0.5, 0.1, 0.5]])
     metrics = retrieval_metrics(similarity, torch.tensor([0, 0, 1]))
     # i2t: image 0's best right caption (0.9) ties with caption 2 (wrong): rank 2. Image 1's right caption (0.5)
     # ties with caption 0 (wrong): rank 2.
@@ -49,7 +49,7 @@ def test_five_captions_per_image_any_one_in_the_top_k_is_an_image_to_text_hit():
     for image in range(num_images):
         wrong = similarity[image][caption_image != image].sort(descending=True).values
         rank = image % 12 + 1
-        similarity[image, 5 * image: 5 * image + 5] = -1.0
+        similarity[image, 5 * image : 5 * image + 5] = -1.0
         similarity[image, 5 * image + 3] = (wrong[rank - 2] - 1e-3) if rank > 1 else wrong[0] + 1e-3
         ranks.append(rank)
     metrics = retrieval_metrics(similarity, caption_image)

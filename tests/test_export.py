@@ -1,5 +1,6 @@
 """`brain-trainer export`: safetensors + config + tokenizer that `load_brain` loads back to the same model, and
 two ONNX towers that onnxruntime runs to within 1e-4 of PyTorch."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_error_line, run_cli, split_folder
 
 from brain_trainer import load_brain
@@ -29,11 +29,17 @@ def test_safetensors_export_loads_back_as_the_same_brain(trained, sample_root, t
     assert not exported.model.training and exported.checkpoint_sha256 == original.checkpoint_sha256
     images, _, _ = split_folder(sample_root, "val", tmp_path)
     pixels = original.preprocess_batch(sorted(images.iterdir()))
-    assert torch.equal(original.embed_images(pixels), exported.embed_images(exported.preprocess_batch(sorted(images.iterdir()))))
+    assert torch.equal(
+        original.embed_images(pixels), exported.embed_images(exported.preprocess_batch(sorted(images.iterdir())))
+    )
     assert torch.equal(original.embed_texts(CAPTIONS), exported.embed_texts(CAPTIONS))
     index = tmp_path / "index"  # an index built with the checkpoint is searched with its export
-    assert run_cli(capsys, "embed", "--checkpoint", checkpoint, "--images", images, "--out", index,
-                   "--num_workers", "0")[0] == 0
+    assert (
+        run_cli(capsys, "embed", "--checkpoint", checkpoint, "--images", images, "--out", index, "--num_workers", "0")[
+            0
+        ]
+        == 0
+    )
     status, _, err = run_cli(capsys, "search", "--index", index, "--text", "red", "--checkpoint", out)
     assert status == 0, err
 
@@ -61,7 +67,9 @@ def test_onnx_towers_match_pytorch(trained, tmp_path, capsys):
 def test_export_refuses_what_is_not_a_brain(tmp_path, capsys):
     weights = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, weights)
-    assert_one_error_line(*run_cli(capsys, "export", "--checkpoint", weights, "--out", tmp_path / "out")[::2],
-                          str(weights), "not a brain")
-    assert_one_error_line(*run_cli(capsys, "export", "--checkpoint", tmp_path, "--out", tmp_path / "out")[::2],
-                          "config.json")
+    assert_one_error_line(
+        *run_cli(capsys, "export", "--checkpoint", weights, "--out", tmp_path / "out")[::2], str(weights), "not a brain"
+    )
+    assert_one_error_line(
+        *run_cli(capsys, "export", "--checkpoint", tmp_path, "--out", tmp_path / "out")[::2], "config.json"
+    )

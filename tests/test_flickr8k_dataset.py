@@ -1,5 +1,6 @@
 """The data layer: layouts, real-file quirks, splits, the resumable sampler, augmentation keyed by
 (seed, epoch, index), corrupt images, the tokenizer and the decode-once cache."""
+
 from __future__ import annotations
 
 import csv
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from brain_trainer.data import flickr8k_dataset as fd
 from brain_trainer.data.augment import TrainAugment, eval_transform, normalize_images
-from conftest import DATA
 from brain_trainer.data.sample_data import write_sample_dataset
 
 REAL_TEXT = DATA / "flickr8k_text"  # the real annotation files, gzipped (tests/data/flickr8k_text/README.md)
@@ -36,6 +37,7 @@ def placeholder_jpeg(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- layouts
 
+
 @pytest.mark.parametrize("layout", ["token", "karpathy"])
 def test_each_layout_with_split_lists_gives_the_written_counts(tmp_path, layout):
     root = write_sample_dataset(tmp_path / layout, layout, images=12, val=3, test=2, size=(48, 36))
@@ -51,7 +53,9 @@ def test_kaggle_layout_parses_quoted_commas_and_derives_a_disjoint_split(tmp_pat
         csv.writer(handle).writerow([sorted(os.listdir(root / "Images"))[0], "A dog, a cat, and a bird ."])
     splits, _ = load_quietly(root)
     members = [set(splits[s].images) for s in fd.SPLITS]
-    assert sum(len(m) for m in members) == 30 and not (members[0] & members[1] or members[0] & members[2] or members[1] & members[2])
+    assert sum(len(m) for m in members) == 30 and not (
+        members[0] & members[1] or members[0] & members[2] or members[1] & members[2]
+    )
     assert "A dog, a cat, and a bird ." in [c for s in fd.SPLITS for c in splits[s].captions]
     assert splits == load_quietly(root)[0], "the split must be the same on every run"
 
@@ -80,6 +84,7 @@ def test_annotations_flag_overrides_detection(tmp_path):
 
 # ----------------------------------------------------------------------------- quirks of the real files
 
+
 def write_token_layout(root: Path, token_text: str, splits: dict[str, str], images: list[str]) -> Path:
     (root / "Images").mkdir(parents=True)
     for name in images:
@@ -91,8 +96,10 @@ def write_token_layout(root: Path, token_text: str, splits: dict[str, str], imag
 
 
 def test_bom_crlf_blank_lines_space_separators_and_stray_whitespace_are_handled(tmp_path):
-    token = ("\ufeffa.jpg#0\tA red ball .\r\n\r\na.jpg#1 A ball that is red .\r\n  b.jpg#0\t  Blue sky .  \r\n"
-             "b.jpg#1\tClouds .\r\n\r\n")
+    token = (
+        "\ufeffa.jpg#0\tA red ball .\r\n\r\na.jpg#1 A ball that is red .\r\n  b.jpg#0\t  Blue sky .  \r\n"
+        "b.jpg#1\tClouds .\r\n\r\n"
+    )
     root = write_token_layout(tmp_path / "q", token, {"train": "\ufeffa.jpg\r\n\r\n b.jpg \r\n"}, ["a.jpg", "b.jpg"])
     splits, _ = load_quietly(root)
     train = splits["train"]
@@ -103,8 +110,9 @@ def test_bom_crlf_blank_lines_space_separators_and_stray_whitespace_are_handled(
 
 def test_a_key_like_jpg_dot_1_is_its_own_key_and_skips_are_summed_in_one_warning(tmp_path):
     token = "a.jpg#0\tOne .\na.jpg.1#0\tPeople waiting .\nmissing.jpg#0\tGone .\nnosplit.jpg#0\tAside .\n"
-    root = write_token_layout(tmp_path / "k", token, {"train": "a.jpg\nmissing.jpg\nnocaption.jpg\n"},
-                              ["a.jpg", "a.jpg.1", "nosplit.jpg"])
+    root = write_token_layout(
+        tmp_path / "k", token, {"train": "a.jpg\nmissing.jpg\nnocaption.jpg\n"}, ["a.jpg", "a.jpg.1", "nosplit.jpg"]
+    )
     (root / "Images" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")  # macOS litter, never a sample
     splits, messages = load_quietly(root)
     assert splits["train"].captions == ["One ."]
@@ -134,6 +142,7 @@ def test_real_flickr8k_text_files_give_the_real_sample_counts(tmp_path):
 
 
 # ----------------------------------------------------------------------------- errors
+
 
 def test_missing_root_dir_names_the_flag_and_where_to_get_flickr8k(tmp_path):
     with pytest.raises(fd.DatasetError, match=r"--root_dir .*nowhere: no such folder.*brain-trainer sample-data"):
@@ -169,6 +178,7 @@ def test_karpathy_file_that_is_not_json_is_named(tmp_path):
 
 # ----------------------------------------------------------------------------- the sampler
 
+
 def test_sampler_order_depends_only_on_seed_and_epoch():
     order = lambda seed, epoch: fd.ResumableSampler(50, seed, global_batch=1).epoch_order(epoch).tolist()
     assert order(3, 1) == order(3, 1)
@@ -202,7 +212,7 @@ def test_sampler_resume_with_another_batch_size_continues_at_the_same_sample():
 def test_each_process_takes_its_slice_of_every_global_batch_of_the_one_order(world_size):
     one = fd.ResumableSampler(47, seed=5, global_batch=6)
     one.set_position(1, 11)
-    global_batches = [keys(one)[k:k + 6] for k in range(0, len(one), 6)]
+    global_batches = [keys(one)[k : k + 6] for k in range(0, len(one), 6)]
     shards = []
     for rank in range(world_size):
         sampler = fd.ResumableSampler(47, seed=5, global_batch=6, rank=rank, world_size=world_size)
@@ -211,7 +221,7 @@ def test_each_process_takes_its_slice_of_every_global_batch_of_the_one_order(wor
         assert len(sampler) == len(shards[-1]) == 6 // world_size * len(global_batches)
     local = 6 // world_size
     for step, expected in enumerate(global_batches):
-        gathered = [i for shard in shards for i in shard[step * local:(step + 1) * local]]
+        gathered = [i for shard in shards for i in shard[step * local : (step + 1) * local]]
         assert gathered == expected, "gathered in rank order, the slices are the one-process batch, row for row"
 
 
@@ -221,6 +231,7 @@ def test_a_global_batch_that_does_not_divide_by_the_processes_is_refused():
 
 
 # ----------------------------------------------------------------------------- images and augmentation
+
 
 def train_dataset(split: fd.Split, images, seed: int = 0) -> fd.Flickr8kDataset:
     return fd.Flickr8kDataset(split, images, TrainAugment(32), seed)
@@ -242,12 +253,18 @@ def test_augmentation_is_keyed_by_seed_epoch_and_index_not_by_the_global_rng(sam
 @pytest.mark.parametrize("cached", [False, True])
 def test_augmented_batches_are_the_same_with_0_or_2_workers(sample_root, tmp_path, cached):
     split = load_quietly(sample_root)[0]["train"]
-    images = fd.build_image_cache(split.image_paths(), 32, tmp_path, progress=False) if cached else fd.JpegImages(split.image_paths())
+    images = (
+        fd.build_image_cache(split.image_paths(), 32, tmp_path, progress=False)
+        if cached
+        else fd.JpegImages(split.image_paths())
+    )
     dataset = train_dataset(split, images, seed=11)
     sampler = fd.ResumableSampler(len(dataset), seed=11, global_batch=1)
     sampler.set_position(1, 3)
-    batches = [torch.cat([b["image"] for b in DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers)])
-               for workers in (0, 2)]
+    batches = [
+        torch.cat([b["image"] for b in DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers)])
+        for workers in (0, 2)
+    ]
     assert torch.equal(batches[0], batches[1])
 
 
@@ -280,10 +297,13 @@ def test_scratch_tokenizer_is_the_same_on_every_run(sample_root):
     vocabularies = [fd.train_caption_tokenizer(captions, vocab_size=150).get_vocab() for _ in range(3)]
     assert vocabularies[0] == vocabularies[1] == vocabularies[2]
     restored = fd.tokenizer_from_json(fd.train_caption_tokenizer(captions, 150).backend_tokenizer.to_str())
-    assert restored("a red circle")["input_ids"] == fd.train_caption_tokenizer(captions, 150)("a red circle")["input_ids"]
+    assert (
+        restored("a red circle")["input_ids"] == fd.train_caption_tokenizer(captions, 150)("a red circle")["input_ids"]
+    )
 
 
 # ----------------------------------------------------------------------------- the decode-once cache
+
 
 def test_cached_and_decoded_images_agree_within_resize_tolerance(sample_root, tmp_path):
     split = load_quietly(sample_root)[0]["val"]
@@ -334,7 +354,10 @@ def test_a_half_built_cache_is_never_used(sample_root, tmp_path, monkeypatch):
     (stale / "pixels.u8").write_bytes(b"half")
     cache = fd.build_image_cache(paths, 32, tmp_path, progress=False)
     assert cache.folder.name == key and not stale.exists()
-    assert cache.load(0).shape[0] == 3 and json.loads((cache.folder / "meta.json").read_text())["images"][0] == paths[0].name
+    assert (
+        cache.load(0).shape[0] == 3
+        and json.loads((cache.folder / "meta.json").read_text())["images"][0] == paths[0].name
+    )
 
 
 def test_an_unreadable_image_in_the_cache_is_substituted_like_a_jpeg(fresh_root, tmp_path):
@@ -348,6 +371,7 @@ def test_an_unreadable_image_in_the_cache_is_substituted_like_a_jpeg(fresh_root,
 
 
 # ----------------------------------------------------------------------------- inputs that must not crash or mislead
+
 
 def test_an_exif_rotated_photo_is_decoded_upright(tmp_path):
     landscape = Image.new("RGB", (40, 20), (200, 30, 30))

@@ -1,5 +1,6 @@
 """Checkpoints on an object store, against a real S3 server (moto's, on 127.0.0.1) through the real s3fs
 client: every promise of the local folder that a store can keep, tested as a user meets it."""
+
 from __future__ import annotations
 
 import signal
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, assert_bitwise_equal, finish, run_args, run_to_end, start, wait_for_step
 
 from brain_trainer import train as cli
 from brain_trainer.checkpointing import BEST, LAST, CheckpointError, open_storage
-from conftest import ROOT, assert_bitwise_equal, finish, run_args, run_to_end, start, wait_for_step
 
 WORKERS = ROOT / "tests" / "workers"
 
@@ -31,6 +32,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # ----------------------------------------------------------------------------- the storage itself
+
 
 def test_an_object_appears_whole_or_not_at_all_and_a_failed_upload_leaves_the_previous_one(s3):
     storage = open_storage(s3.url)
@@ -84,6 +86,7 @@ def test_a_missing_bucket_and_an_endpoint_that_does_not_answer_are_one_line_each
 
 # ----------------------------------------------------------------------------- the CLI
 
+
 @pytest.mark.slow
 def test_a_run_on_s3_stopped_by_sigterm_resumes_bitwise_equal_to_the_uninterrupted_run(sample_root, tmp_path, s3):
     reference = tmp_path / "reference"
@@ -106,10 +109,16 @@ def test_a_run_on_s3_stopped_by_sigterm_resumes_bitwise_equal_to_the_uninterrupt
 
 @pytest.mark.slow
 def test_sigkill_during_an_upload_leaves_no_partial_object_and_resume_auto_continues_from_the_previous(
-        sample_root, tmp_path, s3):
+    sample_root, tmp_path, s3
+):
     args = s3_args(sample_root, tmp_path, s3.url, "--epochs", "2", "--save_every_steps", "2", "--lock_expiry", "3")
-    process = subprocess.Popen([sys.executable, str(WORKERS / "slow_upload.py"), *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, str(WORKERS / "slow_upload.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     seen = []
     for line in process.stdout:
         seen.append(line)
@@ -141,7 +150,8 @@ def test_a_second_run_on_the_same_prefix_exits_2_naming_the_first(sample_root, t
 
 @pytest.mark.slow
 def test_a_store_that_stops_answering_mid_run_is_one_line_exit_2_and_the_previous_object_stays(
-        sample_root, tmp_path, s3, s3_server):
+    sample_root, tmp_path, s3, s3_server
+):
     args = s3_args(sample_root, tmp_path, s3.url, "--epochs", "2", "--save_every_steps", "2", "--sync_saves")
     process = start(args)
     wait_for_step(process, 3)
@@ -163,6 +173,7 @@ def test_consent_and_unreadable_objects_work_as_in_a_local_folder(sample_root, t
     assert status == 2 and f"--savedir {s3.url} already holds a run's checkpoints ({LAST}, {BEST}" in err
 
     import s3fs
+
     s3fs.S3FileSystem(endpoint_url=s3.endpoint).pipe_file(f"{s3.url}/{BEST}", b"not a checkpoint")
     status, out, _ = run(capsys, *args[:-1], "2", "--resume", "auto")
     assert status == 0, out
@@ -171,12 +182,14 @@ def test_consent_and_unreadable_objects_work_as_in_a_local_folder(sample_root, t
     assert f"⚠ Moved {s3.url}/{BEST} aside to {aside[0]}" in out
 
 
-def test_startup_refuses_a_missing_bucket_and_missing_credentials_before_any_training(sample_root, tmp_path, s3,
-                                                                                       capsys, monkeypatch):
+def test_startup_refuses_a_missing_bucket_and_missing_credentials_before_any_training(
+    sample_root, tmp_path, s3, capsys, monkeypatch
+):
     status, out, err = run(capsys, *s3_args(sample_root, tmp_path, "s3://no-such-bucket/run", "--epochs", "1"))
     assert status == 2 and "Train samples" not in out
-    assert err == ("Error: --savedir s3://no-such-bucket/run: bucket 'no-such-bucket' does not exist; create it, "
-                   "or fix the URL\n")
+    assert err == (
+        "Error: --savedir s3://no-such-bucket/run: bucket 'no-such-bucket' does not exist; create it, or fix the URL\n"
+    )
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     status, out, err = run(capsys, *s3_args(sample_root, tmp_path, s3.url, "--epochs", "1"))
@@ -186,12 +199,20 @@ def test_startup_refuses_a_missing_bucket_and_missing_credentials_before_any_tra
 
 
 def test_without_s3fs_an_s3_savedir_is_one_line_naming_the_extra(sample_root, tmp_path):
-    result = subprocess.run([sys.executable, str(WORKERS / "without_s3fs.py"),
-                             *s3_args(sample_root, tmp_path, "s3://bucket/run", "--epochs", "1")],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(WORKERS / "without_s3fs.py"),
+            *s3_args(sample_root, tmp_path, "s3://bucket/run", "--epochs", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr == ("Error: s3://bucket/run: needs s3fs: pip install 'brain-trainer[s3]' (or pip install "
-                             "s3fs)\n")
+    assert result.stderr == (
+        "Error: s3://bucket/run: needs s3fs: pip install 'brain-trainer[s3]' (or pip install s3fs)\n"
+    )
 
 
 def test_resume_auto_on_a_store_chooses_by_the_lineage_kept_in_metadata_without_downloading(s3, monkeypatch):

@@ -1,6 +1,7 @@
 """Exact, preemption-safe resume, tested as a user meets it: the real CLI in a subprocess, stopped with
 real signals (SIGTERM, SIGINT, SLURM's SIGUSR1, SIGKILL) at random steps, resumed with --resume auto,
 and compared bit for bit with an uninterrupted run: checkpoint tensors and TensorBoard train/loss."""
+
 from __future__ import annotations
 
 import random
@@ -11,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import STEPS_PER_EPOCH, assert_bitwise_equal, finish, run_args, run_to_end, scalars, start, wait_for_step
 
 from brain_trainer import checkpointing as ck
-from conftest import (STEPS_PER_EPOCH, assert_bitwise_equal, finish, run_args, run_to_end, scalars, start,
-                      wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +45,12 @@ def reference(sample_root, tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, "0"), (signal.SIGINT, "2")], ids=["SIGTERM-0-workers",
-                                                                                                 "SIGINT-2-workers"])
-def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(sample_root, tmp_path, reference,
-                                                                          signum, workers):
+@pytest.mark.parametrize(
+    "signum, workers", [(signal.SIGTERM, "0"), (signal.SIGINT, "2")], ids=["SIGTERM-0-workers", "SIGINT-2-workers"]
+)
+def test_a_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(
+    sample_root, tmp_path, reference, signum, workers
+):
     args = run_args(sample_root, tmp_path, *EPOCHS, "--num_workers", workers)
     process = start(args)
     wait_for_step(process, random.Random(signum).randint(2, 12))
@@ -104,7 +106,9 @@ def test_stopped_twice_with_the_same_settings_still_equals_the_uninterrupted_run
     assert_same_as_uninterrupted(tmp_path, reference)
 
 
-def test_sigkill_at_random_moments_always_leaves_a_loadable_last_and_no_duplicate_steps(sample_root, tmp_path, reference):
+def test_sigkill_at_random_moments_always_leaves_a_loadable_last_and_no_duplicate_steps(
+    sample_root, tmp_path, reference
+):
     args = run_args(sample_root, tmp_path, *EPOCHS, "--save_every_steps", "1")
     rng = random.Random(7)
     for kill in range(3):

@@ -1,4 +1,5 @@
 """What the program prints: the resume command, silence on processes other than the main one, the epoch line."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,15 +12,26 @@ from brain_trainer.run_log import RunLog, resume_command
 def test_the_resume_command_is_the_command_as_given_with_the_checkpoint():
     argv = ("--root_dir", "data", "--resume", "auto", "--lr", "1e-3", "--resume=old.pt")
     assert resume_command(argv, Path("ckpt/last_brain_v2.pt")) == (
-        "python train_multimodal_brain_flickr8k.py --root_dir data --lr 1e-3 --resume ckpt/last_brain_v2.pt")
+        "python train_multimodal_brain_flickr8k.py --root_dir data --lr 1e-3 --resume ckpt/last_brain_v2.pt"
+    )
 
 
 def test_a_silent_log_prints_nothing_and_opens_no_event_file(tmp_path, capsys):
     log = RunLog(enabled=False)
     log.print("hello")
     log.error("Error: x")
-    log.banner(train_samples=1, val_samples=1, device=torch.device("cpu"), precision="fp32", batch_size=2, per_process=1, lr=1.0,
-               start_epoch=0, epochs=1, world_size=2)
+    log.banner(
+        train_samples=1,
+        val_samples=1,
+        device=torch.device("cpu"),
+        precision="fp32",
+        batch_size=2,
+        per_process=1,
+        lr=1.0,
+        start_epoch=0,
+        epochs=1,
+        world_size=2,
+    )
     log.open_tensorboard(tmp_path / "runs", purge_step=0, config={}, step=0)
     log.scalars({"train/loss": 1.0}, 1)
     log.close()

@@ -1,4 +1,5 @@
 """The runtime with one process: every collective is the identity; precision resolves once; the stop flag."""
+
 from __future__ import annotations
 
 import signal
@@ -6,8 +7,8 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import ROOT
+
 from brain_trainer.runtime import STOP_SIGNALS, Runtime
 
 
@@ -70,8 +71,12 @@ def test_a_stop_signal_is_held_until_the_step_boundary_and_handlers_are_restored
 
 
 def double_ctrl_c(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "double_ctrl_c.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "workers" / "double_ctrl_c.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_second_ctrl_c_quits_at_once_naming_the_checkpoint_that_is_kept(tmp_path):
@@ -80,9 +85,11 @@ def test_a_second_ctrl_c_quits_at_once_naming_the_checkpoint_that_is_kept(tmp_pa
     child = double_ctrl_c(str(last))
     assert child.returncode == 130
     assert "first: stop requested" in child.stdout and "still running" not in child.stdout
-    assert child.stderr.strip() == (f"SIGINT again: quitting without saving; {last} (the last completed save) is "
-                                    f"intact: inspect it with `python -m brain_trainer ckpt inspect {last}`, "
-                                    f"continue with --resume auto")
+    assert child.stderr.strip() == (
+        f"SIGINT again: quitting without saving; {last} (the last completed save) is "
+        f"intact: inspect it with `python -m brain_trainer ckpt inspect {last}`, "
+        f"continue with --resume auto"
+    )
 
 
 def test_a_second_ctrl_c_before_any_save_says_nothing_was_saved(tmp_path):

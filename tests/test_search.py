@@ -1,5 +1,6 @@
 """`brain-trainer search`: the model's retrieval to the last printed digit of `eval`, its output formats, the
 contact sheet, and every bad input as one line with exit status 2."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT, assert_one_error_line, run_cli, split_folder
+from PIL import Image
 
 from brain_trainer.inference.grid import STRIP, TILE
 from brain_trainer.inference.search import top_k
@@ -54,28 +54,57 @@ def by_query(results: list[dict], count: int) -> list[list[dict]]:
 @pytest.mark.slow
 def test_search_gives_the_recall_eval_prints(retrieval_run, tmp_path, capsys):
     root, checkpoint = retrieval_run
-    status, out, err = run_cli(capsys, "eval", "--resume", checkpoint, "--root_dir", root, "--eval_split", "test",
-                               "--num_workers", "0", "--cache_dir", tmp_path / "cache")
+    status, out, err = run_cli(
+        capsys,
+        "eval",
+        "--resume",
+        checkpoint,
+        "--root_dir",
+        root,
+        "--eval_split",
+        "test",
+        "--num_workers",
+        "0",
+        "--cache_dir",
+        tmp_path / "cache",
+    )
     assert status == 0, out + err
     table = printed_table(out)
     images, captions, queries = split_folder(root, "test", tmp_path)
     index = tmp_path / "index"
-    status, out, err = run_cli(capsys, "embed", "--checkpoint", checkpoint, "--images", images, "--captions", captions,
-                               "--out", index, "--num_workers", "0")
+    status, out, err = run_cli(
+        capsys,
+        "embed",
+        "--checkpoint",
+        checkpoint,
+        "--images",
+        images,
+        "--captions",
+        captions,
+        "--out",
+        index,
+        "--num_workers",
+        "0",
+    )
     assert status == 0, err
     texts = queries.read_text().splitlines()
     status, out, err = run_cli(capsys, "search", "--index", index, "--queries", queries, "-k", 11, "--format", "jsonl")
     assert status == 0, err
     caption_image = [line.split("#")[0] for line in captions.read_text().splitlines()]
-    t2i = [[(r["score"], r["path"].endswith(caption_image[q])) for r in found]
-           for q, found in enumerate(by_query(jsonl(out), len(texts)))]
+    t2i = [
+        [(r["score"], r["path"].endswith(caption_image[q])) for r in found]
+        for q, found in enumerate(by_query(jsonl(out), len(texts)))
+    ]
     assert all(len(found) == 11 for found in t2i)
     image_paths = sorted(images.iterdir())
-    status, out, err = run_cli(capsys, "search", "--index", index, "--image", *image_paths, "--captions", "-k", 11,
-                               "--format", "jsonl")
+    status, out, err = run_cli(
+        capsys, "search", "--index", index, "--image", *image_paths, "--captions", "-k", 11, "--format", "jsonl"
+    )
     assert status == 0, err
-    i2t = [[(r["score"], r["image"] == str(image_paths[q])) for r in found]
-           for q, found in enumerate(by_query(jsonl(out), len(image_paths)))]
+    i2t = [
+        [(r["score"], r["image"] == str(image_paths[q])) for r in found]
+        for q, found in enumerate(by_query(jsonl(out), len(image_paths)))
+    ]
     for direction, results in (("t2i", t2i), ("i2t", i2t)):
         assert [f"{recall_at(results, k):.1f}" for k in (1, 5, 10)] == table[direction], direction
     assert len(set(table["i2t"] + table["t2i"])) > 2  # the model ranks some right items high and others low
@@ -96,26 +125,64 @@ def built(sample_root, trained, tmp_path, capsys) -> SimpleNamespace:
     """An index of the sample set's 4 val images and 20 captions, built with the shared tiny checkpoint."""
     images, captions, queries = split_folder(sample_root, "val", tmp_path)
     checkpoint, index = trained / "ckpt" / "last_brain_v2.pt", tmp_path / "index"
-    status, _, err = run_cli(capsys, "embed", "--checkpoint", checkpoint, "--images", images, "--captions", captions,
-                             "--out", index, "--num_workers", "0")
+    status, _, err = run_cli(
+        capsys,
+        "embed",
+        "--checkpoint",
+        checkpoint,
+        "--images",
+        images,
+        "--captions",
+        captions,
+        "--out",
+        index,
+        "--num_workers",
+        "0",
+    )
     assert status == 0, err
     return SimpleNamespace(index=index, images=images, checkpoint=checkpoint, queries=queries)
 
 
 def test_formats_keep_the_order_of_the_queries(built, capsys):
-    status, out, _ = run_cli(capsys, "search", "--index", built.index, "--text", "red circle", "two blue squares",
-                             "-k", 3, "--format", "jsonl")
+    status, out, _ = run_cli(
+        capsys,
+        "search",
+        "--index",
+        built.index,
+        "--text",
+        "red circle",
+        "two blue squares",
+        "-k",
+        3,
+        "--format",
+        "jsonl",
+    )
     results = jsonl(out)
     assert status == 0 and [(r["query"], r["query_index"], r["rank"]) for r in results] == [
-        (query, position, rank) for position, query in enumerate(["red circle", "two blue squares"]) for rank in (1, 2, 3)]
+        (query, position, rank)
+        for position, query in enumerate(["red circle", "two blue squares"])
+        for rank in (1, 2, 3)
+    ]
     assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]) if a["query_index"] == b["query_index"])
     _, tsv, _ = run_cli(capsys, "search", "--index", built.index, "--text", "red circle", "two blue squares", "-k", 3)
     blocks = [block.splitlines() for block in tsv.split("\n\n")]
     assert [[line.split("\t") for line in block] for block in blocks] == [
-        [[f"{r['score']:.4f}", r["path"]] for r in results if r["query_index"] == q] for q in (0, 1)]
+        [[f"{r['score']:.4f}", r["path"]] for r in results if r["query_index"] == q] for q in (0, 1)
+    ]
     # the same queries in one batch (a query's embedding depends on its batch's padding, in the last bits)
-    _, paths, _ = run_cli(capsys, "search", "--index", built.index, "--text", "red circle", "two blue squares",
-                          "-k", 3, "--format", "paths")
+    _, paths, _ = run_cli(
+        capsys,
+        "search",
+        "--index",
+        built.index,
+        "--text",
+        "red circle",
+        "two blue squares",
+        "-k",
+        3,
+        "--format",
+        "paths",
+    )
     assert [line for line in paths.splitlines() if line] == [r["path"] for r in results]
     assert all(path.startswith(str(built.images)) for path in paths.splitlines())
 
@@ -129,32 +196,40 @@ def test_image_to_images_and_to_captions(built, capsys):
     assert status == 0 and len(results) == 4 and itself and itself[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert itself[0]["score"] >= results[0]["score"] - 1e-6
     assert results[0]["score"] == pytest.approx(1.0, abs=1e-5)
-    status, out, _ = run_cli(capsys, "search", "--index", built.index, "--image", query, "--captions", "-k", 20,
-                             "--format", "jsonl")
+    status, out, _ = run_cli(
+        capsys, "search", "--index", built.index, "--image", query, "--captions", "-k", 20, "--format", "jsonl"
+    )
     captions = jsonl(out)
-    assert status == 0 and len(captions) == 20 and {r["caption"] for r in captions} == set(built.queries.read_text().splitlines())
+    assert (
+        status == 0
+        and len(captions) == 20
+        and {r["caption"] for r in captions} == set(built.queries.read_text().splitlines())
+    )
     assert sum(r["image"] == str(query) for r in captions) == 5  # the index knows each caption's image
 
 
 def test_grid_has_k_tiles_per_query(built, tmp_path, capsys):
     grid = tmp_path / "sheet.png"
-    status, _, err = run_cli(capsys, "search", "--index", built.index, "--text", "red circle", "green square",
-                             "-k", 3, "--grid", grid)
+    status, _, err = run_cli(
+        capsys, "search", "--index", built.index, "--text", "red circle", "green square", "-k", 3, "--grid", grid
+    )
     assert status == 0, err
     sheet = np.asarray(Image.open(grid).convert("RGB"))
     assert sheet.shape == (2 * (TILE + STRIP), (1 + 3) * TILE, 3)  # a query cell, then k tiles, per row
     for row in range(2):
         for column in range(1, 4):
-            tile = sheet[row * (TILE + STRIP): row * (TILE + STRIP) + TILE, column * TILE: (column + 1) * TILE]
+            tile = sheet[row * (TILE + STRIP) : row * (TILE + STRIP) + TILE, column * TILE : (column + 1) * TILE]
             assert tile.std() > 0 or tile.mean() < 250  # a drawn image, not the white sheet
 
 
 def test_queries_file_and_help(built, capsys):
-    status, out, _ = run_cli(capsys, "search", "--index", built.index, "--queries", built.queries, "-k", 1,
-                             "--format", "paths")
+    status, out, _ = run_cli(
+        capsys, "search", "--index", built.index, "--queries", built.queries, "-k", 1, "--format", "paths"
+    )
     assert status == 0 and len(out.splitlines()) == 20
     with pytest.raises(SystemExit):
         from brain_trainer.cli import main
+
         main(["search", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     for explained in ("tsv score<TAB>path", "paths only the paths", "jsonl one JSON object per result"):
@@ -187,8 +262,24 @@ def test_bad_inputs_are_one_line(built, tmp_path, capsys):
 @pytest.mark.slow
 def test_search_in_a_subprocess(built):
     """As a user runs it: `python -m brain_trainer search ...` prints rclip's `score<TAB>path`."""
-    done = subprocess.run([sys.executable, "-m", "brain_trainer", "search", "--index", str(built.index), "--text",
-                           "a red circle", "-k", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brain_trainer",
+            "search",
+            "--index",
+            str(built.index),
+            "--text",
+            "a red circle",
+            "-k",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     lines = [line.split("\t") for line in done.stdout.splitlines()]
     assert len(lines) == 2 and all(float(score) <= 1 and path.endswith(".jpg") for score, path in lines)

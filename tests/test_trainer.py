@@ -1,5 +1,6 @@
 """The loop's pieces: the schedule, the train state's round trip, and the real optimisation step of a Trainer
 assembled as the CLI assembles it, in each precision."""
+
 from __future__ import annotations
 
 import math
@@ -7,13 +8,13 @@ import sys
 
 import pytest
 import torch
+from conftest import run_args
 
 from brain_trainer import build
+from brain_trainer.checkpointing import train_state_fields, train_state_of
 from brain_trainer.config import TrainSettings, parse_args
-from conftest import run_args
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import Runtime
-from brain_trainer.checkpointing import train_state_fields, train_state_of
 from brain_trainer.trainer import TrainingError, TrainState, learning_rate
 
 
@@ -28,8 +29,16 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
 
 
 def test_train_state_saves_into_the_file_layout_clobbers_loads_and_is_equal():
-    state = TrainState(epoch=3, samples_seen=40, global_step=77, best_val=0.5, val_loss=0.6, skipped_images=2,
-                       epoch_loss_sum=12.25, epoch_loss_steps=5)
+    state = TrainState(
+        epoch=3,
+        samples_seen=40,
+        global_step=77,
+        best_val=0.5,
+        val_loss=0.6,
+        skipped_images=2,
+        epoch_loss_sum=12.25,
+        epoch_loss_steps=5,
+    )
     fields = train_state_fields(state.state_dict())
     assert fields["epoch"] == 2 and fields["data_state"]["epoch"] == 3, "the file's `epoch` is the last completed one"
     restored = TrainState(epoch=9, global_step=1)
@@ -56,14 +65,17 @@ def assembled_trainer(runtime: Runtime, *argv: str):
     log = RunLog(enabled=False)
     resume = build.choose_checkpoint(command.options, runtime, log)
     run = build.build(command, resume, runtime, log)
-    return build.make_trainer(run, resume, command.options, runtime, log,
-                              storage=build.savedir_storage(command.options))
+    return build.make_trainer(
+        run, resume, command.options, runtime, log, storage=build.savedir_storage(command.options)
+    )
 
 
-@pytest.mark.parametrize("precision, computed_in", [("fp32", torch.float32), ("fp16", torch.float16),
-                                                   ("bf16", torch.bfloat16)])
-def test_the_real_step_computes_in_its_precision_and_updates_the_weights(sample_root, tmp_path, runtime, precision,
-                                                                         computed_in):
+@pytest.mark.parametrize(
+    "precision, computed_in", [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]
+)
+def test_the_real_step_computes_in_its_precision_and_updates_the_weights(
+    sample_root, tmp_path, runtime, precision, computed_in
+):
     """On the CPU too, fp16 is real: the layers compute in float16 and the GradScaler is on. A step whose scaled
     gradients overflow changes no weight and halves the scale; a step that does not overflow updates the weights."""
     trainer = assembled_trainer(runtime, *run_args(sample_root, tmp_path, "--precision", precision, "--dropout", "0"))
@@ -89,7 +101,9 @@ def test_the_real_step_computes_in_its_precision_and_updates_the_weights(sample_
     assert dtypes == {computed_in}
     assert updates >= 1
     assert trainer.scaler.is_enabled() == (precision == "fp16")
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(0, trainer.settings, trainer.total_steps))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        learning_rate(0, trainer.settings, trainer.total_steps)
+    )
 
 
 def test_weights_that_turned_nan_are_never_saved(sample_root, tmp_path, runtime):
@@ -112,11 +126,13 @@ def test_the_step_reads_nothing_back_from_the_device(sample_root, tmp_path, runt
     batch = next(iter(trainer.loaders.train))
     reads = []
     for name in DEVICE_READS:
+
         def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
             caller = sys._getframe(1)
             if "brain_trainer" in caller.f_code.co_filename:
                 reads.append(f"{_name} at {caller.f_code.co_filename}:{caller.f_lineno}")
             return _original(self, *args, **kwargs)
+
         monkeypatch.setattr(torch.Tensor, name, spy)
     for _ in range(2):
         loss, grad_norm = trainer.step(batch)

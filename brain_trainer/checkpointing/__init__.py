@@ -10,22 +10,85 @@ loading, restoring a run, and the `ckpt` command. Its public names are re-export
     restore.py      weights, optimizer, scaler and position into a run; returns the ✓/⚠ lines
     cli.py          brain-trainer ckpt inspect | convert
 """
-from brain_trainer.checkpointing.folder import (Discovery, check_names, checkpoint_in_folder, checkpoint_names,
-                                                claim_savedir, find_latest_checkpoint, rotate_snapshots, set_aside)
-from brain_trainer.checkpointing.format import (BEST, FORMAT_VERSION, LAST, SNAPSHOT, CheckpointError,
-                                                capture_rng_state, check_fields, is_full_checkpoint, make_checkpoint,
-                                                model_weights, nonfinite_tensors, normalize_keys, restore_rng_state,
-                                                rng_states_of, snapshot_name, train_state_fields, train_state_of)
+
+from brain_trainer.checkpointing.folder import (
+    Discovery,
+    check_names,
+    checkpoint_in_folder,
+    checkpoint_names,
+    claim_savedir,
+    find_latest_checkpoint,
+    rotate_snapshots,
+    set_aside,
+)
+from brain_trainer.checkpointing.format import (
+    BEST,
+    FORMAT_VERSION,
+    LAST,
+    SNAPSHOT,
+    CheckpointError,
+    capture_rng_state,
+    check_fields,
+    is_full_checkpoint,
+    make_checkpoint,
+    model_weights,
+    nonfinite_tensors,
+    normalize_keys,
+    restore_rng_state,
+    rng_states_of,
+    snapshot_name,
+    train_state_fields,
+    train_state_of,
+)
 from brain_trainer.checkpointing.loading import load_checkpoint, load_for_resume, read_checkpoint
-from brain_trainer.checkpointing.restore import (WeightsReport, load_model_weights, match_parameter_layout,
-                                                 restore_training_state)
+from brain_trainer.checkpointing.restore import (
+    WeightsReport,
+    load_model_weights,
+    match_parameter_layout,
+    restore_training_state,
+)
 from brain_trainer.checkpointing.storage import LOCK_NAME, LocalStorage, Storage, is_url, locate, open_storage
 from brain_trainer.checkpointing.writer import Checkpointer, save_checkpoint
 
-__all__ = ["BEST", "FORMAT_VERSION", "LAST", "LOCK_NAME", "SNAPSHOT", "CheckpointError", "Checkpointer", "Discovery",
-           "LocalStorage", "Storage", "WeightsReport", "capture_rng_state", "check_fields", "check_names",
-           "checkpoint_in_folder", "checkpoint_names", "claim_savedir", "find_latest_checkpoint",
-           "is_full_checkpoint", "is_url", "load_checkpoint", "load_for_resume", "load_model_weights", "locate",
-           "make_checkpoint", "match_parameter_layout", "model_weights", "nonfinite_tensors", "normalize_keys",
-           "open_storage", "read_checkpoint", "restore_rng_state", "restore_training_state", "rng_states_of",
-           "rotate_snapshots", "save_checkpoint", "set_aside", "snapshot_name", "train_state_fields", "train_state_of"]
+__all__ = [
+    "BEST",
+    "FORMAT_VERSION",
+    "LAST",
+    "LOCK_NAME",
+    "SNAPSHOT",
+    "CheckpointError",
+    "Checkpointer",
+    "Discovery",
+    "LocalStorage",
+    "Storage",
+    "WeightsReport",
+    "capture_rng_state",
+    "check_fields",
+    "check_names",
+    "checkpoint_in_folder",
+    "checkpoint_names",
+    "claim_savedir",
+    "find_latest_checkpoint",
+    "is_full_checkpoint",
+    "is_url",
+    "load_checkpoint",
+    "load_for_resume",
+    "load_model_weights",
+    "locate",
+    "make_checkpoint",
+    "match_parameter_layout",
+    "model_weights",
+    "nonfinite_tensors",
+    "normalize_keys",
+    "open_storage",
+    "read_checkpoint",
+    "restore_rng_state",
+    "restore_training_state",
+    "rng_states_of",
+    "rotate_snapshots",
+    "save_checkpoint",
+    "set_aside",
+    "snapshot_name",
+    "train_state_fields",
+    "train_state_of",
+]

@@ -1,8 +1,9 @@
 """`brain-trainer ckpt inspect FILE` and `brain-trainer ckpt convert OLD NEW [--trust]`.
 
-    brain-trainer ckpt inspect checkpoints_brain_v2/last_brain_v2.pt
-    brain-trainer ckpt convert old_weights.pt converted_brain_v2.pt [--trust]
+brain-trainer ckpt inspect checkpoints_brain_v2/last_brain_v2.pt
+brain-trainer ckpt convert old_weights.pt converted_brain_v2.pt [--trust]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,13 @@ import sys
 
 import torch
 
-from brain_trainer.checkpointing.format import (FORMAT_VERSION, CheckpointError, is_full_checkpoint,
-                                                model_weights, weights_only_checkpoint)
+from brain_trainer.checkpointing.format import (
+    FORMAT_VERSION,
+    CheckpointError,
+    is_full_checkpoint,
+    model_weights,
+    weights_only_checkpoint,
+)
 from brain_trainer.checkpointing.loading import load_checkpoint, load_for_resume
 from brain_trainer.checkpointing.storage import locate
 from brain_trainer.checkpointing.writer import save_checkpoint
@@ -36,8 +42,10 @@ def inspect(path: str) -> int:
     print(f"format:     {checkpoint.get('format_version', 1) if full else 'legacy (model weights only)'}")
     if full:
         data_state = checkpoint.get("data_state") if isinstance(checkpoint.get("data_state"), dict) else {}
-        print(f"epoch:      {checkpoint['epoch']} (last completed; next {data_state.get('epoch', '?')}, "
-              f"sample {data_state.get('samples_seen', 0)})")
+        print(
+            f"epoch:      {checkpoint['epoch']} (last completed; next {data_state.get('epoch', '?')}, "
+            f"sample {data_state.get('samples_seen', 0)})"
+        )
         print(f"step:       {checkpoint.get('global_step')}")
         print(f"best_val:   {checkpoint.get('best_val')}")
         print(f"val_loss:   {checkpoint.get('val_loss')}")
@@ -64,15 +72,17 @@ def _trusted_load(source: str) -> dict:
         raise CheckpointError(f"Checkpoint file not found: {source} (check the path: ls -lh {source})")
     if kind not in ("file", "link"):
         raise CheckpointError(f"{source}: not a file; pass the weights file to convert")
-    print(f"⚠ Loading {source} with full unpickling (--trust): it runs any code the file holds; only for files "
-          f"you trust")
+    print(
+        f"⚠ Loading {source} with full unpickling (--trust): it runs any code the file holds; only for files you trust"
+    )
     try:
         with storage.local_copy(name) as local:
             checkpoint = torch.load(local, map_location="cpu", weights_only=False)
     except Exception as error:  # a trusted file can still be truncated or foreign
         reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
-        raise CheckpointError(f"{source}: could not be loaded even with --trust ({reason}); it is not a PyTorch "
-                              f"checkpoint") from None
+        raise CheckpointError(
+            f"{source}: could not be loaded even with --trust ({reason}); it is not a PyTorch checkpoint"
+        ) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{source}: holds a {type(checkpoint).__name__}, not a checkpoint dict or state_dict")
     return checkpoint
@@ -86,8 +96,10 @@ def convert(source: str, target: str, trust: bool = False) -> None:
         raise CheckpointError(f"{target}: already exists; choose a new file name (nothing is overwritten)")
     checkpoint = _trusted_load(source) if trust else load_checkpoint(source)
     if is_full_checkpoint(checkpoint) and not trust:
-        raise CheckpointError(f"{source}: is already a full training checkpoint (format "
-                              f"{checkpoint.get('format_version', 1)}); --resume takes it as it is, nothing to convert")
+        raise CheckpointError(
+            f"{source}: is already a full training checkpoint (format "
+            f"{checkpoint.get('format_version', 1)}); --resume takes it as it is, nothing to convert"
+        )
     if is_full_checkpoint(checkpoint):
         print("⚠ Keeping the weights only: the optimizer state and the position are not carried over")
     converted = weights_only_checkpoint(model_weights(checkpoint, source), source)
@@ -99,13 +111,17 @@ def convert(source: str, target: str, trust: bool = False) -> None:
 def main(argv: list[str] | None = None, prog: str = "brain-trainer ckpt") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Inspect or convert brain-trainer checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("inspect", help="print what a checkpoint holds and whether --resume accepts it"
-                        ).add_argument("path")
+    commands.add_parser("inspect", help="print what a checkpoint holds and whether --resume accepts it").add_argument(
+        "path"
+    )
     converter = commands.add_parser("convert", help="wrap a legacy weights file into the current format")
     converter.add_argument("source")
     converter.add_argument("target")
-    converter.add_argument("--trust", action="store_true",
-                           help="unpickle a file that safe loading refuses (it runs the file's code: trusted files only)")
+    converter.add_argument(
+        "--trust",
+        action="store_true",
+        help="unpickle a file that safe loading refuses (it runs the file's code: trusted files only)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":

@@ -1,16 +1,24 @@
 """The checkpoint folder's policy, over any storage: one run per folder (the lock), consent before replacing
 another run's checkpoints, lineage-aware discovery for `--resume auto`, unreadable files moved aside (never
 overwritten or deleted), and rotation of the epoch snapshots."""
+
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
 
-from brain_trainer.checkpointing.format import (BEST, LAST, SNAPSHOT, CheckpointError, global_step_or, recency,
-                                                summary_recency)
+from brain_trainer.checkpointing.format import (
+    BEST,
+    LAST,
+    SNAPSHOT,
+    CheckpointError,
+    global_step_or,
+    recency,
+    summary_recency,
+)
 from brain_trainer.checkpointing.loading import read_checkpoint
 from brain_trainer.checkpointing.storage import Lock, Storage, is_url, locate
 
@@ -31,8 +39,10 @@ def check_names(storage: Storage) -> None:
         kind = storage.kind(name)
         if kind not in (None, "file"):
             what = {"folder": "a folder", "link": "a link"}.get(kind, "a special file (a pipe, socket or device)")
-            raise CheckpointError(f"--savedir {storage.url}: {name} is {what}, not a checkpoint file; move it "
-                                  f"away, or choose another --savedir")
+            raise CheckpointError(
+                f"--savedir {storage.url}: {name} is {what}, not a checkpoint file; move it "
+                f"away, or choose another --savedir"
+            )
 
 
 @dataclass
@@ -47,7 +57,9 @@ def find_latest_checkpoint(storage: Storage, log: Log = print) -> Discovery:
     newest, newest_key, unreadable = None, None, []
     for name in checkpoint_names(storage):
         try:
-            key = summary_recency(storage.summary(name) or {}, name) or recency(read_checkpoint(storage, name, mmap=True), name)
+            key = summary_recency(storage.summary(name) or {}, name) or recency(
+                read_checkpoint(storage, name, mmap=True), name
+            )
         except CheckpointError as error:
             log(f"⚠ Skipping {error}")
             unreadable.append((name, str(error).removeprefix(f"{storage.location(name)}: ")))
@@ -62,8 +74,10 @@ def checkpoint_in_folder(storage: Storage) -> str:
     found = find_latest_checkpoint(storage, log=lambda line: None)
     if found.location is None:
         detail = f" it can read ({found.unreadable[0][1]})" if found.unreadable else ""
-        raise CheckpointError(f"{storage.url}: folder holds no {LAST}, {BEST} or epoch snapshot{detail}; "
-                              f"pass a checkpoint file to --resume")
+        raise CheckpointError(
+            f"{storage.url}: folder holds no {LAST}, {BEST} or epoch snapshot{detail}; "
+            f"pass a checkpoint file to --resume"
+        )
     return found.location
 
 
@@ -93,8 +107,9 @@ def _newest_step(storage: Storage, names: list[str]) -> str:
     return str(max(steps)) if steps else "unknown"
 
 
-def claim_savedir(storage: Storage, *, resume: str | None, overwrite: bool, unreadable: list[tuple[str, str]],
-                  log: Log = print) -> Lock:
+def claim_savedir(
+    storage: Storage, *, resume: str | None, overwrite: bool, unreadable: list[tuple[str, str]], log: Log = print
+) -> Lock:
     """Make the folder this run's: writable, locked, unreadable files set aside, stale temporaries removed, and
     another run's checkpoints replaced only with consent (--resume from this folder, or --overwrite)."""
     storage.prepare("savedir")
@@ -111,13 +126,17 @@ def claim_savedir(storage: Storage, *, resume: str | None, overwrite: bool, unre
         if existing and foreign and not overwrite:
             names = ", ".join(existing)
             if resume is None:
-                raise CheckpointError(f"--savedir {storage.url} already holds a run's checkpoints ({names}; newest "
-                                      f"at step {_newest_step(storage, existing)}); continue it with --resume auto "
-                                      f"(and a larger --epochs if it has finished), or pass --overwrite to replace "
-                                      f"them, or choose another --savedir")
-            raise CheckpointError(f"--savedir {storage.url} holds another run's checkpoints ({names}), which this "
-                                  f"run would replace as it saves; pass --overwrite to allow it, or choose another "
-                                  f"--savedir")
+                raise CheckpointError(
+                    f"--savedir {storage.url} already holds a run's checkpoints ({names}; newest "
+                    f"at step {_newest_step(storage, existing)}); continue it with --resume auto "
+                    f"(and a larger --epochs if it has finished), or pass --overwrite to replace "
+                    f"them, or choose another --savedir"
+                )
+            raise CheckpointError(
+                f"--savedir {storage.url} holds another run's checkpoints ({names}), which this "
+                f"run would replace as it saves; pass --overwrite to allow it, or choose another "
+                f"--savedir"
+            )
         storage.clean_up()
     except BaseException:
         lock.release()
@@ -137,4 +156,3 @@ def rotate_snapshots(storage: Storage, keep_last: int, keep: str | None = None) 
     for name in doomed:
         storage.remove(name)
     return doomed
-

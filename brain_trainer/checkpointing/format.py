@@ -4,6 +4,7 @@ normalisation, and the mapping between the file's fields and `TrainState`'s.
 Every file loads with `torch.load(path, weights_only=True)`: plain dicts, lists, numbers, strings, None and
 tensors, never pickled objects. The schema is documented once, in ARCHITECTURE.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,14 +36,20 @@ def is_checkpoint_name(name: str) -> bool:
 
 # ----------------------------------------------------------------------------- RNG
 
+
 def capture_rng_state() -> dict:
     """Python, numpy, torch CPU and every CUDA device's RNG, as tensors and plain numbers. Draws nothing."""
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
         "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
-        "numpy": {"bit_generator": np_name, "state": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "numpy": {
+            "bit_generator": np_name,
+            "state": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -51,8 +58,15 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     python, numpy_state = state["python"], state["numpy"]
     random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
-    np.random.set_state((numpy_state["bit_generator"], numpy_state["state"].numpy().astype(np.uint32),
-                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["bit_generator"],
+            numpy_state["state"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         devices = min(len(state["cuda"]), torch.cuda.device_count())
@@ -69,32 +83,57 @@ def rng_states_of(checkpoint: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------- TrainState <-> the file
 
+
 def train_state_fields(state: dict) -> dict:
     """The file's fields for `TrainState.state_dict()`: `epoch` is the last *completed* epoch (-1 if none),
     `data_state` where training stands in the epoch being trained."""
-    return {"epoch": state["epoch"] - 1, "global_step": state["global_step"], "best_val": state["best_val"],
-            "val_loss": state["val_loss"],
-            "data_state": {"epoch": state["epoch"], "samples_seen": state["samples_seen"],
-                           "skipped_images": state["skipped_images"], "epoch_loss_sum": state["epoch_loss_sum"],
-                           "epoch_loss_steps": state["epoch_loss_steps"]}}
+    return {
+        "epoch": state["epoch"] - 1,
+        "global_step": state["global_step"],
+        "best_val": state["best_val"],
+        "val_loss": state["val_loss"],
+        "data_state": {
+            "epoch": state["epoch"],
+            "samples_seen": state["samples_seen"],
+            "skipped_images": state["skipped_images"],
+            "epoch_loss_sum": state["epoch_loss_sum"],
+            "epoch_loss_steps": state["epoch_loss_steps"],
+        },
+    }
 
 
 def train_state_of(checkpoint: dict) -> dict:
     """`TrainState.load_state_dict`'s input from a format-2 or format-3 file (format 2 may lack data_state:
     then the next epoch starts at its first sample)."""
     data_state = checkpoint.get("data_state") or {"epoch": checkpoint["epoch"] + 1, "samples_seen": 0}
-    return {"epoch": data_state["epoch"], "samples_seen": data_state["samples_seen"],
-            "global_step": checkpoint.get("global_step", 0), "best_val": checkpoint.get("best_val"),
-            "val_loss": checkpoint.get("val_loss"), "skipped_images": int(data_state.get("skipped_images", 0)),
-            "epoch_loss_sum": float(data_state.get("epoch_loss_sum", 0.0)),
-            "epoch_loss_steps": int(data_state.get("epoch_loss_steps", 0))}
+    return {
+        "epoch": data_state["epoch"],
+        "samples_seen": data_state["samples_seen"],
+        "global_step": checkpoint.get("global_step", 0),
+        "best_val": checkpoint.get("best_val"),
+        "val_loss": checkpoint.get("val_loss"),
+        "skipped_images": int(data_state.get("skipped_images", 0)),
+        "epoch_loss_sum": float(data_state.get("epoch_loss_sum", 0.0)),
+        "epoch_loss_steps": int(data_state.get("epoch_loss_steps", 0)),
+    }
 
 
 # ----------------------------------------------------------------------------- the schema
 
-def make_checkpoint(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    train_state: dict, config: dict, tokenizer: str | None, rng_states: list[dict],
-                    run: dict, fingerprint: dict | None = None, data: dict | None = None) -> dict:
+
+def make_checkpoint(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    train_state: dict,
+    config: dict,
+    tokenizer: str | None,
+    rng_states: list[dict],
+    run: dict,
+    fingerprint: dict | None = None,
+    data: dict | None = None,
+) -> dict:
     """The format-3 checkpoint of a run. `model` must be the unwrapped, uncompiled module; `train_state` is
     `TrainState.state_dict()`; `rng_states` holds one state per process, in rank order; `run` is this run's
     lineage (id, parent, started_ns); `fingerprint` that of the training data; `data` where it is."""
@@ -124,11 +163,21 @@ def make_checkpoint(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def weights_only_checkpoint(weights: dict[str, torch.Tensor], source: str) -> dict:
     """A format-3 file holding weights alone (what `ckpt convert` writes): no optimizer, epoch -1."""
-    return {"format_version": FORMAT_VERSION, "epoch": -1, "global_step": 0,
-            "model_state_dict": {k: v.detach().clone() for k, v in weights.items()},
-            "optimizer_state_dict": None, "best_val": None, "val_loss": None, "config": None,
-            "data_state": None, "rng_state": None, "tokenizer": None, "converted_from": source,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "format_version": FORMAT_VERSION,
+        "epoch": -1,
+        "global_step": 0,
+        "model_state_dict": {k: v.detach().clone() for k, v in weights.items()},
+        "optimizer_state_dict": None,
+        "best_val": None,
+        "val_loss": None,
+        "config": None,
+        "data_state": None,
+        "rng_state": None,
+        "tokenizer": None,
+        "converted_from": source,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def is_full_checkpoint(checkpoint: dict) -> bool:
@@ -137,16 +186,20 @@ def is_full_checkpoint(checkpoint: dict) -> bool:
 
 
 def _fail(path: str, field: str, value, expected: str) -> None:
-    raise CheckpointError(f"{path}: field '{field}' is {value!r} (expected {expected}); the file is damaged: "
-                          f"resume from another checkpoint")
+    raise CheckpointError(
+        f"{path}: field '{field}' is {value!r} (expected {expected}); the file is damaged: "
+        f"resume from another checkpoint"
+    )
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-RNG_KEYS = {"python": ("version", "state", "gauss_next"),
-            "numpy": ("bit_generator", "state", "pos", "has_gauss", "cached_gaussian")}
+RNG_KEYS = {
+    "python": ("version", "state", "gauss_next"),
+    "numpy": ("bit_generator", "state", "pos", "has_gauss", "cached_gaussian"),
+}
 
 
 def _is_number(value) -> bool:
@@ -159,8 +212,10 @@ def check_fields(checkpoint: dict, path: str) -> None:
     if not _is_int(version):
         _fail(path, "format_version", version, "an integer")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format {version!r} was written by a newer brain-trainer (this one reads "
-                              f"formats up to {FORMAT_VERSION}); upgrade brain-trainer to resume it")
+        raise CheckpointError(
+            f"{path}: format {version!r} was written by a newer brain-trainer (this one reads "
+            f"formats up to {FORMAT_VERSION}); upgrade brain-trainer to resume it"
+        )
     if not _is_int(checkpoint["epoch"]) or checkpoint["epoch"] < -1:
         _fail(path, "epoch", checkpoint["epoch"], "an integer >= -1")
     step = checkpoint.get("global_step", 0)
@@ -200,12 +255,21 @@ def _check_rng_states(saved, path: str) -> None:
     if saved is not None and not isinstance(saved, (dict, list)):
         _fail(path, "rng_state", type(saved).__name__, "a dict or a list of dicts")
     for index, state in enumerate(rng_states_of({"rng_state": saved})):
-        if not (isinstance(state, dict) and isinstance(state.get("torch"), torch.Tensor)
-                and isinstance(state.get("cuda"), list)
-                and all(isinstance(state.get(part), dict) and all(key in state[part] for key in keys)
-                        for part, keys in RNG_KEYS.items())):
-            _fail(path, f"rng_state[{index}]", type(state).__name__, "a dict of python, numpy, torch and cuda states "
-                  "with their keys")
+        if not (
+            isinstance(state, dict)
+            and isinstance(state.get("torch"), torch.Tensor)
+            and isinstance(state.get("cuda"), list)
+            and all(
+                isinstance(state.get(part), dict) and all(key in state[part] for key in keys)
+                for part, keys in RNG_KEYS.items()
+            )
+        ):
+            _fail(
+                path,
+                f"rng_state[{index}]",
+                type(state).__name__,
+                "a dict of python, numpy, torch and cuda states with their keys",
+            )
 
 
 def global_step_or(checkpoint: dict, default: int) -> int:
@@ -225,8 +289,11 @@ def summary_of(checkpoint: dict) -> dict[str, str]:
     """What discovery needs of a checkpoint, as strings a store can keep beside the object (S3 user metadata),
     so `--resume auto` on a store reads a few headers instead of downloading every checkpoint."""
     run = checkpoint.get("run") if isinstance(checkpoint.get("run"), dict) else {}
-    return {"brain-format": str(checkpoint.get("format_version", 2)), "brain-step": str(global_step_or(checkpoint, -1)),
-            "brain-started-ns": str(run.get("started_ns") if _is_int(run.get("started_ns")) else -1)}
+    return {
+        "brain-format": str(checkpoint.get("format_version", 2)),
+        "brain-step": str(global_step_or(checkpoint, -1)),
+        "brain-started-ns": str(run.get("started_ns") if _is_int(run.get("started_ns")) else -1),
+    }
 
 
 def summary_recency(summary: dict[str, str], name: str) -> tuple[int, int, int] | None:
@@ -239,6 +306,7 @@ def summary_recency(summary: dict[str, str], name: str) -> tuple[int, int, int] 
 
 
 # ----------------------------------------------------------------------------- weights
+
 
 def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]

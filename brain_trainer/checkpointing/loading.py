@@ -1,5 +1,6 @@
 """Safe loading: `torch.load(weights_only=True)` from any storage, with every refusal said in one line, and the
 startup checks a file must pass before a run resumes from it."""
+
 from __future__ import annotations
 
 import os
@@ -10,17 +11,33 @@ import zipfile
 
 import torch
 
-from brain_trainer.checkpointing.format import (CheckpointError, check_fields, first, is_full_checkpoint,
-                                                model_weights, nonfinite_tensors)
+from brain_trainer.checkpointing.format import (
+    CheckpointError,
+    check_fields,
+    first,
+    is_full_checkpoint,
+    model_weights,
+    nonfinite_tensors,
+)
 from brain_trainer.checkpointing.storage import Storage, locate
-
 
 # Globals that old checkpoints commonly hold and that build plain values when unpickled: only for files asking for
 # these alone does a refusal suggest `convert --trust`. Anything else (os.system, builtins.eval, ...) runs code.
-BENIGN_GLOBALS = {"argparse.Namespace", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
-                  "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
-                  "collections.OrderedDict", "torch.torch_version.TorchVersion", "pathlib.PosixPath",
-                  "builtins.set", "builtins.slice", "_codecs.encode"}
+BENIGN_GLOBALS = {
+    "argparse.Namespace",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "collections.OrderedDict",
+    "torch.torch_version.TorchVersion",
+    "pathlib.PosixPath",
+    "builtins.set",
+    "builtins.slice",
+    "_codecs.encode",
+}
 
 
 def _unsafe_globals(path: str, error: Exception) -> list[str]:
@@ -38,19 +55,26 @@ def _load_file(path: str, location: str, mmap: bool) -> dict:
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path, error)
         if unsafe and all(name.split(".dtype[")[0] in BENIGN_GLOBALS for name in unsafe):
-            raise CheckpointError(f"{location}: refused: loading it would need unsafe unpickling of "
-                                  f"{', '.join(unsafe)}; if you trust where the file comes from, `brain-trainer ckpt "
-                                  f"convert --trust {location} NEW.pt` makes a safe copy (unpickling runs its code)") from None
+            raise CheckpointError(
+                f"{location}: refused: loading it would need unsafe unpickling of "
+                f"{', '.join(unsafe)}; if you trust where the file comes from, `brain-trainer ckpt "
+                f"convert --trust {location} NEW.pt` makes a safe copy (unpickling runs its code)"
+            ) from None
         if unsafe:
-            raise CheckpointError(f"{location}: refused: loading it would need unsafe unpickling of "
-                                  f"{', '.join(unsafe)}, which can run any code; do not load it (there is no safe way "
-                                  f"to); point --resume at another file") from None
-        raise CheckpointError(f"{location}: not a PyTorch checkpoint that loads safely (a plain pickle or a foreign "
-                              f"file); point --resume at another file") from None
+            raise CheckpointError(
+                f"{location}: refused: loading it would need unsafe unpickling of "
+                f"{', '.join(unsafe)}, which can run any code; do not load it (there is no safe way "
+                f"to); point --resume at another file"
+            ) from None
+        raise CheckpointError(
+            f"{location}: not a PyTorch checkpoint that loads safely (a plain pickle or a foreign "
+            f"file); point --resume at another file"
+        ) from None
     except Exception as error:  # torch reports truncation and foreign files as RuntimeError, EOFError, ...
         reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]
-        raise CheckpointError(f"{location}: truncated or not a PyTorch checkpoint ({reason}); "
-                              f"point --resume at another file") from None
+        raise CheckpointError(
+            f"{location}: truncated or not a PyTorch checkpoint ({reason}); point --resume at another file"
+        ) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{location}: holds a {type(checkpoint).__name__}, not a checkpoint dict or state_dict")
     return checkpoint
@@ -89,7 +113,9 @@ def load_for_resume(location: str, allow_nonfinite: bool = False, storage_option
         check_fields(checkpoint, location)
     broken = nonfinite_tensors(model_weights(checkpoint, location))
     if broken and not allow_nonfinite:
-        raise CheckpointError(f"{location}: {len(broken)} weight tensors hold NaN or inf (e.g. {first(broken, 2)}); "
-                              f"it is not a model to train or evaluate; resume from an earlier checkpoint "
-                              f"(--allow_nonfinite loads it anyway, for forensics)")
+        raise CheckpointError(
+            f"{location}: {len(broken)} weight tensors hold NaN or inf (e.g. {first(broken, 2)}); "
+            f"it is not a model to train or evaluate; resume from an earlier checkpoint "
+            f"(--allow_nonfinite loads it anyway, for forensics)"
+        )
     return checkpoint

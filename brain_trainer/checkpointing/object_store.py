@@ -13,6 +13,7 @@ with the local folder's promises where the store allows them:
 What an object store cannot give: a rename (publishing is a copy, paid in time on the server, not in the
 loop), hard links (each name is its own object), and a lock that dies with the process (hence the expiry).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 from brain_trainer.checkpointing.format import CheckpointError
 from brain_trainer.checkpointing.storage import LOCK_NAME, Save
@@ -40,8 +41,19 @@ def _reason(error: BaseException) -> str:
         return "no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
     if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return f"access denied ({text}); check the credentials and the bucket's policy"
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
-                "ConnectionError", "ConnectionRefusedError", "ReadTimeoutError") or "connect" in text.lower():
+    if (
+        name
+        in (
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "ConnectionError",
+            "ConnectionRefusedError",
+            "ReadTimeoutError",
+        )
+        or "connect" in text.lower()
+    ):
         return f"the endpoint did not answer ({text}); check AWS_ENDPOINT_URL or --storage_options and the network"
     return text
 
@@ -54,7 +66,9 @@ def _filesystem(url: str, storage_options: dict):
         return fsspec.core.url_to_fs(url, skip_instance_cache=True, **storage_options)
     except ImportError:
         package = "s3fs" if url.startswith("s3://") else "the fsspec backend for this URL"
-        raise CheckpointError(f"{url}: needs {package}: pip install 'brain-trainer[s3]' (or pip install s3fs)") from None
+        raise CheckpointError(
+            f"{url}: needs {package}: pip install 'brain-trainer[s3]' (or pip install s3fs)"
+        ) from None
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{url}: {error}; check the URL and --storage_options") from None
 
@@ -62,7 +76,7 @@ def _filesystem(url: str, storage_options: dict):
 class ObjectLock:
     """The prefix's lock object, renewed by a thread until `release` (which stops and joins it)."""
 
-    def __init__(self, storage: "ObjectStorage", holder: str, expiry: float):
+    def __init__(self, storage: ObjectStorage, holder: str, expiry: float):
         self.storage, self.expiry = storage, expiry
         self.path = storage.key(LOCK_NAME)
         self.token = uuid.uuid4().hex
@@ -74,8 +88,15 @@ class ObjectLock:
         self._renewer.start()
 
     def _body(self) -> bytes:
-        return json.dumps({"token": self.token, "holder": self.holder, "host": socket.gethostname(),
-                           "pid": os.getpid(), "expires": time.time() + self.expiry}).encode()
+        return json.dumps(
+            {
+                "token": self.token,
+                "holder": self.holder,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "expires": time.time() + self.expiry,
+            }
+        ).encode()
 
     def _put(self, **condition) -> str:
         bucket, key = self.storage.bucket_key(self.path)
@@ -86,20 +107,27 @@ class ObjectLock:
             return self._put(IfNoneMatch="*")
         except Exception as error:
             if not any(word in f"{type(error).__name__} {error}".lower() for word in ("precondition", "pre-condition")):
-                raise CheckpointError(f"--savedir {self.storage.url}: could not create its lock "
-                                      f"({_reason(error)})") from None
+                raise CheckpointError(
+                    f"--savedir {self.storage.url}: could not create its lock ({_reason(error)})"
+                ) from None
         held, etag = self.storage.read_json(LOCK_NAME)
         if held.get("expires", 0) > time.time():
-            raise CheckpointError(f"--savedir {self.storage.url}: another run ({held.get('holder', 'unknown')}) "
-                                  f"holds this prefix's lock until {time.ctime(held['expires'])} (if that run was killed, "
-                                  f"the lock lapses then); wait for it to finish, stop it, or choose another --savedir")
+            raise CheckpointError(
+                f"--savedir {self.storage.url}: another run ({held.get('holder', 'unknown')}) "
+                f"holds this prefix's lock until {time.ctime(held['expires'])} (if that run was killed, "
+                f"the lock lapses then); wait for it to finish, stop it, or choose another --savedir"
+            )
         try:
             etag = self._put(IfMatch=etag)  # only if nobody renewed or took it in between
         except Exception as error:
-            raise CheckpointError(f"--savedir {self.storage.url}: the lock changed while it was taken over "
-                                  f"({_reason(error)}); try again, or choose another --savedir") from None
-        self.storage.notes.append(f"⚠ Took over the lock of {self.storage.url} from {held.get('holder', 'unknown')}, "
-                                  f"which stopped renewing it (expired {time.ctime(held.get('expires', 0))})")
+            raise CheckpointError(
+                f"--savedir {self.storage.url}: the lock changed while it was taken over "
+                f"({_reason(error)}); try again, or choose another --savedir"
+            ) from None
+        self.storage.notes.append(
+            f"⚠ Took over the lock of {self.storage.url} from {held.get('holder', 'unknown')}, "
+            f"which stopped renewing it (expired {time.ctime(held.get('expires', 0))})"
+        )
         return etag
 
     def _renew_until_released(self) -> None:
@@ -112,8 +140,10 @@ class ObjectLock:
 
     def check(self) -> None:
         if self.lost is not None:
-            raise CheckpointError(f"--savedir {self.storage.url}: this run lost its lock ({self.lost}); another "
-                                  f"run may be writing there; nothing more is written; resume with --resume auto")
+            raise CheckpointError(
+                f"--savedir {self.storage.url}: this run lost its lock ({self.lost}); another "
+                f"run may be writing there; nothing more is written; resume with --resume auto"
+            )
 
     def release(self) -> None:
         self._stop.set()
@@ -150,8 +180,9 @@ class ObjectStorage:
             raise
         except FileNotFoundError:
             if not self._bucket_exists():
-                raise CheckpointError(f"{self.url}: bucket '{self.bucket}' does not exist; create it, or fix the "
-                                      f"--savedir/--resume URL") from None
+                raise CheckpointError(
+                    f"{self.url}: bucket '{self.bucket}' does not exist; create it, or fix the --savedir/--resume URL"
+                ) from None
             raise
         except Exception as error:
             raise CheckpointError(f"{self.url}: could not {what} ({_reason(error)})") from None
@@ -173,8 +204,9 @@ class ObjectStorage:
         except Exception as error:
             raise CheckpointError(f"--{flag} {self.url}: cannot be reached ({_reason(error)})") from None
         if not exists:
-            raise CheckpointError(f"--{flag} {self.url}: bucket '{self.bucket}' does not exist; create it, or fix "
-                                  f"the URL")
+            raise CheckpointError(
+                f"--{flag} {self.url}: bucket '{self.bucket}' does not exist; create it, or fix the URL"
+            )
 
     def prepare(self, flag: str) -> None:
         self.check_writable(flag)
@@ -183,8 +215,9 @@ class ObjectStorage:
             self.fs.pipe_file(probe, b"probe")
             self.fs.rm_file(probe)
         except Exception as error:
-            raise CheckpointError(f"--{flag} {self.url}: cannot be written ({_reason(error)}); check the "
-                                  f"credentials' write permission") from None
+            raise CheckpointError(
+                f"--{flag} {self.url}: cannot be written ({_reason(error)}); check the credentials' write permission"
+            ) from None
 
     def names(self) -> list[str]:
         self.fs.invalidate_cache(self.root)
@@ -218,9 +251,11 @@ class ObjectStorage:
                 raise
             handle.close()  # completes the upload: the object appears whole
         except Exception as error:
-            raise CheckpointError(f"could not write {self.location(name)}: {_reason(error)}; the previous {name} "
-                                  f"(if any) is intact, since a store shows no partial upload; resume with "
-                                  f"--resume auto once the store answers") from None
+            raise CheckpointError(
+                f"could not write {self.location(name)}: {_reason(error)}; the previous {name} "
+                f"(if any) is intact, since a store shows no partial upload; resume with "
+                f"--resume auto once the store answers"
+            ) from None
 
     def publish(self, source: str, target: str) -> None:
         if self._lock is not None:
@@ -228,8 +263,10 @@ class ObjectStorage:
         try:
             self.fs.copy(self.key(source), self.key(target))  # server-side, and atomic at the target
         except Exception as error:
-            raise CheckpointError(f"could not publish {self.location(target)} from {source}: {_reason(error)}; "
-                                  f"{source} is written; resume with --resume auto once the store answers") from None
+            raise CheckpointError(
+                f"could not publish {self.location(target)} from {source}: {_reason(error)}; "
+                f"{source} is written; resume with --resume auto once the store answers"
+            ) from None
 
     def summary(self, name: str) -> dict[str, str] | None:
         try:

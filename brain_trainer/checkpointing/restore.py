@@ -1,14 +1,14 @@
 """Restoring a run from a checkpoint: weights (strict, then non-strict), optimizer state in the weights' layout,
 GradScaler, and where the run stands. Prints nothing: each step adds a ✓ or ⚠ line to the report, which the
 run log prints as the resume guide's block."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from brain_trainer.checkpointing.format import (CheckpointError, first, is_full_checkpoint, model_weights,
-                                                train_state_of)
+from brain_trainer.checkpointing.format import CheckpointError, first, is_full_checkpoint, model_weights, train_state_of
 
 
 @dataclass
@@ -31,8 +31,10 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
     mismatched = [k for k in weights if k in own and weights[k].shape != own[k].shape]
     usable = {k: v for k, v in weights.items() if k in own and k not in mismatched}
     if not usable:
-        raise CheckpointError(f"{path}: none of its {len(weights)} tensors match this model (e.g. {first(list(weights), 3)}); "
-                              f"it is not a checkpoint of this architecture")
+        raise CheckpointError(
+            f"{path}: none of its {len(weights)} tensors match this model (e.g. {first(list(weights), 3)}); "
+            f"it is not a checkpoint of this architecture"
+        )
     strict = not (missing or unexpected or mismatched)
     model.load_state_dict(usable, strict=strict)
     total = sum(v.numel() for v in own.values())
@@ -41,13 +43,26 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
     if strict:
         report.lines.append("✓ Model state loaded (strict)")
         return report
-    reasons = [f"{len(names)} {what}" for what, names in
-               (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if names]
-    report.lines += [f"⚠ Strict loading failed: {', '.join(reasons)}", "  Attempting to load with strict=False...",
-                     "✓ Model state loaded (partial - may need fine-tuning)",
-                     f"  loaded {len(usable)}/{len(own)} tensors ({100 * fraction:.1f}% of the model's values)"]
-    report.lines += [f"  {what}: {first(names)}" for what, names in
-                     (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if names]
+    reasons = [
+        f"{len(names)} {what}"
+        for what, names in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if names
+    ]
+    report.lines += [
+        f"⚠ Strict loading failed: {', '.join(reasons)}",
+        "  Attempting to load with strict=False...",
+        "✓ Model state loaded (partial - may need fine-tuning)",
+        f"  loaded {len(usable)}/{len(own)} tensors ({100 * fraction:.1f}% of the model's values)",
+    ]
+    report.lines += [
+        f"  {what}: {first(names)}"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+        if names
+    ]
     return report
 
 
@@ -101,8 +116,17 @@ def _restore_scaler(checkpoint: dict, scaler: torch.amp.GradScaler, precision: s
     return []
 
 
-def restore_training_state(*, checkpoint: dict, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                           scaler: torch.amp.GradScaler, precision: str, architecture: dict, state) -> list[str]:
+def restore_training_state(
+    *,
+    checkpoint: dict,
+    path: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: str,
+    architecture: dict,
+    state,
+) -> list[str]:
     """Load what `checkpoint` holds into the run (weights, optimizer, scaler, and `state` through its
     `load_state_dict`); returns the resume guide's ✓/⚠ lines.
 
@@ -110,16 +134,24 @@ def restore_training_state(*, checkpoint: dict, path: str, model: torch.nn.Modul
     non-strictly. The optimizer state is skipped (fresh optimizer) when parameter shapes differ.
     """
     full = is_full_checkpoint(checkpoint)
-    lines = ["✓ New format checkpoint with full training state" if full else "✓ Old format checkpoint (model weights only)"]
+    lines = [
+        "✓ New format checkpoint with full training state" if full else "✓ Old format checkpoint (model weights only)"
+    ]
     saved_config = checkpoint.get("config") or {}
-    differences = [f"{key} {saved_config[key]} -> {value}" for key, value in architecture.items()
-                   if key in saved_config and saved_config[key] != value]
+    differences = [
+        f"{key} {saved_config[key]} -> {value}"
+        for key, value in architecture.items()
+        if key in saved_config and saved_config[key] != value
+    ]
     if differences:
         lines.append(f"⚠ Architecture differs from the checkpoint: {'; '.join(differences)}")
     weights = load_model_weights(model, model_weights(checkpoint, path), path)
     lines += weights.lines
     if not full:
-        return lines + ["⚠ Optimizer state not in checkpoint (starting fresh)", "⚠ Epoch unknown (starting from epoch 0)"]
+        return lines + [
+            "⚠ Optimizer state not in checkpoint (starting fresh)",
+            "⚠ Epoch unknown (starting from epoch 0)",
+        ]
     lines.append(_restore_optimizer(checkpoint, optimizer, weights))
     state.load_state_dict(train_state_of(checkpoint))
     where = f", sample {state.samples_seen} (mid-epoch)" if state.samples_seen else ""

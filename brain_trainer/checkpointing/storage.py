@@ -10,6 +10,7 @@ What every storage promises:
 - nothing is written through a name someone planted: temporaries are created exclusively, never followed;
 - `lock` makes the folder this run's until `release` (or the process's death, or the lock's expiry).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,9 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Protocol
+from typing import BinaryIO, Protocol
 
 from brain_trainer.checkpointing.format import CheckpointError
 
@@ -35,14 +37,15 @@ class Lock(Protocol):
 
 class Storage(Protocol):
     """A checkpoint folder: `url` as the user gave it, entries by name."""
+
     url: str
     notes: list[str]  # lines for the run log (a lock taken over)
 
-    def location(self, name: str) -> str: ...               # the entry's path or URL, for messages and loading
-    def check_writable(self, flag: str) -> None: ...        # could the folder be created and written? creates nothing
-    def prepare(self, flag: str) -> None: ...               # create the folder and prove it can be written
-    def names(self) -> list[str]: ...                       # regular files in the folder
-    def kind(self, name: str) -> str | None: ...            # "file", "folder", "link", "other" or None (absent)
+    def location(self, name: str) -> str: ...  # the entry's path or URL, for messages and loading
+    def check_writable(self, flag: str) -> None: ...  # could the folder be created and written? creates nothing
+    def prepare(self, flag: str) -> None: ...  # create the folder and prove it can be written
+    def names(self) -> list[str]: ...  # regular files in the folder
+    def kind(self, name: str) -> str | None: ...  # "file", "folder", "link", "other" or None (absent)
     def write(self, name: str, save: Save, summary: dict[str, str] | None = None) -> None: ...  # whole or not at all
     def summary(self, name: str) -> dict[str, str] | None: ...  # what `write` kept beside it, where it can
     def publish(self, source: str, target: str) -> None: ...  # target = source's bytes, atomically
@@ -51,19 +54,22 @@ class Storage(Protocol):
     def modified_ns(self, name: str) -> int: ...
     def local_copy(self, name: str) -> contextlib.AbstractContextManager[str]: ...  # a local file to torch.load
     def lock(self, holder: str) -> Lock: ...
-    def clean_up(self) -> list[str]: ...                    # leftovers of writers that are gone
+    def clean_up(self) -> list[str]: ...  # leftovers of writers that are gone
 
 
 def is_url(location: str) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
 
 
-def open_storage(url: str | os.PathLike, storage_options: dict | None = None, lock_expiry: float | None = None) -> Storage:
+def open_storage(
+    url: str | os.PathLike, storage_options: dict | None = None, lock_expiry: float | None = None
+) -> Storage:
     """The storage of a folder or prefix: `s3://...` (and other fsspec URLs) or a local path (`file://` too).
     `lock_expiry` (seconds) applies to object stores, whose lock cannot die with the process."""
     url = str(url)
     if is_url(url):
         from brain_trainer.checkpointing.object_store import LOCK_EXPIRY_S, ObjectStorage
+
         return ObjectStorage(url, storage_options or {}, lock_expiry or LOCK_EXPIRY_S)
     return LocalStorage(url.removeprefix("file://"))
 
@@ -79,6 +85,7 @@ def locate(location: str | os.PathLike, storage_options: dict | None = None) -> 
 
 
 # ----------------------------------------------------------------------------- the local disk
+
 
 def _fsync(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)  # on Linux, fsync through any descriptor flushes the file's pages
@@ -122,23 +129,32 @@ class LocalLock:
         try:
             self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as error:
-            what = ("a symbolic link" if error.errno == errno.ELOOP else "a folder" if error.errno == errno.EISDIR
-                    else f"unusable ({error.strerror})")
-            raise CheckpointError(f"--savedir {folder}: {LOCK_NAME} is {what}; remove it, or choose another "
-                                  f"--savedir") from None
+            what = (
+                "a symbolic link"
+                if error.errno == errno.ELOOP
+                else "a folder"
+                if error.errno == errno.EISDIR
+                else f"unusable ({error.strerror})"
+            )
+            raise CheckpointError(
+                f"--savedir {folder}: {LOCK_NAME} is {what}; remove it, or choose another --savedir"
+            ) from None
         info = os.fstat(self._descriptor)
         if not stat.S_ISREG(info.st_mode):
             os.close(self._descriptor)
-            raise CheckpointError(f"--savedir {folder}: {LOCK_NAME} is not a regular file; remove it, or choose "
-                                  f"another --savedir")
+            raise CheckpointError(
+                f"--savedir {folder}: {LOCK_NAME} is not a regular file; remove it, or choose another --savedir"
+            )
         self.identity = (info.st_dev, info.st_ino)
         try:
             fcntl.flock(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder_seen = os.pread(self._descriptor, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(self._descriptor)
-            raise CheckpointError(f"--savedir {folder}: another run (PID {holder_seen}) is using this folder; wait "
-                                  f"for it to finish, stop it, or choose another --savedir") from None
+            raise CheckpointError(
+                f"--savedir {folder}: another run (PID {holder_seen}) is using this folder; wait "
+                f"for it to finish, stop it, or choose another --savedir"
+            ) from None
         os.ftruncate(self._descriptor, 0)
         os.pwrite(self._descriptor, f"{holder}\n".encode(), 0)
 
@@ -168,8 +184,9 @@ class LocalStorage:
             existing = existing.parent
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             reason = "a file is in the way" if not existing.is_dir() else "not writable"
-            raise CheckpointError(f"--{flag} {self.url}: cannot be written ({existing}: {reason}); "
-                                  f"choose a folder this user can write")
+            raise CheckpointError(
+                f"--{flag} {self.url}: cannot be written ({existing}: {reason}); choose a folder this user can write"
+            )
 
     def prepare(self, flag: str) -> None:
         probe = self.folder / f".probe-{os.getpid()}"
@@ -183,8 +200,10 @@ class LocalStorage:
                 os.close(descriptor)
             probe.unlink()
         except OSError as error:
-            raise CheckpointError(f"--{flag} {self.url}: cannot be written ({error.strerror or error}); "
-                                  f"choose a folder this user can write") from None
+            raise CheckpointError(
+                f"--{flag} {self.url}: cannot be written ({error.strerror or error}); "
+                f"choose a folder this user can write"
+            ) from None
 
     def names(self) -> list[str]:
         if not self.folder.is_dir():
@@ -196,17 +215,26 @@ class LocalStorage:
             mode = os.lstat(self.folder / name).st_mode
         except FileNotFoundError:
             return None
-        return ("file" if stat.S_ISREG(mode) else "link" if stat.S_ISLNK(mode) else
-                "folder" if stat.S_ISDIR(mode) else "other")
+        return (
+            "file"
+            if stat.S_ISREG(mode)
+            else "link"
+            if stat.S_ISLNK(mode)
+            else "folder"
+            if stat.S_ISDIR(mode)
+            else "other"
+        )
 
     def _temporary(self, name: str) -> Path:
         return self.folder / f".{name}.tmp-{os.getpid()}"
 
     def _check_lock(self) -> None:
         if self._lock is not None and not self._lock.intact():
-            raise CheckpointError(f"--savedir {self.url}: the folder was deleted or replaced while this run held "
-                                  f"it; nothing more is written there; resume with --resume auto once the folder "
-                                  f"is back, or into another --savedir")
+            raise CheckpointError(
+                f"--savedir {self.url}: the folder was deleted or replaced while this run held "
+                f"it; nothing more is written there; resume with --resume auto once the folder "
+                f"is back, or into another --savedir"
+            )
 
     def write(self, name: str, save: Save, summary: dict[str, str] | None = None) -> None:
         """A temporary file created exclusively in the folder, written, fsynced, renamed over `name`, then the
@@ -240,7 +268,10 @@ class LocalStorage:
             except OSError as error:
                 if error.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP):
                     raise
-                with open(self.folder / source, "rb") as reader, os.fdopen(_create_exclusively(temporary), "wb") as writer:
+                with (
+                    open(self.folder / source, "rb") as reader,
+                    os.fdopen(_create_exclusively(temporary), "wb") as writer,
+                ):
                     shutil.copyfileobj(reader, writer, 2**22)
                     writer.flush()
                     os.fsync(writer.fileno())
@@ -260,8 +291,11 @@ class LocalStorage:
             if 0 <= free < 64 * 2**20:
                 reason = f"No space left on device ({reason})"
         kept = f"the previous {name} is intact" if self.kind(name) == "file" else f"no {name} was there before"
-        fix = ("free some space or choose another --savedir" if "space" in reason.lower()
-               else "check the folder's permissions and file system, or choose another --savedir")
+        fix = (
+            "free some space or choose another --savedir"
+            if "space" in reason.lower()
+            else "check the folder's permissions and file system, or choose another --savedir"
+        )
         return CheckpointError(f"could not write {path}: {reason}; {kept}; {fix}")
 
     def summary(self, name: str) -> dict[str, str] | None:
@@ -287,8 +321,11 @@ class LocalStorage:
 
     def clean_up(self) -> list[str]:
         """Remove temporary files whose writer is gone (never a finished checkpoint, never a live writer's)."""
-        stale = [name for name in self.names() if (match := TEMPORARY.match(name))
-                 and int(match[2]) != os.getpid() and not _pid_alive(int(match[2]))]
+        stale = [
+            name
+            for name in self.names()
+            if (match := TEMPORARY.match(name)) and int(match[2]) != os.getpid() and not _pid_alive(int(match[2]))
+        ]
         for name in stale:
             _remove_quietly(self.folder / name)
         return stale

@@ -1,6 +1,7 @@
 """Saves that do not stall training: `Checkpointer.save` snapshots the state into CPU buffers at the step
 boundary and a background thread persists it through the storage (write once, publish the other names,
 rotate), whatever the storage is."""
+
 from __future__ import annotations
 
 import time
@@ -27,7 +28,9 @@ class Checkpointer:
 
     def __init__(self, *, storage: Storage, keep_last: int = 0, background: bool = True, enabled: bool = True):
         self.storage, self.keep_last, self.enabled = storage, keep_last, enabled
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if background and enabled else None
+        self._executor = (
+            ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if background and enabled else None
+        )
         self._pending: Future | None = None
         self._buffers: dict[tuple, torch.Tensor] = {}
 
@@ -52,7 +55,11 @@ class Checkpointer:
     def _snapshot(self, value, key: tuple):
         if isinstance(value, torch.Tensor):
             buffer = self._buffers.get(key)
-            if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype) != (value.shape, value.stride(), value.dtype):
+            if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype) != (
+                value.shape,
+                value.stride(),
+                value.dtype,
+            ):
                 # the same strides (channels-last weights stay channels-last in the file), in pinned memory on CUDA
                 buffer = torch.empty_like(value, device="cpu", pin_memory=value.is_cuda)
                 self._buffers[key] = buffer
@@ -72,9 +79,11 @@ class Checkpointer:
             try:
                 rotate_snapshots(self.storage, self.keep_last, keep=kept[0])
             except OSError as error:
-                raise CheckpointError(f"could not remove an old epoch snapshot in {self.storage.url} "
-                                      f"({error.strerror or error}); the new checkpoints are written; check the "
-                                      f"folder's permissions or pass --keep_last 0") from None
+                raise CheckpointError(
+                    f"could not remove an old epoch snapshot in {self.storage.url} "
+                    f"({error.strerror or error}); the new checkpoints are written; check the "
+                    f"folder's permissions or pass --keep_last 0"
+                ) from None
 
     def failed(self) -> bool:
         """Whether the persist in flight has failed (without waiting for it)."""

@@ -5,6 +5,7 @@ alone, so it does not depend on worker count, world size, the global RNG or wher
 hand over uint8 pixels; normalisation runs on the device after the copy (a quarter of the bytes to move).
 A device-side crop would replace `TrainAugment` here and nothing else.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,13 @@ class TrainAugment:
     the box is drawn here (torchvision's RandomResizedCrop algorithm) and torchvision does the resizing.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: bool = False):
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.6, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = False,
+    ):
         self.size, self.scale, self.hflip = size, scale, hflip
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
@@ -46,7 +52,7 @@ class TrainAugment:
         generator = torch.Generator().manual_seed(seed)
         top, left, crop_h, crop_w = self.crop_box(pixels.shape[1], pixels.shape[2], generator)
         # (3, h, w) -> (1, 3, h, w) in channels-last memory: torch's vectorised uint8 resize path, 2x faster
-        crop = pixels[None, :, top:top + crop_h, left:left + crop_w].contiguous(memory_format=torch.channels_last)
+        crop = pixels[None, :, top : top + crop_h, left : left + crop_w].contiguous(memory_format=torch.channels_last)
         image = v2.functional.resize(crop, [self.size, self.size], antialias=True)[0]
         if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
             image = v2.functional.horizontal_flip(image)

@@ -5,6 +5,7 @@ Randomness here is a function, not a stream: the order of epoch e is drawn from 
 augmentation of sample i in epoch e from (seed, e, i), so neither depends on worker count, on the
 global RNG or on where a run was resumed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,9 +17,10 @@ import re
 import shutil
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,14 +36,19 @@ LAYOUTS = ("token", "karpathy", "kaggle")
 IMAGE_DIRS = ("Flicker8k_Dataset", "Images")
 TEXT_DIRS = (".", "Flickr8k_text")
 TOKEN_FILE = "Flickr8k.token.txt"
-SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
-               "test": "Flickr_8k.testImages.txt"}
+SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "val": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
 KARPATHY_FILE = "dataset_flickr8k.json"
 KAGGLE_FILE = "captions.txt"
 KAGGLE_HELD_OUT = 1000  # val and test images each, on the full 8,091-image set; proportional below
 FULL_SET_IMAGES = 8091
-WHERE_TO_GET = ("get Flickr8k from its distributors (the Kaggle copy 'adityajn105/flickr8k' has Images/ and "
-                "captions.txt), or write a small sample set with `brain-trainer sample-data data/flickr8k_sample`")
+WHERE_TO_GET = (
+    "get Flickr8k from its distributors (the Kaggle copy 'adityajn105/flickr8k' has Images/ and "
+    "captions.txt), or write a small sample set with `brain-trainer sample-data data/flickr8k_sample`"
+)
 CACHE_FORMAT = 2
 TOKEN_LINE = re.compile(r"^(?P<file>.+?)#(?P<k>\d+)\s+(?P<caption>.*)$")
 
@@ -58,6 +65,7 @@ def derive_seed(*keys: int) -> int:
 
 # ----------------------------------------------------------------------------- layouts and splits
 
+
 @dataclass
 class Layout:
     kind: str  # one of LAYOUTS
@@ -68,6 +76,7 @@ class Layout:
 @dataclass
 class Split:
     """The samples of one split: caption i belongs to image `caption_image[i]` of `images`."""
+
     name: str
     image_dir: Path
     images: list[str] = field(default_factory=list)
@@ -104,8 +113,10 @@ def detect_layout(root: Path, annotations: str = "auto") -> Layout:
         "kaggle": _find_first(root, (".",), KAGGLE_FILE),
     }
     kinds = [annotations] if annotations != "auto" else [kind for kind in LAYOUTS if found[kind]]
-    looked_for = (f"{TOKEN_FILE} (in {root} or {root / 'Flickr8k_text'}), {KARPATHY_FILE} or {KAGGLE_FILE}, "
-                  f"and an image folder {' or '.join(IMAGE_DIRS)}")
+    looked_for = (
+        f"{TOKEN_FILE} (in {root} or {root / 'Flickr8k_text'}), {KARPATHY_FILE} or {KAGGLE_FILE}, "
+        f"and an image folder {' or '.join(IMAGE_DIRS)}"
+    )
     if not kinds or not found[kinds[0]]:
         raise DatasetError(f"--root_dir {root}: no Flickr8k annotations found; looked for {looked_for}; {WHERE_TO_GET}")
     if image_dir is None:
@@ -116,8 +127,10 @@ def detect_layout(root: Path, annotations: str = "auto") -> Layout:
         for split, name in SPLIT_FILES.items():
             path = _find_first(root, TEXT_DIRS, name)
             if path is None:
-                raise DatasetError(f"--root_dir {root}: {name} not found beside {found[kind]}; "
-                                   f"the original release ships the three split lists with {TOKEN_FILE}")
+                raise DatasetError(
+                    f"--root_dir {root}: {name} not found beside {found[kind]}; "
+                    f"the original release ships the three split lists with {TOKEN_FILE}"
+                )
             files[split] = path
     return Layout(kind, image_dir, files)
 
@@ -128,8 +141,10 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: byte {error.start} (0x{data[error.start]:02x}) is not UTF-8 ({error.reason}); "
-                           f"re-save the file as UTF-8") from None
+        raise DatasetError(
+            f"{path}: byte {error.start} (0x{data[error.start]:02x}) is not UTF-8 ({error.reason}); "
+            f"re-save the file as UTF-8"
+        ) from None
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -174,7 +189,9 @@ def _parse_karpathy_layout(layout: Layout) -> tuple[dict[str, list[str]], dict[s
         if not isinstance(entries, list):
             raise TypeError(f"'images' is a {type(entries).__name__}, not a list")
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise DatasetError(f"{path}: not a Karpathy split file (images[].filename, .split, .sentences[].raw): {error}")
+        raise DatasetError(
+            f"{path}: not a Karpathy split file (images[].filename, .split, .sentences[].raw): {error}"
+        ) from None
     captions, split_of, skipped, first_bad = {}, {}, Counter(), None
     for position, entry in enumerate(entries):
         try:
@@ -195,7 +212,7 @@ def kaggle_split(images: list[str]) -> dict[str, list[str]]:
     full set, proportionally fewer on smaller sets); the rest is train. An image lands in exactly one split."""
     ordered = sorted(images, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
     held_out = max(1, round(KAGGLE_HELD_OUT * len(images) / FULL_SET_IMAGES)) if len(images) >= 3 else 0
-    return {"val": ordered[:held_out], "test": ordered[held_out:2 * held_out], "train": ordered[2 * held_out:]}
+    return {"val": ordered[:held_out], "test": ordered[held_out : 2 * held_out], "train": ordered[2 * held_out :]}
 
 
 def _parse_kaggle_layout(layout: Layout) -> tuple[dict[str, list[str]], dict[str, list[str]], Counter]:
@@ -247,12 +264,15 @@ def load_splits(root: Path, annotations: str = "auto") -> dict[str, Split]:
         details = ", ".join(f"{count} {what}" for what, count in sorted(skipped.items()))
         warnings.warn(f"{layout.annotation_files['captions']}: skipped {details}", stacklevel=2)
     if not splits["train"].captions:
-        raise DatasetError(f"--root_dir {root}: the train split has no usable samples "
-                           f"(no listed image with captions was found in {layout.image_dir})")
+        raise DatasetError(
+            f"--root_dir {root}: the train split has no usable samples "
+            f"(no listed image with captions was found in {layout.image_dir})"
+        )
     return splits
 
 
 # ----------------------------------------------------------------------------- images
+
 
 class ImageSource(Protocol):
     def load(self, image_index: int) -> torch.Tensor:
@@ -308,7 +328,7 @@ class CachedImages:
         offset, height, width = (int(v) for v in self.index[image_index])
         if height == 0:
             raise OSError(f"{self.names[image_index]} could not be decoded when the cache was built")
-        hwc = self._pixels[offset: offset + height * width * 3].reshape(height, width, 3)
+        hwc = self._pixels[offset : offset + height * width * 3].reshape(height, width, 3)
         return torch.from_numpy(np.array(hwc)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W), a private copy
 
 
@@ -338,8 +358,14 @@ class Interrupted(Exception):
     """A stop signal arrived while the image cache was being built: nothing to save."""
 
 
-def build_image_cache(paths: list[Path], shorter_side: int, cache_dir: Path, num_workers: int = 0,
-                      progress: bool = True, should_stop=lambda: False) -> CachedImages:
+def build_image_cache(
+    paths: list[Path],
+    shorter_side: int,
+    cache_dir: Path,
+    num_workers: int = 0,
+    progress: bool = True,
+    should_stop=lambda: False,
+) -> CachedImages:
     """Return the cache of `paths` at `shorter_side`, building it first if no complete one exists.
 
     The folder name is a hash of the cache format, the size and the image list (names and file sizes), so
@@ -360,11 +386,16 @@ def build_image_cache(paths: list[Path], shorter_side: int, cache_dir: Path, num
         offset = 0
         # Its own generator: an iterator would otherwise draw from the global torch RNG, and only on the run that
         # builds the cache, so two runs of one command would no longer match bit for bit.
-        loader = DataLoader(_DecodeForCache(paths, shorter_side), batch_size=None, num_workers=num_workers,
-                            generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(
+            _DecodeForCache(paths, shorter_side),
+            batch_size=None,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(0),
+        )
         with open(building / "pixels.u8", "wb") as pixels_file:
-            for image_index, pixels in enumerate(tqdm(loader, desc=f"Caching images at {shorter_side}px",
-                                                      disable=not progress, unit="img")):
+            for image_index, pixels in enumerate(
+                tqdm(loader, desc=f"Caching images at {shorter_side}px", disable=not progress, unit="img")
+            ):
                 if should_stop():
                     raise Interrupted("the image cache build")
                 if pixels is not None:
@@ -374,8 +405,9 @@ def build_image_cache(paths: list[Path], shorter_side: int, cache_dir: Path, num
             pixels_file.flush()
             os.fsync(pixels_file.fileno())
         np.save(building / "index.npy", index)
-        (building / "meta.json").write_text(json.dumps({"format": CACHE_FORMAT, "shorter_side": shorter_side,
-                                                        "images": [path.name for path in paths]}))
+        (building / "meta.json").write_text(
+            json.dumps({"format": CACHE_FORMAT, "shorter_side": shorter_side, "images": [path.name for path in paths]})
+        )
         if final.exists():  # another process finished the same cache first
             shutil.rmtree(building)
         else:
@@ -415,8 +447,11 @@ class Flickr8kDataset(Dataset):
                 bad_files.append(self.split.images[image_index])
         else:
             raise DatasetError(f"{self.split.image_dir}: no image of the {self.split.name} split can be read")
-        return {"image": self.augment(pixels, derive_seed(self.seed, epoch, index)), "caption": self.split.captions[sample],
-                "bad_files": bad_files}
+        return {
+            "image": self.augment(pixels, derive_seed(self.seed, epoch, index)),
+            "caption": self.split.captions[sample],
+            "bad_files": bad_files,
+        }
 
 
 class UniqueImages(Dataset):
@@ -438,6 +473,7 @@ class UniqueImages(Dataset):
 
 # ----------------------------------------------------------------------------- text
 
+
 class CaptionCollator:
     """Stacks images and tokenises captions, padded to the longest in the batch and cut at `max_text_len`."""
 
@@ -445,17 +481,20 @@ class CaptionCollator:
         self.tokenizer, self.max_text_len = tokenizer, max_text_len
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_text_len,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            captions, padding="longest", truncation=True, max_length=self.max_text_len, return_tensors="pt"
+        )
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
     def __call__(self, samples: list[dict]) -> dict:
         # Augmented images are channels-last in memory: stacked as (H, W, 3) views the copy is plain (20x faster
         # than a strided one), and the batch comes out (B, 3, H, W) in channels-last memory, as CNNs prefer.
         images = torch.stack([s["image"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
-        return {"images": images,
-                **self.tokenize([s["caption"] for s in samples]),
-                "bad_files": [name for s in samples for name in s["bad_files"]]}
+        return {
+            "images": images,
+            **self.tokenize([s["caption"] for s in samples]),
+            "bad_files": [name for s in samples for name in s["bad_files"]],
+        }
 
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -473,17 +512,19 @@ def train_caption_tokenizer(captions: list[str], vocab_size: int = 4000):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    words = Counter(word for caption in captions
-                    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
+    words = Counter(
+        word for caption in captions for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption))
+    )
     characters = sorted({character for word in words for character in word})
     pieces = [*SPECIAL_TOKENS, *characters, *(f"##{c}" for c in characters)]
     known = set(pieces)
     by_frequency = [w for w, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])) if w not in known]
-    vocab = {token: index for index, token in enumerate([*pieces, *by_frequency][:max(vocab_size, len(pieces))])}
+    vocab = {token: index for index, token in enumerate([*pieces, *by_frequency][: max(vocab_size, len(pieces))])}
     tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
     return tokenizer_from_json(tokenizer.to_str())
 
 
@@ -492,12 +533,19 @@ def tokenizer_from_json(tokenizer_json: str):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), unk_token="[UNK]",
-                                   pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   clean_up_tokenization_spaces=False)  # said, so no version warns about its default
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer_json),
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        clean_up_tokenization_spaces=False,
+    )  # said, so no version warns about its default
 
 
 # ----------------------------------------------------------------------------- the resumable sampler
+
 
 class ResumableSampler(Sampler[tuple[int, int]]):
     """Yields this process's (epoch, index) keys of one epoch, starting `samples_seen` samples into its order.
@@ -527,10 +575,10 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return max(0, self.num_samples - self.samples_seen) // self.global_batch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        remaining = self.epoch_order(self.epoch)[self.samples_seen:]
+        remaining = self.epoch_order(self.epoch)[self.samples_seen :]
         for step in range(self.steps_left()):
             start = step * self.global_batch + self.rank * self.local_batch
-            for index in remaining[start:start + self.local_batch].tolist():
+            for index in remaining[start : start + self.local_batch].tolist():
                 yield self.epoch, index
 
     def __len__(self) -> int:

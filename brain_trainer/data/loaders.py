@@ -2,6 +2,7 @@
 and the loaders, sharded over the processes. Parsing, the sampler and the datasets live in
 `flickr8k_dataset.py`; this module puts them together for a run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,14 +15,26 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from brain_trainer.data.augment import TrainAugment
 from brain_trainer.config import ConfigError
-from brain_trainer.data.flickr8k_dataset import (CachedImages, CaptionCollator, DatasetError, Flickr8kDataset, ImageSource, JpegImages,
-                              ResumableSampler, Split, UniqueImages, build_image_cache, load_splits,
-                              tokenizer_from_json, train_caption_tokenizer)
+from brain_trainer.data.augment import TrainAugment
+from brain_trainer.data.flickr8k_dataset import (
+    CachedImages,
+    CaptionCollator,
+    DatasetError,
+    Flickr8kDataset,
+    ImageSource,
+    JpegImages,
+    ResumableSampler,
+    Split,
+    UniqueImages,
+    build_image_cache,
+    load_splits,
+    tokenizer_from_json,
+    train_caption_tokenizer,
+)
+from brain_trainer.data.sample_data import write_sample_dataset
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import Runtime
-from brain_trainer.data.sample_data import write_sample_dataset
 
 
 @dataclass
@@ -31,8 +44,17 @@ class Data:
     tokenizer_json: str | None  # the scratch tokenizer, saved with the run
 
 
-def load_data(*, root_dir: Path, annotations: str, demo: bool, text_encoder: str, vocab_size: int,
-              saved_tokenizer: str | None, runtime: Runtime, log: RunLog) -> Data:
+def load_data(
+    *,
+    root_dir: Path,
+    annotations: str,
+    demo: bool,
+    text_encoder: str,
+    vocab_size: int,
+    saved_tokenizer: str | None,
+    runtime: Runtime,
+    log: RunLog,
+) -> Data:
     """Read the annotations and make the tokenizer (from the checkpoint, trained on captions, or pretrained).
     The demo data is written by the main process, once; the others wait for it."""
     if demo:  # decided on the main process: a collective must not depend on what each process sees on disk
@@ -48,8 +70,10 @@ def load_data(*, root_dir: Path, annotations: str, demo: bool, text_encoder: str
         try:
             return Data(splits, tokenizer_from_json(saved_tokenizer), saved_tokenizer)
         except Exception as error:  # tokenizers raises its own exception type for malformed JSON
-            raise ConfigError(f"the checkpoint's field 'tokenizer' cannot be read ({str(error).splitlines()[0]}); "
-                              f"the file is damaged: resume from another checkpoint") from None
+            raise ConfigError(
+                f"the checkpoint's field 'tokenizer' cannot be read ({str(error).splitlines()[0]}); "
+                f"the file is damaged: resume from another checkpoint"
+            ) from None
     tokenizer_json = train_caption_tokenizer(splits["train"].captions, vocab_size).backend_tokenizer.to_str()
     return Data(splits, tokenizer_from_json(tokenizer_json), tokenizer_json)
 
@@ -74,8 +98,10 @@ def pretrained_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"--text_encoder {name}: its tokenizer could not be loaded ({str(error).splitlines()[0][:120]}); "
-                          f"give a local folder holding a tokenizer, or use --text_encoder scratch") from None
+        raise ConfigError(
+            f"--text_encoder {name}: its tokenizer could not be loaded ({str(error).splitlines()[0][:120]}); "
+            f"give a local folder holding a tokenizer, or use --text_encoder scratch"
+        ) from None
     finally:
         hub_logger.setLevel(level)
 
@@ -84,27 +110,42 @@ def check_split_sizes(splits: dict[str, Split], *, batch_size: int, eval_split: 
     """Enough samples for the run, said at startup: a global batch to train on, two captions and an image to
     evaluate (a contrastive loss needs a negative)."""
     if len(splits["train"]) < batch_size:
-        raise DatasetError(f"the train split has {len(splits['train'])} samples, fewer than one batch "
-                           f"(--batch_size {batch_size}); lower --batch_size or add data")
+        raise DatasetError(
+            f"the train split has {len(splits['train'])} samples, fewer than one batch "
+            f"(--batch_size {batch_size}); lower --batch_size or add data"
+        )
     for name in ["val"] + ([eval_split] if eval_split and eval_split != "val" else []):
         split = splits[name]
         if len(split) < 2 or not split.images:
-            raise DatasetError(f"the {name} split has {len(split.images)} images and {len(split)} captions; evaluation "
-                               f"needs at least 1 image and 2 captions: check its split list in --root_dir")
+            raise DatasetError(
+                f"the {name} split has {len(split.images)} images and {len(split)} captions; evaluation "
+                f"needs at least 1 image and 2 captions: check its split list in --root_dir"
+            )
 
 
-def image_source(split: Split, *, use_cache: bool, image_size: int, cache_dir: Path, num_workers: int,
-                 runtime: Runtime, log: RunLog) -> tuple[ImageSource, bool]:
+def image_source(
+    split: Split, *, use_cache: bool, image_size: int, cache_dir: Path, num_workers: int, runtime: Runtime, log: RunLog
+) -> tuple[ImageSource, bool]:
     """The split's images and whether they come from the cache. The main process builds the cache (the
     others wait, then map it); a cache that cannot be built is one ⚠ line and the run decodes JPEGs."""
     if use_cache:
-        build = lambda: build_image_cache(split.image_paths(), image_size, cache_dir, num_workers,
-                                          progress=log.interactive, should_stop=lambda: bool(runtime.stop)).folder
+        build = lambda: (
+            build_image_cache(
+                split.image_paths(),
+                image_size,
+                cache_dir,
+                num_workers,
+                progress=log.interactive,
+                should_stop=lambda: bool(runtime.stop),
+            ).folder
+        )
         try:
             return CachedImages(runtime.on_main(build)), True  # the built folder, mapped by every process
         except OSError as error:
-            log.print(f"⚠ Image cache could not be built ({error.strerror or error}); decoding JPEGs instead "
-                      f"(recorded as cache_images=False)")
+            log.print(
+                f"⚠ Image cache could not be built ({error.strerror or error}); decoding JPEGs instead "
+                f"(recorded as cache_images=False)"
+            )
     return JpegImages(split.image_paths()), False
 
 
@@ -124,15 +165,33 @@ def end_loader_workers() -> None:
         child.join()
 
 
-def make_loader(dataset, *, batch_size: int, num_workers: int, device: torch.device, seed: int, **options) -> DataLoader:
+def make_loader(
+    dataset, *, batch_size: int, num_workers: int, device: torch.device, seed: int, **options
+) -> DataLoader:
     # Each loader has its own generator: creating an iterator otherwise draws from the global torch RNG.
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
-                      worker_init_fn=_ignore_stop_signals, generator=torch.Generator().manual_seed(seed), **options)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers else None,
+        worker_init_fn=_ignore_stop_signals,
+        generator=torch.Generator().manual_seed(seed),
+        **options,
+    )
 
 
-def eval_loader(split: Split, images: ImageSource, *, image_size: int, batch_size: int, num_workers: int,
-                runtime: Runtime, seed: int) -> DataLoader:
+def eval_loader(
+    split: Split,
+    images: ImageSource,
+    *,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    runtime: Runtime,
+    seed: int,
+) -> DataLoader:
     """This process's shard of the split's unique images, as (pixels, readable) batches."""
     shard = Subset(UniqueImages(split, images, image_size), runtime.shard(len(split.images)))
     return make_loader(shard, batch_size=batch_size, num_workers=num_workers, device=runtime.device, seed=seed)
@@ -146,12 +205,30 @@ class TrainLoaders:
     steps_per_epoch: int
 
 
-def build_loaders(data: Data, collator: CaptionCollator, *, train_images: ImageSource, image_size: int, hflip: bool,
-                  batch_size: int, seed: int, num_workers: int, runtime: Runtime) -> TrainLoaders:
+def build_loaders(
+    data: Data,
+    collator: CaptionCollator,
+    *,
+    train_images: ImageSource,
+    image_size: int,
+    hflip: bool,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    runtime: Runtime,
+) -> TrainLoaders:
     """The training loader: this process's slice of each global batch."""
     train_split = data.splits["train"]
     sampler = ResumableSampler(len(train_split), seed, batch_size, runtime.rank, runtime.world_size)
     dataset = Flickr8kDataset(train_split, train_images, TrainAugment(image_size, hflip=hflip), seed)
-    train = make_loader(dataset, batch_size=runtime.per_process(batch_size), num_workers=num_workers,
-                        device=runtime.device, seed=seed, sampler=sampler, collate_fn=collator, drop_last=True)
+    train = make_loader(
+        dataset,
+        batch_size=runtime.per_process(batch_size),
+        num_workers=num_workers,
+        device=runtime.device,
+        seed=seed,
+        sampler=sampler,
+        collate_fn=collator,
+        drop_last=True,
+    )
     return TrainLoaders(train, sampler, len(train_split), len(train_split) // batch_size)

@@ -6,6 +6,7 @@ model can learn the pairing and retrieval clearly beats chance. The demo and the
 
     brain-trainer sample-data data/flickr8k_sample --layout token --images 600 --val 100 --test 50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,21 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 LAYOUTS = ("token", "karpathy", "kaggle")
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220),
-           "yellow": (240, 220, 30), "purple": (140, 40, 170), "orange": (250, 140, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 170),
+    "orange": (250, 140, 20),
+}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
-SHAPE_SYNONYMS = {"circle": ("circle", "round disc", "dot"), "square": ("square", "box", "block"),
-                  "triangle": ("triangle", "triangle", "wedge")}
+SHAPE_SYNONYMS = {
+    "circle": ("circle", "round disc", "dot"),
+    "square": ("square", "box", "block"),
+    "triangle": ("triangle", "triangle", "wedge"),
+}
 POSITIONS = ("left", "right", "top", "bottom", "center")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 TEMPLATES = (
@@ -49,8 +59,13 @@ class Scene:
 
 
 def random_scene(rng: random.Random) -> Scene:
-    return Scene(rng.choice(sorted(BACKGROUNDS)), rng.choice(sorted(COLOURS)), rng.choice(SHAPES),
-                 rng.randint(1, 3), rng.choice(POSITIONS))
+    return Scene(
+        rng.choice(sorted(BACKGROUNDS)),
+        rng.choice(sorted(COLOURS)),
+        rng.choice(SHAPES),
+        rng.randint(1, 3),
+        rng.choice(POSITIONS),
+    )
 
 
 def draw_scene(scene: Scene, size: tuple[int, int], rng: random.Random) -> Image.Image:
@@ -58,8 +73,13 @@ def draw_scene(scene: Scene, size: tuple[int, int], rng: random.Random) -> Image
     image = Image.new("RGB", size, BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     # The group's centre sits in the named region; shapes spread around it without overlapping much.
-    cx, cy = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25),
-              "bottom": (0.5, 0.75), "center": (0.5, 0.5)}[scene.position]
+    cx, cy = {
+        "left": (0.25, 0.5),
+        "right": (0.75, 0.5),
+        "top": (0.5, 0.25),
+        "bottom": (0.5, 0.75),
+        "center": (0.5, 0.5),
+    }[scene.position]
     radius = min(width, height) * rng.uniform(0.09, 0.12)
     offsets = {1: [(0, 0)], 2: [(-1.1, 0), (1.1, 0)], 3: [(-1.2, 0.6), (1.2, 0.6), (0, -1.0)]}[scene.count]
     if scene.position in ("left", "right"):
@@ -85,15 +105,27 @@ def captions_for(scene: Scene, rng: random.Random) -> list[str]:
         shape = rng.choice(SHAPE_SYNONYMS[scene.shape])
         if scene.count > 1:
             shape = shape.replace("box", "boxe") + "s"
-        text = template.format(count_word=COUNT_WORDS[scene.count], colour=scene.colour, shape=shape,
-                               background=scene.background, position=scene.position,
-                               be="is" if scene.count == 1 else "are")
+        text = template.format(
+            count_word=COUNT_WORDS[scene.count],
+            colour=scene.colour,
+            shape=shape,
+            background=scene.background,
+            position=scene.position,
+            be="is" if scene.count == 1 else "are",
+        )
         captions.append(text[0].upper() + text[1:] + " .")
     return captions
 
 
-def write_sample_dataset(root: Path, layout: str = "token", images: int = 600, val: int = 100,
-                         test: int = 50, size: tuple[int, int] = (320, 240), seed: int = 0) -> Path:
+def write_sample_dataset(
+    root: Path,
+    layout: str = "token",
+    images: int = 600,
+    val: int = 100,
+    test: int = 50,
+    size: tuple[int, int] = (320, 240),
+    seed: int = 0,
+) -> Path:
     """Write `images` scenes (the last `val` + `test` of them held out) in `layout` under `root`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -109,21 +141,32 @@ def write_sample_dataset(root: Path, layout: str = "token", images: int = 600, v
         draw_scene(scene, size, rng).save(image_dir / name, quality=90)
         names.append(name)
         captions[name] = captions_for(scene, rng)
-    splits = {"train": names[: images - val - test], "val": names[images - val - test: images - test],
-              "test": names[images - test:]}
+    splits = {
+        "train": names[: images - val - test],
+        "val": names[images - val - test : images - test],
+        "test": names[images - test :],
+    }
     if layout == "token":
         text_dir = root / "Flickr8k_text"
         text_dir.mkdir(exist_ok=True)
         lines = [f"{name}#{k}\t{caption}" for name in names for k, caption in enumerate(captions[name])]
         (text_dir / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
-        for split, file_name in (("train", "Flickr_8k.trainImages.txt"), ("val", "Flickr_8k.devImages.txt"),
-                                 ("test", "Flickr_8k.testImages.txt")):
+        for split, file_name in (
+            ("train", "Flickr_8k.trainImages.txt"),
+            ("val", "Flickr_8k.devImages.txt"),
+            ("test", "Flickr_8k.testImages.txt"),
+        ):
             (text_dir / file_name).write_text("\n".join(splits[split]) + "\n")
     elif layout == "karpathy":
         split_of = {name: split for split, members in splits.items() for name in members}
-        entries = [{"filename": name, "split": split_of[name],
-                    "sentences": [{"raw": caption, "tokens": caption.lower().split()} for caption in captions[name]]}
-                   for name in names]
+        entries = [
+            {
+                "filename": name,
+                "split": split_of[name],
+                "sentences": [{"raw": caption, "tokens": caption.lower().split()} for caption in captions[name]],
+            }
+            for name in names
+        ]
         (root / "dataset_flickr8k.json").write_text(json.dumps({"images": entries, "dataset": "flickr8k"}))
     else:  # kaggle: one CSV, no split lists (the loader derives the split by image)
         with open(root / "captions.txt", "w", newline="") as handle:
@@ -135,7 +178,9 @@ def write_sample_dataset(root: Path, layout: str = "token", images: int = 600, v
 
 
 def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("root", type=Path, help="folder to write the data set into")
     parser.add_argument("--layout", choices=LAYOUTS, default="token")
     parser.add_argument("--images", type=int, default=600)
@@ -152,4 +197,3 @@ def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data")
         return 2
     print(f"Wrote {args.images} images ({args.layout} layout) to {args.root}")
     return 0
-

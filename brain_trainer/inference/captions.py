@@ -2,6 +2,7 @@
 `IMAGE#k caption`, Karpathy's `dataset_flickr8k.json`, Kaggle's `captions.txt` CSV with the header
 `image,caption`), or plain text with one caption per line. Each caption comes with its image's name where
 the file says it."""
+
 from __future__ import annotations
 
 import csv
@@ -18,8 +19,9 @@ Caption = tuple[str, str | None]  # (text, the image's file name, if known)
 def read_captions(path: Path) -> list[Caption]:
     """The file's captions in file order; raises InferenceError when there is none or it cannot be read."""
     if not path.is_file():
-        raise InferenceError(f"--captions {path}: no such file; pass a Flickr8k caption file or a text file "
-                             f"with one caption per line")
+        raise InferenceError(
+            f"--captions {path}: no such file; pass a Flickr8k caption file or a text file with one caption per line"
+        )
     try:
         text = read_text(path)
     except DatasetError as error:
@@ -41,11 +43,15 @@ def read_captions(path: Path) -> list[Caption]:
 
 def _karpathy(path: Path, text: str) -> list[Caption]:
     try:
-        return [(sentence["raw"].strip(), entry["filename"]) for entry in json.loads(text)["images"]
-                for sentence in entry["sentences"]]
+        return [
+            (sentence["raw"].strip(), entry["filename"])
+            for entry in json.loads(text)["images"]
+            for sentence in entry["sentences"]
+        ]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise InferenceError(f"--captions {path}: not a Karpathy split file (images[].filename, "
-                             f".sentences[].raw): {error}") from None
+        raise InferenceError(
+            f"--captions {path}: not a Karpathy split file (images[].filename, .sentences[].raw): {error}"
+        ) from None
 
 
 def _kaggle(text: str) -> list[Caption]:

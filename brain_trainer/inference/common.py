@@ -1,10 +1,11 @@
 """What the inference commands share: the argument parser whose mistakes are one line, the device, and
 running a command so that every user mistake is one `Error: ...` line with exit status 2."""
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -27,6 +28,7 @@ def positive_int(flag: str) -> Callable[[str], int]:
         if value < 1:
             raise argparse.ArgumentTypeError(f"{value}: {flag} must be at least 1")
         return value
+
     return parse
 
 

@@ -6,6 +6,7 @@ checkpoint, with its evaluation's preprocessing, into an index folder (see `inde
 Run again on the same folder, it embeds only new or changed files (by path, size and mtime) and drops deleted
 ones; another checkpoint, dtype or folder rebuilds the whole index (one line says so).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,18 @@ def list_images(folder: Path) -> list[dict]:
     found = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not any(
-                part.startswith(".") for part in relative.parts):
+        if (
+            path.suffix.lower() in IMAGE_SUFFIXES
+            and path.is_file()
+            and not any(part.startswith(".") for part in relative.parts)
+        ):
             stat = path.stat()
             found.append({"path": relative.as_posix(), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     if not found:
-        raise InferenceError(f"--images {folder}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images under it; "
-                             f"point --images at a folder of images")
+        raise InferenceError(
+            f"--images {folder}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images under it; "
+            f"point --images at a folder of images"
+        )
     return sorted(found, key=lambda row: row["path"])
 
 
@@ -64,8 +70,9 @@ class ImageFiles(Dataset):
 
 def embed_files(brain: Brain, paths: list[Path], *, batch_size: int, num_workers: int) -> tuple[np.ndarray, list[str]]:
     """(len(paths), d) float32 embeddings, and per file why it could not be read ('' when it could)."""
-    loader = make_loader(ImageFiles(paths, brain.preprocess), batch_size=batch_size, num_workers=num_workers,
-                         device=brain.device, seed=0)  # the evaluation's loader settings (prefetch, pinning)
+    loader = make_loader(
+        ImageFiles(paths, brain.preprocess), batch_size=batch_size, num_workers=num_workers, device=brain.device, seed=0
+    )  # the evaluation's loader settings (prefetch, pinning)
     rows, reasons = [np.zeros((0, brain.width), np.float32)], []
     for pixels, why in tqdm(loader, desc="Embedding images", unit="batch", disable=None):
         rows.append(brain.embed_images(pixels).cpu().numpy())
@@ -78,7 +85,7 @@ def embed_texts(brain: Brain, texts: list[str]) -> np.ndarray:
     rows = [np.zeros((0, brain.width), np.float32)]
     starts = range(0, len(texts), brain.caption_batch)
     for start in tqdm(starts, desc="Embedding captions", unit="batch", disable=None if len(starts) > 1 else True):
-        rows.append(brain.embed_texts(texts[start:start + brain.caption_batch]).cpu().numpy())
+        rows.append(brain.embed_texts(texts[start : start + brain.caption_batch]).cpu().numpy())
     return np.concatenate(rows)
 
 
@@ -93,19 +100,24 @@ def previous_index(out: Path, brain: Brain, *, images_dir: Path, dtype: str) -> 
         return None
     built = old.manifest.get("checkpoint", {})
     if built.get("sha256") != brain.checkpoint_sha256:
-        print(f"{out} was built with another checkpoint ({built.get('path')}, sha256 {str(built.get('sha256'))[:12]}); "
-              f"re-embedding everything with {brain.source} (sha256 {brain.checkpoint_sha256[:12]})")
+        print(
+            f"{out} was built with another checkpoint ({built.get('path')}, sha256 {str(built.get('sha256'))[:12]}); "
+            f"re-embedding everything with {brain.source} (sha256 {brain.checkpoint_sha256[:12]})"
+        )
         return None
-    for what, was, now in (("images folder", old.manifest.get("images_dir"), str(images_dir)),
-                           ("dtype", old.manifest.get("dtype"), dtype)):
+    for what, was, now in (
+        ("images folder", old.manifest.get("images_dir"), str(images_dir)),
+        ("dtype", old.manifest.get("dtype"), dtype),
+    ):
         if was != now:
             print(f"{out} was built with {what} {was}; re-embedding everything for {now}")
             return None
     return old
 
 
-def update_images(brain: Brain, images_dir: Path, old: Index | None, *, batch_size: int,
-                  num_workers: int) -> tuple[list[dict], np.ndarray, dict, list[str]]:
+def update_images(
+    brain: Brain, images_dir: Path, old: Index | None, *, batch_size: int, num_workers: int
+) -> tuple[list[dict], np.ndarray, dict, list[str]]:
     """Rows and embeddings of every readable image now under `images_dir`, re-using the old index's rows of
     unchanged files; the counts (embedded, unchanged, dropped, unreadable) and the unreadable paths."""
     old_rows = {row["path"]: (position, row) for position, row in enumerate(old.images)} if old else {}
@@ -114,8 +126,9 @@ def update_images(brain: Brain, images_dir: Path, old: Index | None, *, batch_si
     unchanged = [(row, old_rows[row["path"]][0]) for row in found if old_rows.get(row["path"], (None, None))[1] == row]
     unchanged_paths = {row["path"] for row, _ in unchanged}
     todo = [row for row in found if row["path"] not in unchanged_paths]
-    fresh, reasons = embed_files(brain, [images_dir / row["path"] for row in todo], batch_size=batch_size,
-                                 num_workers=num_workers)
+    fresh, reasons = embed_files(
+        brain, [images_dir / row["path"] for row in todo], batch_size=batch_size, num_workers=num_workers
+    )
     unreadable = []
     for row, why in zip(todo, reasons):
         if why:
@@ -127,13 +140,18 @@ def update_images(brain: Brain, images_dir: Path, old: Index | None, *, batch_si
     embeddings = np.concatenate([kept, fresh[readable]])
     order = sorted(range(len(rows)), key=lambda position: rows[position]["path"])
     present = {row["path"] for row in found}
-    counts = {"embedded": len(readable), "unchanged": len(unchanged), "unreadable": len(unreadable),
-              "dropped": sum(path not in present for path in old_rows)}
+    counts = {
+        "embedded": len(readable),
+        "unchanged": len(unchanged),
+        "unreadable": len(unreadable),
+        "dropped": sum(path not in present for path in old_rows),
+    }
     return [rows[position] for position in order], embeddings[order], counts, unreadable
 
 
-def update_captions(brain: Brain, captions_file: Path | None, old: Index | None,
-                    image_paths: list[str]) -> tuple[list[dict], np.ndarray, dict | None, int]:
+def update_captions(
+    brain: Brain, captions_file: Path | None, old: Index | None, image_paths: list[str]
+) -> tuple[list[dict], np.ndarray, dict | None, int]:
     """Caption rows (text, image) and embeddings, the caption file's record, and how many were embedded now.
     Without --captions the old index's captions stay; the same file (by sha256) is not embedded again."""
     if captions_file is None:
@@ -152,28 +170,50 @@ def update_captions(brain: Brain, captions_file: Path | None, old: Index | None,
     return rows, embed_texts(brain, [row["text"] for row in rows]), source, len(rows)
 
 
-def make_manifest(brain: Brain, *, images_dir: Path, dtype: str, index: Index, captions_file: dict | None,
-                  unreadable: list[str]) -> dict:
-    return {"format": INDEX_FORMAT, "index_version": INDEX_VERSION, "program_version": __version__,
-            "checkpoint": {"path": str(Path(brain.source).resolve()), "sha256": brain.checkpoint_sha256},
-            "config": brain.config, "width": brain.width, "dtype": dtype, "normalized": True,
-            "precision": brain.precision, "images_dir": str(images_dir), "captions_file": captions_file,
-            "counts": {"images": len(index.images), "captions": len(index.captions), "unreadable": len(unreadable)},
-            "unreadable": unreadable, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+def make_manifest(
+    brain: Brain, *, images_dir: Path, dtype: str, index: Index, captions_file: dict | None, unreadable: list[str]
+) -> dict:
+    return {
+        "format": INDEX_FORMAT,
+        "index_version": INDEX_VERSION,
+        "program_version": __version__,
+        "checkpoint": {"path": str(Path(brain.source).resolve()), "sha256": brain.checkpoint_sha256},
+        "config": brain.config,
+        "width": brain.width,
+        "dtype": dtype,
+        "normalized": True,
+        "precision": brain.precision,
+        "images_dir": str(images_dir),
+        "captions_file": captions_file,
+        "counts": {"images": len(index.images), "captions": len(index.captions), "unreadable": len(unreadable)},
+        "unreadable": unreadable,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
 
 
 def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file, or a folder from export")
     parser.add_argument("--images", type=Path, required=True, help="folder of jpg/jpeg/png/webp images (recursive)")
-    parser.add_argument("--captions", type=Path, help="captions to embed: a Flickr8k caption file (token, Karpathy "
-                        "or Kaggle layout) or one caption per line (default: keep the index's)")
+    parser.add_argument(
+        "--captions",
+        type=Path,
+        help="captions to embed: a Flickr8k caption file (token, Karpathy "
+        "or Kaggle layout) or one caption per line (default: keep the index's)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="index folder to write (updated when it exists)")
-    parser.add_argument("--batch_size", type=positive_int("--batch_size"),
-                        help="images per forward pass (default: the run's, as its evaluation)")
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int("--batch_size"),
+        help="images per forward pass (default: the run's, as its evaluation)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                        help="autocast precision (default auto: the run's, what its evaluation uses)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        help="autocast precision (default auto: the run's, what its evaluation uses)",
+    )
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="stored embeddings (default: float32)")
     parser.add_argument("--num_workers", type=int, default=2, help="image decoding processes (default: 2)")
     return parser.parse_args(argv)
@@ -188,17 +228,25 @@ def embed(args: argparse.Namespace) -> int:
     images_dir, out = args.images.resolve(), args.out
     old = previous_index(out, brain, images_dir=images_dir, dtype=args.dtype)
     rows, image_embeddings, counts, unreadable = update_images(
-        brain, images_dir, old, batch_size=args.batch_size or int(brain.config.get("batch_size", 8)),
-        num_workers=args.num_workers)
+        brain,
+        images_dir,
+        old,
+        batch_size=args.batch_size or int(brain.config.get("batch_size", 8)),
+        num_workers=args.num_workers,
+    )
     captions, text_embeddings, captions_file, embedded_captions = update_captions(
-        brain, args.captions, old, [row["path"] for row in rows])
+        brain, args.captions, old, [row["path"] for row in rows]
+    )
     index = Index({}, rows, image_embeddings.astype(args.dtype), captions, text_embeddings.astype(args.dtype))
-    index.manifest = make_manifest(brain, images_dir=images_dir, dtype=args.dtype, index=index,
-                                   captions_file=captions_file, unreadable=unreadable)
+    index.manifest = make_manifest(
+        brain, images_dir=images_dir, dtype=args.dtype, index=index, captions_file=captions_file, unreadable=unreadable
+    )
     write_index(out, index)
-    print(f"Embedded {plural(counts['embedded'], 'image')} ({counts['unchanged']} unchanged, {counts['dropped']} dropped, "
-          f"{counts['unreadable']} unreadable) and {plural(embedded_captions, 'caption')} with {brain.source} on "
-          f"{brain.device} ({brain.precision})")
+    print(
+        f"Embedded {plural(counts['embedded'], 'image')} ({counts['unchanged']} unchanged, "
+        f"{counts['dropped']} dropped, {counts['unreadable']} unreadable) and {plural(embedded_captions, 'caption')} "
+        f"with {brain.source} on {brain.device} ({brain.precision})"
+    )
     print(f"Index {out}: {len(rows)} images, {len(captions)} captions, {brain.width}-wide {args.dtype} embeddings")
     return 0
 

@@ -15,6 +15,7 @@ onnx writes image_tower.onnx (normalised float images (B, 3, S, S) -> (B, d) emb
 by onnxruntime against the PyTorch model on the same inputs after export, and the export is refused when they
 differ by more than 1e-4 (fp32). Needs the `export` extra: pip install 'brain-trainer[export]'.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,23 +25,42 @@ from pathlib import Path
 
 from brain_trainer import __version__
 from brain_trainer.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from brain_trainer.inference.onnx_export import ExportMismatch, export_onnx
 from brain_trainer.inference.common import Parser, run_command
-from brain_trainer.inference.load import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_TOKENIZER, EXPORT_TOKENIZER_DIR,
-                                          EXPORT_WEIGHTS, Brain, InferenceError, load_brain)
+from brain_trainer.inference.load import (
+    EXPORT_CONFIG,
+    EXPORT_FORMAT,
+    EXPORT_TOKENIZER,
+    EXPORT_TOKENIZER_DIR,
+    EXPORT_WEIGHTS,
+    Brain,
+    InferenceError,
+    load_brain,
+)
+from brain_trainer.inference.onnx_export import ExportMismatch, export_onnx
 
 FORMATS = ("safetensors", "onnx")
 
 
 def write_config(brain: Brain, out: Path, files: dict) -> None:
     preprocess = brain.preprocess
-    meta = {"format": EXPORT_FORMAT, "program_version": __version__, "checkpoint_sha256": brain.checkpoint_sha256,
-            "source": str(Path(brain.source).resolve()), "config": brain.config, "files": files,
-            "preprocess": {"image_size": preprocess.image_size, "decode_shorter_side": preprocess.decode_side,
-                           "resize": "shorter side to image_size (antialiased), then the centre square",
-                           "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "max_text_len": brain.model.config.max_text_len},
-            "embeddings": {"width": brain.width, "normalized": True},
-            "load": f"brain_trainer.load_brain({str(out)!r})"}
+    meta = {
+        "format": EXPORT_FORMAT,
+        "program_version": __version__,
+        "checkpoint_sha256": brain.checkpoint_sha256,
+        "source": str(Path(brain.source).resolve()),
+        "config": brain.config,
+        "files": files,
+        "preprocess": {
+            "image_size": preprocess.image_size,
+            "decode_shorter_side": preprocess.decode_side,
+            "resize": "shorter side to image_size (antialiased), then the centre square",
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "max_text_len": brain.model.config.max_text_len,
+        },
+        "embeddings": {"width": brain.width, "normalized": True},
+        "load": f"brain_trainer.load_brain({str(out)!r})",
+    }
     (out / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -56,7 +76,9 @@ def export_safetensors(brain: Brain, out: Path) -> dict:
     from safetensors.torch import save_file
 
     weights = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in brain.model.state_dict().items()}
-    save_file(weights, out / EXPORT_WEIGHTS, metadata={"format": EXPORT_FORMAT, "checkpoint_sha256": brain.checkpoint_sha256})
+    save_file(
+        weights, out / EXPORT_WEIGHTS, metadata={"format": EXPORT_FORMAT, "checkpoint_sha256": brain.checkpoint_sha256}
+    )
     print(f"✓ {out / EXPORT_WEIGHTS}: {len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} values")
     return {"weights": EXPORT_WEIGHTS}
 
@@ -73,10 +95,14 @@ def export(args: argparse.Namespace) -> int:
         files["tokenizer"] = write_tokenizer(brain, out)
         write_config(brain, out, files)
     except OSError as error:
-        raise InferenceError(f"--out {out}: cannot write the export ({error.strerror or error}); choose a "
-                             f"writable folder") from None
-    print(f"Exported {brain.source} to {out} ({args.format}); load it with brain_trainer.load_brain({str(out)!r})"
-          if args.format == "safetensors" else f"Exported {brain.source} to {out} (onnx)")
+        raise InferenceError(
+            f"--out {out}: cannot write the export ({error.strerror or error}); choose a writable folder"
+        ) from None
+    print(
+        f"Exported {brain.source} to {out} ({args.format}); load it with brain_trainer.load_brain({str(out)!r})"
+        if args.format == "safetensors"
+        else f"Exported {brain.source} to {out} (onnx)"
+    )
     return 0
 
 
@@ -91,4 +117,3 @@ def main(argv: list[str], prog: str = "brain-trainer export") -> int:
     except ExportMismatch as error:  # not a user mistake: the exporter or the runtime got it wrong
         print(f"Error: {error}", file=sys.stderr)
         return 1
-

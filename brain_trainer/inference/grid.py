@@ -1,5 +1,6 @@
 """The contact sheet `search --grid` writes: a row per query, the query (its image, or its text) in the first
 cell, then its top-k result images left to right, best first, each with its score underneath."""
+
 from __future__ import annotations
 
 import textwrap
@@ -23,8 +24,9 @@ def thumbnail(path: Path) -> Image.Image:
         return Image.new("RGB", (TILE, TILE), "gray")
 
 
-def write_grid(path: Path, *, queries: list[str], query_images: list[Path | None],
-               results: list[list[tuple[float, Path]]]) -> None:
+def write_grid(
+    path: Path, *, queries: list[str], query_images: list[Path | None], results: list[list[tuple[float, Path]]]
+) -> None:
     """Rows of (query cell, k result tiles); the sheet is (k + 1) * TILE wide and (TILE + STRIP) per query."""
     columns = 1 + max((len(row) for row in results), default=0)
     sheet = Image.new("RGB", (columns * TILE, len(queries) * (TILE + STRIP)), "white")

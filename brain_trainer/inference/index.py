@@ -11,6 +11,7 @@ their metadata):
 Every file is written under a temporary name and renamed into place, the manifest last, so a reader never
 sees a manifest that names rows which are not there.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,12 @@ from brain_trainer.inference.load import InferenceError
 
 INDEX_FORMAT, INDEX_VERSION = "brain-trainer-index", 1
 MANIFEST, IMAGE_EMBEDDINGS, IMAGES, TEXT_EMBEDDINGS, CAPTIONS = (
-    "manifest.json", "image_embeddings.npy", "images.jsonl", "text_embeddings.npy", "captions.jsonl")
+    "manifest.json",
+    "image_embeddings.npy",
+    "images.jsonl",
+    "text_embeddings.npy",
+    "captions.jsonl",
+)
 DTYPES = ("float32", "float16")
 
 
@@ -51,28 +57,41 @@ def _read_jsonl(path: Path) -> list[dict]:
 def read_index(folder: Path, flag: str = "--index") -> Index:
     """The index in `folder`; one InferenceError line when it is missing, damaged or not an index."""
     if not (folder / MANIFEST).is_file():
-        raise InferenceError(f"{flag} {folder}: no index there (no {MANIFEST}); build one with brain-trainer embed "
-                             f"--checkpoint CKPT --images DIR --out {folder}")
+        raise InferenceError(
+            f"{flag} {folder}: no index there (no {MANIFEST}); build one with brain-trainer embed "
+            f"--checkpoint CKPT --images DIR --out {folder}"
+        )
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         if manifest.get("format") != INDEX_FORMAT or manifest.get("index_version") != INDEX_VERSION:
             raise ValueError(f"format {manifest.get('format')} version {manifest.get('index_version')}")
-        index = Index(manifest, _read_jsonl(folder / IMAGES), np.load(folder / IMAGE_EMBEDDINGS),
-                      _read_jsonl(folder / CAPTIONS), np.load(folder / TEXT_EMBEDDINGS))
+        index = Index(
+            manifest,
+            _read_jsonl(folder / IMAGES),
+            np.load(folder / IMAGE_EMBEDDINGS),
+            _read_jsonl(folder / CAPTIONS),
+            np.load(folder / TEXT_EMBEDDINGS),
+        )
     except (OSError, ValueError, KeyError, AttributeError) as error:
-        raise InferenceError(f"{flag} {folder}: damaged or not a brain-trainer index ({str(error)[:120]}); build it "
-                             f"again with brain-trainer embed") from None
+        raise InferenceError(
+            f"{flag} {folder}: damaged or not a brain-trainer index ({str(error)[:120]}); build it "
+            f"again with brain-trainer embed"
+        ) from None
     _check_shapes(index, folder, flag)
     return index
 
 
 def _check_shapes(index: Index, folder: Path, flag: str) -> None:
     width = index.manifest.get("width")
-    for name, rows, array in (("images", index.images, index.image_embeddings),
-                              ("captions", index.captions, index.text_embeddings)):
+    for name, rows, array in (
+        ("images", index.images, index.image_embeddings),
+        ("captions", index.captions, index.text_embeddings),
+    ):
         if array.ndim != 2 or array.shape != (len(rows), width):
-            raise InferenceError(f"{flag} {folder}: its {name} embeddings have shape {array.shape}, the manifest "
-                                 f"says {len(rows)} rows of width {width}; build it again with brain-trainer embed")
+            raise InferenceError(
+                f"{flag} {folder}: its {name} embeddings have shape {array.shape}, the manifest "
+                f"says {len(rows)} rows of width {width}; build it again with brain-trainer embed"
+            )
 
 
 def _replace(path: Path, write) -> None:
@@ -94,5 +113,6 @@ def write_index(folder: Path, index: Index) -> None:
         manifest = (json.dumps(index.manifest, indent=2) + "\n").encode()
         _replace(folder / MANIFEST, lambda handle: handle.write(manifest))
     except OSError as error:
-        raise InferenceError(f"--out {folder}: cannot write the index ({error.strerror or error}); choose a "
-                             f"writable folder") from None
+        raise InferenceError(
+            f"--out {folder}: cannot write the index ({error.strerror or error}); choose a writable folder"
+        ) from None

@@ -5,6 +5,7 @@ The evaluation decodes each image (through the decode-once cache when the run us
 at the shorter side `image_size`, then a resize), resizes its shorter side to `image_size`, takes the centre,
 normalises on the device, and encodes under the run's autocast; `Brain` does exactly that.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,10 +18,10 @@ from pathlib import Path
 import torch
 
 from brain_trainer.brain_model import BrainConfig, BrainModel
+from brain_trainer.build import build_model
 from brain_trainer.checkpointing import CheckpointError, is_full_checkpoint, load_for_resume, model_weights
 from brain_trainer.data.augment import eval_transform, images_to_device
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, decode_image, tokenizer_from_json
-from brain_trainer.build import build_model
 
 EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 EXPORT_TOKENIZER_DIR = "tokenizer"  # a pretrained text encoder's tokenizer, as save_pretrained writes it
@@ -44,6 +45,7 @@ def file_sha256(path: Path) -> str:
 @dataclass(frozen=True)
 class Preprocess:
     """The evaluation's image preprocessing: file -> uint8 (3, image_size, image_size)."""
+
     image_size: int
     decode_side: int | None  # the image cache's shorter side when the run evaluated through it, else None
 
@@ -52,7 +54,7 @@ class Preprocess:
         return eval_transform(self.image_size)(decode_image(path, self.decode_side))
 
     @classmethod
-    def of_run(cls, config: dict) -> "Preprocess":
+    def of_run(cls, config: dict) -> Preprocess:
         size = int(config["image_size"])
         return cls(size, size if config.get("cache_images", True) else None)
 
@@ -60,6 +62,7 @@ class Preprocess:
 @dataclass
 class Brain:
     """A trained brain in eval mode; `embed_images` and `embed_texts` return float32 L2-normalised rows."""
+
     model: BrainModel
     config: dict  # the run's settings (architecture and training), as the checkpoint holds them
     tokenizer: object
@@ -82,7 +85,7 @@ class Brain:
         """Captions per forward pass: the evaluation's (4x the run's batch), so the padding is the same."""
         return 4 * int(self.config.get("batch_size", 8))
 
-    def to(self, device: torch.device, precision: str = "auto") -> "Brain":
+    def to(self, device: torch.device, precision: str = "auto") -> Brain:
         """On `device`, encoding under `precision` (auto: the run's, what its evaluation uses)."""
         precision = self.config.get("precision", "fp32") if precision == "auto" else precision
         if precision not in PRECISIONS:
@@ -107,8 +110,9 @@ class Brain:
         """Captions -> (len, d) float32 on the device, tokenised as the evaluation tokenises them."""
         tokens = self.tokens(texts)
         with self.autocast():
-            return self.model.encode_text(tokens["input_ids"].to(self.device),
-                                          tokens["attention_mask"].to(self.device)).float()
+            return self.model.encode_text(
+                tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+            ).float()
 
     def tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """input_ids and attention_mask (B, L) int64: padded to the longest, cut at the run's max_text_len."""
@@ -127,8 +131,10 @@ def load_brain(source: str | Path, device: str | torch.device = "cpu", precision
     if path.is_dir() and (path / EXPORT_CONFIG).is_file():
         brain = _from_export(path)
     elif path.is_dir():
-        raise InferenceError(f"{path}: a folder without {EXPORT_CONFIG}; pass a checkpoint file or a folder "
-                             f"written by brain-trainer export")
+        raise InferenceError(
+            f"{path}: a folder without {EXPORT_CONFIG}; pass a checkpoint file or a folder "
+            f"written by brain-trainer export"
+        )
     else:
         brain = _from_checkpoint(path)
     return brain.to(torch.device(device), precision)
@@ -141,11 +147,18 @@ def _from_checkpoint(path: Path) -> Brain:
         raise InferenceError(str(error).replace("--resume", "--checkpoint")) from None
     config = checkpoint.get("config")
     if not is_full_checkpoint(checkpoint) or not isinstance(config, dict) or "d_shared" not in config:
-        raise InferenceError(f"{path}: not a brain checkpoint (no run config naming the architecture); pass a "
-                             f"checkpoint written by brain-trainer train")
+        raise InferenceError(
+            f"{path}: not a brain checkpoint (no run config naming the architecture); pass a "
+            f"checkpoint written by brain-trainer train"
+        )
     tokenizer_json = checkpoint.get("tokenizer")
-    return _assemble(config=config, weights=model_weights(checkpoint, path), tokenizer_json=tokenizer_json,
-                     sha256=file_sha256(path), source=path)
+    return _assemble(
+        config=config,
+        weights=model_weights(checkpoint, path),
+        tokenizer_json=tokenizer_json,
+        sha256=file_sha256(path),
+        source=path,
+    )
 
 
 def _from_export(folder: Path) -> Brain:
@@ -156,14 +169,22 @@ def _from_export(folder: Path) -> Brain:
         assert meta["format"] == EXPORT_FORMAT
         config, sha256 = meta["config"], meta["checkpoint_sha256"]
     except (ValueError, KeyError, TypeError, AssertionError):
-        raise InferenceError(f"{folder / EXPORT_CONFIG}: not a brain-trainer export config; export the "
-                             f"checkpoint again (brain-trainer export)") from None
+        raise InferenceError(
+            f"{folder / EXPORT_CONFIG}: not a brain-trainer export config; export the "
+            f"checkpoint again (brain-trainer export)"
+        ) from None
     weights_file, tokenizer_file = folder / EXPORT_WEIGHTS, folder / EXPORT_TOKENIZER
     if not weights_file.is_file():
         raise InferenceError(f"{folder}: no {EXPORT_WEIGHTS}; export with --format safetensors")
     tokenizer_json = tokenizer_file.read_text() if tokenizer_file.is_file() else None
-    return _assemble(config=config, weights=load_file(weights_file), tokenizer_json=tokenizer_json, sha256=sha256,
-                     source=folder, tokenizer_dir=folder / EXPORT_TOKENIZER_DIR)
+    return _assemble(
+        config=config,
+        weights=load_file(weights_file),
+        tokenizer_json=tokenizer_json,
+        sha256=sha256,
+        source=folder,
+        tokenizer_dir=folder / EXPORT_TOKENIZER_DIR,
+    )
 
 
 def _first_detail(error: Exception) -> str:
@@ -171,23 +192,42 @@ def _first_detail(error: Exception) -> str:
     return (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__)[:160]
 
 
-def _assemble(*, config: dict, weights: dict, tokenizer_json: str | None, sha256: str, source: Path,
-              tokenizer_dir: Path | None = None) -> Brain:
+def _assemble(
+    *,
+    config: dict,
+    weights: dict,
+    tokenizer_json: str | None,
+    sha256: str,
+    source: Path,
+    tokenizer_dir: Path | None = None,
+) -> Brain:
     model_config = BrainConfig.from_dict(config)
     if model_config.text_encoder == "scratch":
         if not isinstance(tokenizer_json, str):
-            raise InferenceError(f"{source}: a scratch-text brain without its tokenizer; use the checkpoint "
-                                 f"the run wrote")
+            raise InferenceError(
+                f"{source}: a scratch-text brain without its tokenizer; use the checkpoint the run wrote"
+            )
         tokenizer = tokenizer_from_json(tokenizer_json)
     else:
         from brain_trainer.data.loaders import pretrained_tokenizer
-        named = str(tokenizer_dir) if tokenizer_dir is not None and tokenizer_dir.is_dir() else model_config.text_encoder
+
+        named = (
+            str(tokenizer_dir) if tokenizer_dir is not None and tokenizer_dir.is_dir() else model_config.text_encoder
+        )
         tokenizer, tokenizer_json = pretrained_tokenizer(named), None
     model = build_model(model_config, pretrained=False)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
-        raise InferenceError(f"{source}: its weights do not fit its own config ({_first_detail(error)}); "
-                             f"it is not a brain this program can load") from None
-    return Brain(model=model.eval(), config=config, tokenizer=tokenizer, tokenizer_json=tokenizer_json,
-                 checkpoint_sha256=sha256, source=source)
+        raise InferenceError(
+            f"{source}: its weights do not fit its own config ({_first_detail(error)}); "
+            f"it is not a brain this program can load"
+        ) from None
+    return Brain(
+        model=model.eval(),
+        config=config,
+        tokenizer=tokenizer,
+        tokenizer_json=tokenizer_json,
+        checkpoint_sha256=sha256,
+        source=source,
+    )

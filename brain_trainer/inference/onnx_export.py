@@ -1,5 +1,6 @@
 """The two ONNX towers of `brain-trainer export --format onnx`, each checked against the PyTorch model with
 onnxruntime on the same inputs before the export counts as done."""
+
 from __future__ import annotations
 
 import warnings
@@ -14,8 +15,11 @@ from brain_trainer.inference.load import Brain, InferenceError
 
 IMAGE_TOWER, TEXT_TOWER = "image_tower.onnx", "text_tower.onnx"
 TOLERANCE = 1e-4  # fp32: the largest absolute difference of an embedding value allowed
-PROBE_CAPTIONS = ["a red circle on a white background", "two dogs", "A picture with three blue squares at the left "
-                  "of a gray scene, seen from far away"]
+PROBE_CAPTIONS = [
+    "a red circle on a white background",
+    "two dogs",
+    "A picture with three blue squares at the left of a gray scene, seen from far away",
+]
 
 
 class ExportMismatch(Exception):
@@ -45,17 +49,26 @@ def _onnx_modules():
         import onnx
         import onnxruntime
     except ImportError as error:
-        raise InferenceError(f"--format onnx needs {error.name}: pip install 'brain-trainer[export]' "
-                             f"(onnx, onnxruntime, onnxscript)") from None
+        raise InferenceError(
+            f"--format onnx needs {error.name}: pip install 'brain-trainer[export]' (onnx, onnxruntime, onnxscript)"
+        ) from None
     return onnx, onnxruntime
 
 
 def _export_tower(tower: nn.Module, inputs: dict[str, torch.Tensor], path: Path, dynamic: dict) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's remarks on the fast paths it replaces
-        torch.onnx.export(tower.eval(), tuple(inputs.values()), str(path), input_names=list(inputs),
-                          output_names=["embeddings"], dynamic_axes=dynamic, dynamo=True, external_data=False,
-                          verbose=False)
+        torch.onnx.export(
+            tower.eval(),
+            tuple(inputs.values()),
+            str(path),
+            input_names=list(inputs),
+            output_names=["embeddings"],
+            dynamic_axes=dynamic,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
 
 
 def check_tower(tower: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> float:
@@ -79,17 +92,26 @@ def export_onnx(brain: Brain, out: Path) -> dict:
     side = brain.preprocess.image_size
     pixels = torch.randint(0, 256, (3, 3, side, side), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     tokens = brain.tokens(PROBE_CAPTIONS)
-    towers = ((IMAGE_TOWER, ImageTower(brain), {"images": normalize_images(pixels)}, {"images": {0: "batch"}}),
-              (TEXT_TOWER, TextTower(brain), tokens, {"input_ids": {0: "batch", 1: "length"},
-                                                       "attention_mask": {0: "batch", 1: "length"}}))
+    towers = (
+        (IMAGE_TOWER, ImageTower(brain), {"images": normalize_images(pixels)}, {"images": {0: "batch"}}),
+        (
+            TEXT_TOWER,
+            TextTower(brain),
+            tokens,
+            {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}},
+        ),
+    )
     for name, tower, inputs, dynamic in towers:
         path = out / name
         _export_tower(tower, inputs, path, {**dynamic, "embeddings": {0: "batch"}})
         difference = check_tower(tower, inputs, path)
-        print(f"{'✓' if difference <= TOLERANCE else '✗'} {path}: max |onnxruntime - torch| = {difference:.2e} "
-              f"(limit {TOLERANCE:.0e}, fp32)")
+        print(
+            f"{'✓' if difference <= TOLERANCE else '✗'} {path}: max |onnxruntime - torch| = {difference:.2e} "
+            f"(limit {TOLERANCE:.0e}, fp32)"
+        )
         if not difference <= TOLERANCE:
             path.unlink()
-            raise ExportMismatch(f"{path}: onnxruntime differs from PyTorch by {difference:.2e} > {TOLERANCE:.0e}; "
-                                 f"the file is removed")
+            raise ExportMismatch(
+                f"{path}: onnxruntime differs from PyTorch by {difference:.2e} > {TOLERANCE:.0e}; the file is removed"
+            )
     return {"image_tower": IMAGE_TOWER, "text_tower": TEXT_TOWER}

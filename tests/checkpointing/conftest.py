@@ -1,5 +1,6 @@
 """Helpers shared by the checkpointing tests: a tiny model trained a few steps, a full checkpoint of it, files
 with chosen modification times, the ckpt CLI and the child programs in tests/workers/."""
+
 from __future__ import annotations
 
 import os
@@ -8,11 +9,11 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import DATA, ROOT, assert_bitwise_equal  # noqa: F401  (tests/conftest.py, re-exported for these tests)
 from torch import nn
 
 from brain_trainer import checkpointing as ck
 from brain_trainer.trainer import TrainState
-from conftest import DATA, ROOT, assert_bitwise_equal  # noqa: F401  (tests/conftest.py, re-exported for these tests)
 
 WORKERS = Path(__file__).resolve().parents[1] / "workers"
 
@@ -35,14 +36,30 @@ def train_briefly(model: nn.Module) -> tuple[torch.optim.Optimizer, torch.amp.Gr
     return optimizer, scaler
 
 
-def checkpoint_of(model: nn.Module, optimizer, scaler, epoch: int = 4, global_step: int = 123, best_val=0.75,
-                  samples_seen: int = 0, **changes) -> dict:
+def checkpoint_of(
+    model: nn.Module,
+    optimizer,
+    scaler,
+    epoch: int = 4,
+    global_step: int = 123,
+    best_val=0.75,
+    samples_seen: int = 0,
+    **changes,
+) -> dict:
     """A format-3 checkpoint as the trainer makes it; `epoch` is the last completed one."""
-    state = TrainState(epoch=epoch + 1, samples_seen=samples_seen, global_step=global_step, best_val=best_val,
-                       val_loss=0.8)
-    fields = dict(model=model, optimizer=optimizer, scaler=scaler, train_state=state.state_dict(),
-                  config={"lr": 1e-2, "precision": "fp16", "d_shared": 8}, tokenizer=None,
-                  rng_states=[ck.capture_rng_state()], run={"id": "a", "parent": None, "started_ns": 1})
+    state = TrainState(
+        epoch=epoch + 1, samples_seen=samples_seen, global_step=global_step, best_val=best_val, val_loss=0.8
+    )
+    fields = dict(
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        train_state=state.state_dict(),
+        config={"lr": 1e-2, "precision": "fp16", "d_shared": 8},
+        tokenizer=None,
+        rng_states=[ck.capture_rng_state()],
+        run={"id": "a", "parent": None, "started_ns": 1},
+    )
     return ck.make_checkpoint(**{**fields, **changes})
 
 
@@ -52,21 +69,34 @@ def a_full_checkpoint(epoch: int = 4, global_step: int = 123, **changes) -> dict
     return checkpoint_of(model, optimizer, scaler, epoch=epoch, global_step=global_step, **changes)
 
 
-def restore(checkpoint: dict, model: nn.Module, precision: str = "fp16", architecture=None,
-            scaler_enabled: bool = True) -> tuple[list[str], TrainState]:
+def restore(
+    checkpoint: dict, model: nn.Module, precision: str = "fp16", architecture=None, scaler_enabled: bool = True
+) -> tuple[list[str], TrainState]:
     """restore_training_state into `model`, a fresh AdamW and GradScaler: the guide's lines and the position."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
     state = TrainState()
-    lines = ck.restore_training_state(checkpoint=checkpoint, path="x.pt", model=model, optimizer=optimizer,
-                                      scaler=scaler, precision=precision, architecture=architecture or {"d_shared": 8},
-                                      state=state)
+    lines = ck.restore_training_state(
+        checkpoint=checkpoint,
+        path="x.pt",
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        precision=precision,
+        architecture=architecture or {"d_shared": 8},
+        state=state,
+    )
     return lines, state
 
 
 def full(step: int, started_ns: int = 1) -> dict:
     """The smallest file discovery ranks: a step and the run that wrote it."""
-    return {"global_step": step, "epoch": 0, "model_state_dict": {}, "run": {"id": str(started_ns), "started_ns": started_ns}}
+    return {
+        "global_step": step,
+        "epoch": 0,
+        "model_state_dict": {},
+        "run": {"id": str(started_ns), "started_ns": started_ns},
+    }
 
 
 def write_at(path: Path, seconds: int, content: bytes = b"x") -> None:

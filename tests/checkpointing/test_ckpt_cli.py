@@ -1,5 +1,6 @@
 """`brain-trainer ckpt inspect | convert` on real files: what inspect prints and its verdict (exit 2 for a file
 --resume refuses), convert of legacy files, and every failure as one `Error:` line with exit 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,17 @@ def test_inspect_prints_format_epoch_step_and_config_and_accepts_a_good_file(tmp
     save_checkpoint(a_full_checkpoint(), path)
     assert main(["inspect", path]) == 0
     out = capsys.readouterr().out
-    for expected in (f"file:       {path}", "format:     3", "epoch:      4 (last completed; next 5, sample 0)",
-                     "step:       123", "best_val:   0.75", "precision:  fp16", "processes:  1", "  d_shared: 8",
-                     "tensors:"):
+    for expected in (
+        f"file:       {path}",
+        "format:     3",
+        "epoch:      4 (last completed; next 5, sample 0)",
+        "step:       123",
+        "best_val:   0.75",
+        "precision:  fp16",
+        "processes:  1",
+        "  d_shared: 8",
+        "tensors:",
+    ):
         assert any(line.startswith(expected) for line in out.splitlines()), expected
     assert out.splitlines()[-1] == "verdict:    --resume accepts it"
 
@@ -40,11 +49,15 @@ def nan_weights(checkpoint: dict) -> None:
     checkpoint["model_state_dict"]["0.weight"][0, 0] = float("nan")
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda checkpoint: checkpoint.update(epoch=-5), "field 'epoch' is -5 (expected an integer >= -1)"),
-    (nan_weights, "1 weight tensors hold NaN or inf (e.g. 0.weight)"),
-    (lambda checkpoint: checkpoint.update(format_version=99), "format 99 was written by a newer brain-trainer"),
-], ids=["epoch_-5", "nan_weights", "format_99"])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda checkpoint: checkpoint.update(epoch=-5), "field 'epoch' is -5 (expected an integer >= -1)"),
+        (nan_weights, "1 weight tensors hold NaN or inf (e.g. 0.weight)"),
+        (lambda checkpoint: checkpoint.update(format_version=99), "format 99 was written by a newer brain-trainer"),
+    ],
+    ids=["epoch_-5", "nan_weights", "format_99"],
+)
 def test_inspect_prints_the_refusal_of_a_file_resume_refuses_and_exits_2(tmp_path, capsys, damage, reason):
     checkpoint = a_full_checkpoint()
     damage(checkpoint)
@@ -103,8 +116,12 @@ def broken_sources(folder) -> dict:
     (folder / "truncated.pt").write_bytes((folder / "whole.pt").read_bytes()[:300])
     (folder / "random.pt").write_bytes(random.Random(0).randbytes(4096))
     (folder / "a_folder").mkdir()
-    return {"missing": folder / "missing.pt", "truncated": folder / "truncated.pt", "random": folder / "random.pt",
-            "folder": folder / "a_folder"}
+    return {
+        "missing": folder / "missing.pt",
+        "truncated": folder / "truncated.pt",
+        "random": folder / "random.pt",
+        "folder": folder / "a_folder",
+    }
 
 
 @pytest.mark.parametrize("kind", ["missing", "truncated", "random", "folder"])
@@ -119,10 +136,23 @@ def test_convert_trust_of_a_file_that_cannot_be_loaded_is_one_error_line(tmp_pat
     assert "Traceback" not in err and not (tmp_path / "new.pt").exists()
 
 
-
 def test_the_installed_command_reports_a_broken_file_without_a_traceback(tmp_path):
     sources = broken_sources(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "brain_trainer", "ckpt", "convert", "--trust", str(sources["random"]),
-                           str(tmp_path / "new.pt")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brain_trainer",
+            "ckpt",
+            "convert",
+            "--trust",
+            str(sources["random"]),
+            str(tmp_path / "new.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(f"Error: {sources['random']}: "), done.stderr

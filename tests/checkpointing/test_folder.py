@@ -1,5 +1,6 @@
 """The folder's policy: rotation of epoch snapshots, --resume auto's discovery, one run per folder, consent
 before replacing another run's checkpoints, unreadable files set aside, names that are not files refused."""
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,7 @@ def quiet(line: str) -> None:
 
 
 # ----------------------------------------------------------------------------- rotation
+
 
 def test_rotation_keeps_the_most_recently_written_snapshots_and_never_touches_best_or_last(tmp_path):
     for name in (ck.LAST, ck.BEST):
@@ -66,6 +68,7 @@ def test_rotation_rotates_only_regular_files_past_a_dangling_link_and_a_folder_n
 
 # ----------------------------------------------------------------------------- --resume auto and folders
 
+
 def test_resume_auto_picks_the_furthest_step_of_the_newest_run_and_names_an_unreadable_file(tmp_path):
     save(full(30), tmp_path / ck.BEST)
     save(full(20), tmp_path / ck.snapshot_name(1))
@@ -106,8 +109,11 @@ def test_resume_from_a_folder_takes_its_newest_checkpoint(tmp_path):
 
 
 def test_a_folder_without_a_checkpoint_is_named(tmp_path):
-    with pytest.raises(ck.CheckpointError, match=r"^.*: folder holds no last_brain_v2.pt, best_brain_v2.pt or epoch "
-                                                 r"snapshot; pass a checkpoint file"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"^.*: folder holds no last_brain_v2.pt, best_brain_v2.pt or epoch "
+        r"snapshot; pass a checkpoint file",
+    ):
         ck.checkpoint_in_folder(local(tmp_path))
     (tmp_path / ck.LAST).write_bytes(b"")
     with pytest.raises(ck.CheckpointError, match=r"epoch snapshot it can read \(empty file"):
@@ -115,6 +121,7 @@ def test_a_folder_without_a_checkpoint_is_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------- one run per folder
+
 
 def test_a_second_run_on_a_folder_is_refused_naming_the_first(tmp_path):
     first = ck.claim_savedir(local(tmp_path), resume=None, overwrite=False, unreadable=[])
@@ -129,12 +136,18 @@ def test_a_second_run_on_a_folder_is_refused_naming_the_first(tmp_path):
 
 def test_a_fresh_run_into_a_folder_with_checkpoints_needs_consent(tmp_path):
     save(full(12), tmp_path / ck.LAST)
-    with pytest.raises(ck.CheckpointError, match=r"already holds a run's checkpoints \(last_brain_v2.pt; newest at step "
-                                                 r"12\); continue it with --resume auto .*or pass --overwrite"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"already holds a run's checkpoints \(last_brain_v2.pt; newest at step "
+        r"12\); continue it with --resume auto .*or pass --overwrite",
+    ):
         ck.claim_savedir(local(tmp_path), resume=None, overwrite=False, unreadable=[])
     outside = str(tmp_path.parent / "elsewhere.pt")
-    with pytest.raises(ck.CheckpointError, match=r"holds another run's checkpoints \(last_brain_v2.pt\), which this run "
-                                                 r"would replace as it saves; pass --overwrite"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"holds another run's checkpoints \(last_brain_v2.pt\), which this run "
+        r"would replace as it saves; pass --overwrite",
+    ):
         ck.claim_savedir(local(tmp_path), resume=outside, overwrite=False, unreadable=[])
     ck.claim_savedir(local(tmp_path), resume=str(tmp_path / ck.LAST), overwrite=False, unreadable=[]).release()
     ck.claim_savedir(local(tmp_path), resume=None, overwrite=True, unreadable=[]).release()
@@ -153,20 +166,26 @@ def test_claiming_sets_an_unreadable_file_aside_and_clears_dead_writers_temporar
     stale = tmp_path / f".{ck.BEST}.tmp-999999999"  # above any PID the kernel hands out
     stale.write_bytes(b"left by a crash")
     lines: list[str] = []
-    lock = ck.claim_savedir(local(tmp_path), resume=None, overwrite=False, unreadable=[(ck.LAST, "not a checkpoint")],
-                            log=lines.append)
+    lock = ck.claim_savedir(
+        local(tmp_path), resume=None, overwrite=False, unreadable=[(ck.LAST, "not a checkpoint")], log=lines.append
+    )
     lock.release()
     aside = [name for name in listing(tmp_path) if name.startswith(f"{ck.LAST}.unreadable-")]
     assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == b"garbage"
     assert not (tmp_path / ck.LAST).exists() and not stale.exists()
-    assert len(lines) == 1 and lines[0].startswith(f"⚠ Moved {tmp_path / ck.LAST} aside to {aside[0]} (not a checkpoint)")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"⚠ Moved {tmp_path / ck.LAST} aside to {aside[0]} (not a checkpoint)"
+    )
 
 
 @pytest.mark.parametrize("name", [ck.LAST, ck.BEST])
 def test_a_checkpoint_name_taken_by_a_folder_is_refused_at_claim_time(tmp_path, name):
     (tmp_path / name).mkdir()
-    with pytest.raises(ck.CheckpointError, match=rf"^--savedir {tmp_path}: {name} is a folder, not a checkpoint file; "
-                                                 rf"move it away, or choose another --savedir$"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=rf"^--savedir {tmp_path}: {name} is a folder, not a checkpoint file; "
+        rf"move it away, or choose another --savedir$",
+    ):
         ck.claim_savedir(local(tmp_path), resume=None, overwrite=True, unreadable=[])
     ck.LocalStorage(str(tmp_path)).lock("test").release()  # the refusal released the lock
 
@@ -180,8 +199,11 @@ def test_a_checkpoint_name_taken_by_a_link_is_refused_at_claim_time(tmp_path):
 
 def test_a_checkpoint_name_taken_by_a_pipe_is_refused_at_claim_time(tmp_path):
     os.mkfifo(tmp_path / ck.LAST)
-    with pytest.raises(ck.CheckpointError, match=rf"{ck.LAST} is a special file \(a pipe, socket or device\), not a "
-                                                 rf"checkpoint file"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=rf"{ck.LAST} is a special file \(a pipe, socket or device\), not a "
+        rf"checkpoint file",
+    ):
         ck.claim_savedir(local(tmp_path), resume=None, overwrite=True, unreadable=[])
     with pytest.raises(ck.CheckpointError, match=r"empty file"):  # an explicit --resume of it never blocks reading
         ck.load_checkpoint(str(tmp_path / ck.LAST))
@@ -194,14 +216,18 @@ def test_a_lock_file_planted_as_a_symlink_to_best_is_refused_and_best_is_unchang
     with pytest.raises(ck.CheckpointError) as refusal:
         ck.claim_savedir(local(tmp_path), resume=str(tmp_path / ck.BEST), overwrite=True, unreadable=[])
     message = str(refusal.value)
-    assert "\n" not in message and message == (f"--savedir {tmp_path}: {ck.LOCK_NAME} is a symbolic link; remove it, "
-                                               f"or choose another --savedir")
+    assert "\n" not in message and message == (
+        f"--savedir {tmp_path}: {ck.LOCK_NAME} is a symbolic link; remove it, or choose another --savedir"
+    )
     assert (tmp_path / ck.BEST).read_bytes() == before
     assert ck.load_checkpoint(str(tmp_path / ck.BEST))["global_step"] == 21
 
 
 def test_a_lock_file_that_is_a_folder_is_refused(tmp_path):
     (tmp_path / ck.LOCK_NAME).mkdir()
-    with pytest.raises(ck.CheckpointError, match=rf"^--savedir {tmp_path}: {ck.LOCK_NAME} is a folder; remove it, or "
-                                                 rf"choose another --savedir$"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=rf"^--savedir {tmp_path}: {ck.LOCK_NAME} is a folder; remove it, or "
+        rf"choose another --savedir$",
+    ):
         ck.claim_savedir(local(tmp_path), resume=None, overwrite=False, unreadable=[])

@@ -1,5 +1,6 @@
 """The file's schema: what a checkpoint holds, RNG capture and restore, weight-key normalisation, and the
 mapping between TrainState and the file's fields."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,12 +69,25 @@ def test_wrapper_prefixes_are_dropped_from_weight_names():
 
 
 def test_the_file_says_the_last_completed_epoch_and_where_training_stands_in_the_next():
-    state = TrainState(epoch=3, samples_seen=40, global_step=77, best_val=0.5, val_loss=0.6, skipped_images=2,
-                       epoch_loss_sum=12.5, epoch_loss_steps=5)
+    state = TrainState(
+        epoch=3,
+        samples_seen=40,
+        global_step=77,
+        best_val=0.5,
+        val_loss=0.6,
+        skipped_images=2,
+        epoch_loss_sum=12.5,
+        epoch_loss_steps=5,
+    )
     fields = ck.train_state_fields(state.state_dict())
     assert fields["epoch"] == 2 and fields["global_step"] == 77
-    assert fields["data_state"] == {"epoch": 3, "samples_seen": 40, "skipped_images": 2, "epoch_loss_sum": 12.5,
-                                    "epoch_loss_steps": 5}
+    assert fields["data_state"] == {
+        "epoch": 3,
+        "samples_seen": 40,
+        "skipped_images": 2,
+        "epoch_loss_sum": 12.5,
+        "epoch_loss_steps": 5,
+    }
     restored = TrainState()
     restored.load_state_dict(ck.train_state_of(fields))
     assert restored == state

@@ -1,5 +1,6 @@
 """Loading with weights_only=True from real files: every refusal in one line naming the file, the startup
 checks a file passes before a run resumes from it, and files written by earlier and current code."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,9 @@ from .conftest import DATA, a_full_checkpoint, assert_bitwise_equal, small_model
 
 
 def test_a_missing_file_says_not_found_with_the_ls_hint(tmp_path):
-    with pytest.raises(ck.CheckpointError, match=r"^Checkpoint file not found: .*nope.pt \(check the path: ls -lh .*nope.pt\)$"):
+    with pytest.raises(
+        ck.CheckpointError, match=r"^Checkpoint file not found: .*nope.pt \(check the path: ls -lh .*nope.pt\)$"
+    ):
         ck.load_checkpoint(str(tmp_path / "nope.pt"))
 
 
@@ -26,8 +29,9 @@ def test_a_folder_passed_as_a_file_is_named(tmp_path):
         ck.load_checkpoint(str(tmp_path / "ckpt"))
 
 
-@pytest.mark.parametrize("content, message", [(b"", "empty file (0 bytes)"),
-                                              (b"hello, not a checkpoint", "not a PyTorch checkpoint")])
+@pytest.mark.parametrize(
+    "content, message", [(b"", "empty file (0 bytes)"), (b"hello, not a checkpoint", "not a PyTorch checkpoint")]
+)
 def test_empty_and_foreign_files_are_named(tmp_path, content, message):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
@@ -65,8 +69,11 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"model_state_dict": Malicious(marker), "epoch": 1}, path)
-    with pytest.raises(ck.CheckpointError, match=r"refused: loading it would need unsafe unpickling of .*system.*"
-                                                 r"which can run any code; do not load it"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"refused: loading it would need unsafe unpickling of .*system.*"
+        r"which can run any code; do not load it",
+    ):
         ck.load_checkpoint(str(path))
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -94,22 +101,26 @@ def test_a_file_holding_something_else_than_a_dict_is_named(tmp_path):
 
 # ----------------------------------------------------------------------------- startup checks
 
-@pytest.mark.parametrize("field, value, message", [
-    ("epoch", -5, "field 'epoch' is -5 (expected an integer >= -1)"),
-    ("epoch", "3", "field 'epoch' is '3' (expected an integer >= -1)"),
-    ("epoch", True, "field 'epoch' is True (expected an integer >= -1)"),
-    ("global_step", "ten", "field 'global_step' is 'ten' (expected an integer >= 0)"),
-    ("global_step", -1, "field 'global_step' is -1 (expected an integer >= 0)"),
-    ("data_state", {"samples_seen": 0}, "field 'data_state.epoch' is None (expected an integer >= 0)"),
-    ("data_state", [1], "field 'data_state' is [1] (expected a dict)"),
-    ("rng_state", [{"torch": 1}], "field 'rng_state[0]' is 'dict'"),
-    ("rng_state", "seed", "field 'rng_state' is 'str'"),
-    ("best_val", float("nan"), "field 'best_val' is nan (expected a finite number or None)"),
-    ("val_loss", float("inf"), "field 'val_loss' is inf (expected a finite number or None)"),
-    ("config", ["lr"], "field 'config' is ['lr'] (expected a dict)"),
-    ("tokenizer", 7, "field 'tokenizer' is 'int'"),
-    ("format_version", 99, "format 99 was written by a newer brain-trainer"),
-])
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("epoch", -5, "field 'epoch' is -5 (expected an integer >= -1)"),
+        ("epoch", "3", "field 'epoch' is '3' (expected an integer >= -1)"),
+        ("epoch", True, "field 'epoch' is True (expected an integer >= -1)"),
+        ("global_step", "ten", "field 'global_step' is 'ten' (expected an integer >= 0)"),
+        ("global_step", -1, "field 'global_step' is -1 (expected an integer >= 0)"),
+        ("data_state", {"samples_seen": 0}, "field 'data_state.epoch' is None (expected an integer >= 0)"),
+        ("data_state", [1], "field 'data_state' is [1] (expected a dict)"),
+        ("rng_state", [{"torch": 1}], "field 'rng_state[0]' is 'dict'"),
+        ("rng_state", "seed", "field 'rng_state' is 'str'"),
+        ("best_val", float("nan"), "field 'best_val' is nan (expected a finite number or None)"),
+        ("val_loss", float("inf"), "field 'val_loss' is inf (expected a finite number or None)"),
+        ("config", ["lr"], "field 'config' is ['lr'] (expected a dict)"),
+        ("tokenizer", 7, "field 'tokenizer' is 'int'"),
+        ("format_version", 99, "format 99 was written by a newer brain-trainer"),
+    ],
+)
 def test_a_damaged_field_is_one_line_naming_the_file_and_the_field(tmp_path, field, value, message):
     checkpoint = a_full_checkpoint()
     checkpoint[field] = value
@@ -133,6 +144,7 @@ def test_weights_holding_nan_are_refused_unless_asked_for(tmp_path):
 
 
 # ----------------------------------------------------------------------------- files that must resume
+
 
 def test_a_checkpoint_written_by_the_current_code_passes_the_startup_checks_bit_for_bit(tmp_path):
     checkpoint = a_full_checkpoint(epoch=2, global_step=30, samples_seen=16)
@@ -158,14 +170,28 @@ def test_the_format_2_file_of_commit_c80bc36_still_loads_for_resume():
     assert len(ck.model_weights(checkpoint, path)) == len(checkpoint["model_state_dict"])
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("data_state", {"epoch": 1, "samples_seen": 0, "epoch_loss_sum": "x"}, "field 'data_state.epoch_loss_sum' is 'x'"),
-    ("data_state", {"epoch": 1, "samples_seen": 0, "skipped_images": "x"}, "field 'data_state.skipped_images' is 'x'"),
-    ("rng_state", [{"torch": torch.zeros(3, dtype=torch.uint8), "cuda": [], "python": {}, "numpy": {}}],
-     "field 'rng_state[0]' is 'dict' (expected a dict of python, numpy, torch and cuda states with their keys)"),
-    ("run", "abc", "field 'run' is 'abc' (expected a dict)"),
-    ("format_version", "3", "field 'format_version' is '3' (expected an integer)"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (
+            "data_state",
+            {"epoch": 1, "samples_seen": 0, "epoch_loss_sum": "x"},
+            "field 'data_state.epoch_loss_sum' is 'x'",
+        ),
+        (
+            "data_state",
+            {"epoch": 1, "samples_seen": 0, "skipped_images": "x"},
+            "field 'data_state.skipped_images' is 'x'",
+        ),
+        (
+            "rng_state",
+            [{"torch": torch.zeros(3, dtype=torch.uint8), "cuda": [], "python": {}, "numpy": {}}],
+            "field 'rng_state[0]' is 'dict' (expected a dict of python, numpy, torch and cuda states with their keys)",
+        ),
+        ("run", "abc", "field 'run' is 'abc' (expected a dict)"),
+        ("format_version", "3", "field 'format_version' is '3' (expected an integer)"),
+    ],
+)
 def test_every_damaged_field_is_refused_before_anything_is_claimed(tmp_path, field, value, message):
     checkpoint = a_full_checkpoint()
     checkpoint[field] = value
@@ -180,8 +206,11 @@ def test_trust_is_offered_only_for_globals_known_to_build_plain_values(tmp_path)
 
     path = tmp_path / "namespace.pt"
     torch.save({"model_state_dict": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=1.0)}, path)
-    with pytest.raises(ck.CheckpointError, match=r"argparse.Namespace; if you trust where the file comes from, "
-                                                 r"`brain-trainer ckpt convert --trust"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"argparse.Namespace; if you trust where the file comes from, "
+        r"`brain-trainer ckpt convert --trust",
+    ):
         ck.load_checkpoint(str(path))
     evil = tmp_path / "evil.pt"
     torch.save({"model_state_dict": Malicious(tmp_path / "pwned"), "epoch": 1}, evil)

@@ -1,5 +1,6 @@
 """Restoring a run: save -> clobber -> load -> equal for weights, optimizer, scaler and position; the resume
 guide's ✓/⚠ lines for full, legacy, partial and foreign files; optimizer state in the weights' layout."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,14 +26,27 @@ def test_a_round_trip_restores_model_optimizer_scaler_and_position(tmp_path):
     fresh_optimizer = torch.optim.AdamW(clobbered.parameters(), lr=1e-2)
     fresh_scaler = torch.amp.GradScaler("cpu", enabled=True)
     point = TrainState()
-    lines = ck.restore_training_state(checkpoint=ck.load_for_resume(path), path=path, model=clobbered,
-                                      optimizer=fresh_optimizer, scaler=fresh_scaler, precision="fp16",
-                                      architecture={"d_shared": 8}, state=point)
+    lines = ck.restore_training_state(
+        checkpoint=ck.load_for_resume(path),
+        path=path,
+        model=clobbered,
+        optimizer=fresh_optimizer,
+        scaler=fresh_scaler,
+        precision="fp16",
+        architecture={"d_shared": 8},
+        state=point,
+    )
 
     assert_bitwise_equal(clobbered.state_dict(), saved_model)
     assert_bitwise_equal(fresh_optimizer.state_dict(), saved_optimizer)
     assert fresh_scaler.get_scale() == saved_scale != 65536.0
-    assert (point.epoch, point.samples_seen, point.global_step, point.best_val, point.val_loss) == (5, 24, 123, 0.75, 0.8)
+    assert (point.epoch, point.samples_seen, point.global_step, point.best_val, point.val_loss) == (
+        5,
+        24,
+        123,
+        0.75,
+        0.8,
+    )
     assert "✓ Starting from epoch 5, sample 24 (mid-epoch)" in lines
 
 
@@ -40,11 +54,18 @@ def test_a_full_checkpoint_gives_every_line_of_the_guide_under_its_header(capsys
     """The contract test of docs/resume.md: a full checkpoint gives exactly these ten lines."""
     model = small_model()
     optimizer, scaler = train_briefly(model)
-    lines, _ = restore(checkpoint_of(model, optimizer, scaler, epoch=42, global_step=158250, best_val=0.2345),
-                       small_model(1))
-    assert lines == ["✓ New format checkpoint with full training state", "✓ Model state loaded (strict)",
-                     "✓ Optimizer state loaded", "✓ Starting from epoch 43", "✓ Global step restored to 158250",
-                     "✓ Best validation loss: 0.2345", "✓ GradScaler state loaded"]
+    lines, _ = restore(
+        checkpoint_of(model, optimizer, scaler, epoch=42, global_step=158250, best_val=0.2345), small_model(1)
+    )
+    assert lines == [
+        "✓ New format checkpoint with full training state",
+        "✓ Model state loaded (strict)",
+        "✓ Optimizer state loaded",
+        "✓ Starting from epoch 43",
+        "✓ Global step restored to 158250",
+        "✓ Best validation loss: 0.2345",
+        "✓ GradScaler state loaded",
+    ]
     capsys.readouterr()
     RunLog().resume_block(location="x.pt", lines=lines, checkpoint=None, overridden=[], fingerprint={})
     assert capsys.readouterr().out.splitlines() == [RULE, "Resuming from checkpoint: x.pt", RULE, *lines, RULE]
@@ -78,8 +99,12 @@ def test_legacy_weight_files_load_strictly_whatever_their_wrapping(variant):
     checkpoint = {variant: prefixed} if variant in ("state_dict", "model") else prefixed
     target = small_model(5)
     lines, point = restore(checkpoint, target)
-    assert lines == ["✓ Old format checkpoint (model weights only)", "✓ Model state loaded (strict)",
-                     "⚠ Optimizer state not in checkpoint (starting fresh)", "⚠ Epoch unknown (starting from epoch 0)"]
+    assert lines == [
+        "✓ Old format checkpoint (model weights only)",
+        "✓ Model state loaded (strict)",
+        "⚠ Optimizer state not in checkpoint (starting fresh)",
+        "⚠ Epoch unknown (starting from epoch 0)",
+    ]
     assert_bitwise_equal(target.state_dict(), weights)
     assert (point.epoch, point.global_step, point.best_val) == (0, 0, None)
 
@@ -92,9 +117,11 @@ def test_a_legacy_file_with_extra_keys_and_a_changed_layer_loads_the_rest_non_st
     target = small_model(7)
     head_before = target[2].weight.clone()
     lines, _ = restore(weights, target)
-    assert lines[1:4] == ["⚠ Strict loading failed: 1 unexpected keys, 2 shape mismatches",
-                          "  Attempting to load with strict=False...",
-                          "✓ Model state loaded (partial - may need fine-tuning)"]
+    assert lines[1:4] == [
+        "⚠ Strict loading failed: 1 unexpected keys, 2 shape mismatches",
+        "  Attempting to load with strict=False...",
+        "✓ Model state loaded (partial - may need fine-tuning)",
+    ]
     assert any(line.startswith("  loaded 2/4 tensors") for line in lines)
     assert "  shape mismatch: 2.weight, 2.bias" in lines and "  unexpected: extra.weight" in lines
     assert torch.equal(target[0].weight, old[0].weight) and torch.equal(target[2].weight, head_before)
@@ -111,7 +138,9 @@ def test_load_model_weights_reports_what_it_loaded():
 
 
 def test_a_file_that_matches_nothing_is_refused():
-    with pytest.raises(ck.CheckpointError, match=r"^x.pt: none of its 1 tensors match this model \(e.g. encoder.layer.weight\)"):
+    with pytest.raises(
+        ck.CheckpointError, match=r"^x.pt: none of its 1 tensors match this model \(e.g. encoder.layer.weight\)"
+    ):
         restore({"encoder.layer.weight": torch.ones(3)}, small_model())
 
 
@@ -131,13 +160,21 @@ def test_restored_optimizer_state_takes_the_strides_of_channels_last_weights(tmp
     conv(torch.randn(2, 3, 8, 8)).sum().backward()
     optimizer.step()
     path = str(tmp_path / "contiguous.pt")
-    ck.save_checkpoint({"model_state_dict": conv.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                        "epoch": 0}, path)  # written by a run whose weights were contiguous
+    ck.save_checkpoint(
+        {"model_state_dict": conv.state_dict(), "optimizer_state_dict": optimizer.state_dict(), "epoch": 0}, path
+    )  # written by a run whose weights were contiguous
     resumed = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)  # as CUDA runs hold their CNN weights
     fresh = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
-    lines = ck.restore_training_state(checkpoint=ck.load_checkpoint(path), path=path, model=resumed, optimizer=fresh,
-                                      scaler=torch.amp.GradScaler("cpu", enabled=False), precision="fp32",
-                                      architecture={}, state=TrainState())
+    lines = ck.restore_training_state(
+        checkpoint=ck.load_checkpoint(path),
+        path=path,
+        model=resumed,
+        optimizer=fresh,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        precision="fp32",
+        architecture={},
+        state=TrainState(),
+    )
     state = fresh.state[resumed.weight]
     assert "✓ Optimizer state loaded" in lines
     assert resumed.weight.stride() != conv.weight.stride()

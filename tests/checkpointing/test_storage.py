@@ -1,5 +1,6 @@
 """LocalStorage against a real folder: whole-or-nothing writes, one clear line for a failed write, publishing,
 temporaries, the startup probes, and names an attacker planted (never written through)."""
+
 from __future__ import annotations
 
 import errno
@@ -22,6 +23,7 @@ def saver(value):
 
 
 # ----------------------------------------------------------------------------- whole or not at all
+
 
 def test_a_save_that_fails_midway_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
     path = str(tmp_path / ck.LAST)
@@ -50,13 +52,17 @@ def test_a_full_disk_is_one_clear_error_and_the_old_file_stays(tmp_path, monkeyp
     with pytest.raises(ck.CheckpointError) as refusal:
         ck.save_checkpoint({"global_step": 2}, path)
     monkeypatch.undo()
-    assert str(refusal.value) == (f"could not write {path}: No space left on device; the previous last_brain_v2.pt is "
-                                  f"intact; free some space or choose another --savedir")
+    assert str(refusal.value) == (
+        f"could not write {path}: No space left on device; the previous last_brain_v2.pt is "
+        f"intact; free some space or choose another --savedir"
+    )
     assert ck.load_checkpoint(path)["global_step"] == 1
     assert listing(tmp_path) == [ck.LAST]
 
 
-def test_a_failed_first_write_does_not_claim_a_previous_file_and_a_permission_error_asks_for_no_space(tmp_path, monkeypatch):
+def test_a_failed_first_write_does_not_claim_a_previous_file_and_a_permission_error_asks_for_no_space(
+    tmp_path, monkeypatch
+):
     def refused(descriptor):
         raise OSError(errno.EIO, "Input/output error")
 
@@ -74,8 +80,11 @@ def test_a_process_killed_mid_write_always_leaves_a_loadable_checkpoint(tmp_path
     ck.save_checkpoint({"global_step": 0, "w": torch.zeros(4_000_000)}, str(tmp_path / ck.LAST))
     done = run_worker("ckpt_kill_writers.py", "save", tmp_path, 10)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"trials": 10, "all_loadable_and_whole": True,
-                                                                "left": [ck.LAST]}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "trials": 10,
+        "all_loadable_and_whole": True,
+        "left": [ck.LAST],
+    }
 
 
 def test_only_temporaries_whose_writer_is_gone_are_removed(tmp_path):
@@ -97,6 +106,7 @@ def test_only_temporaries_whose_writer_is_gone_are_removed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- publish
+
 
 def test_publish_links_the_durable_file_under_the_other_name(tmp_path):
     storage = ck.LocalStorage(str(tmp_path))
@@ -123,14 +133,20 @@ def test_a_link_refused_by_the_file_system_falls_back_to_a_durable_copy(tmp_path
 
 # ----------------------------------------------------------------------------- startup probes
 
+
 def test_a_folder_that_cannot_be_written_is_found_at_startup_without_creating_anything(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     storage = ck.LocalStorage(str(blocker / "ckpt"))
-    with pytest.raises(ck.CheckpointError, match=r"^--savedir .*a_file/ckpt: cannot be written \(.*a file is in the "
-                                                 r"way\); choose a folder"):
+    with pytest.raises(
+        ck.CheckpointError,
+        match=r"^--savedir .*a_file/ckpt: cannot be written \(.*a file is in the "
+        r"way\); choose a folder",
+    ):
         storage.check_writable("savedir")
-    with pytest.raises(ck.CheckpointError, match=r"^--savedir .*a_file/ckpt: cannot be written \(.*\); choose a folder"):
+    with pytest.raises(
+        ck.CheckpointError, match=r"^--savedir .*a_file/ckpt: cannot be written \(.*\); choose a folder"
+    ):
         storage.prepare("savedir")
     assert listing(tmp_path) == ["a_file"]
 
@@ -151,8 +167,13 @@ def test_names_lists_regular_files_and_kind_says_what_each_name_is(tmp_path):
     storage = ck.LocalStorage(str(tmp_path))
     assert storage.names() == [ck.LAST]
     kinds = {name: storage.kind(name) for name in (ck.LAST, ck.BEST, "epoch_001_brain_v2.pt", "dangling.pt", "no.pt")}
-    assert kinds == {ck.LAST: "file", ck.BEST: "folder", "epoch_001_brain_v2.pt": "link", "dangling.pt": "link",
-                     "no.pt": None}
+    assert kinds == {
+        ck.LAST: "file",
+        ck.BEST: "folder",
+        "epoch_001_brain_v2.pt": "link",
+        "dangling.pt": "link",
+        "no.pt": None,
+    }
 
 
 def test_locate_and_open_storage_take_paths_as_strings(tmp_path):
@@ -164,6 +185,7 @@ def test_locate_and_open_storage_take_paths_as_strings(tmp_path):
 
 
 # ----------------------------------------------------------------------------- planted names (attacker style)
+
 
 @pytest.fixture
 def victim(tmp_path):

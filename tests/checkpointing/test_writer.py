@@ -1,5 +1,6 @@
 """The Checkpointer: a snapshot at the step boundary, the persist behind it (write once, publish the other
 names, rotate), failures reported, and SIGKILL at any instant of a background persist."""
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,11 @@ def test_a_failed_background_write_is_reported_and_the_previous_file_stays(tmp_p
                 break
             time.sleep(0.05)
         assert checkpointer.failed()
-        with pytest.raises(ck.CheckpointError, match=r"could not write .*last_brain_v2.pt: No space left on device \(.*\); "
-                                                     r"the previous last_brain_v2.pt is intact; free some space"):
+        with pytest.raises(
+            ck.CheckpointError,
+            match=r"could not write .*last_brain_v2.pt: No space left on device \(.*\); "
+            r"the previous last_brain_v2.pt is intact; free some space",
+        ):
             checkpointer.wait()
         assert not checkpointer.failed(), "a failure is raised once"
     finally:

@@ -1,13 +1,17 @@
 """Run under torchrun by tests/test_accumulation.py: the gradient of the global-batch loss taken in N micro-batches
 per process (GradientCache, DDP, the runtime's gather with gradient) against one process's gradient over the whole
 global batch at once, in float64. Prints one JSON line: the relative error and loss of each N."""
+
 import json
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-
-from global_batch_gradient import GLOBAL_BATCH, TwoTowers, gradient  # a sibling: Python puts this folder first on the path
+from global_batch_gradient import (
+    GLOBAL_BATCH,
+    TwoTowers,
+    gradient,
+)  # a sibling: Python puts this folder first on the path
 
 from brain_trainer.accumulation import GradientCache
 from brain_trainer.brain_model import ContrastiveLoss
@@ -30,8 +34,14 @@ def main() -> None:
     for steps in (1, 2, 4):
         torch.manual_seed(1)
         model = torch.nn.parallel.DistributedDataParallel(TwoTowers())
-        cache = GradientCache(forward=model, plain=model.module, loss=ContrastiveLoss(gather=runtime.all_gather, rank=runtime.rank),
-                              autocast=nullcontext, no_sync=runtime.no_sync(model), device=runtime.device)
+        cache = GradientCache(
+            forward=model,
+            plain=model.module,
+            loss=ContrastiveLoss(gather=runtime.all_gather, rank=runtime.rank),
+            autocast=nullcontext,
+            no_sync=runtime.no_sync(model),
+            device=runtime.device,
+        )
         loss = cache.backward((images[local], texts[local]), steps, lambda value: value.backward())
         error = (gradient(model) - gradient(reference)).abs().max() / gradient(reference).abs().max()
         results[f"error_{steps}"] = error.item()

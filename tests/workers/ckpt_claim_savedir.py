@@ -3,6 +3,7 @@ refusal on stderr and exits 2.
 
     python tests/workers/ckpt_claim_savedir.py FOLDER
 """
+
 import sys
 
 from brain_trainer import checkpointing as ck

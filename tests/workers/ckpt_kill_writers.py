@@ -7,6 +7,7 @@ temporaries. Prints one JSON line: trials, all_loadable_and_whole, what is left 
 MODE `save`: `save_checkpoint` of last in the writer's own thread (16 MB a file);
 MODE `background`: a Checkpointer persisting last and best in its background thread (4 MB a file).
 """
+
 import json
 import os
 import random
@@ -30,12 +31,14 @@ def write_forever() -> None:
     while True:
         step += 1
         if mode == "save":
-            ck.save_checkpoint({"global_step": step, "w": torch.full((4_000_000,), float(step))}, storage.location(ck.LAST))
+            ck.save_checkpoint(
+                {"global_step": step, "w": torch.full((4_000_000,), float(step))}, storage.location(ck.LAST)
+            )
         else:
             checkpointer.save({"global_step": step, "w": torch.full((1_000_000,), float(step))}, names)
 
 
-for trial in range(trials):
+for _ in range(trials):
     child = os.fork()
     if child == 0:
         try:
@@ -51,5 +54,12 @@ for trial in range(trials):
         whole = whole and bool(torch.all(checkpoint["w"] == checkpoint["global_step"]))
     results.append(whole)
     storage.clean_up()
-print(json.dumps({"trials": len(results), "all_loadable_and_whole": all(results),
-                  "left": sorted(p.name for p in folder.iterdir())}))
+print(
+    json.dumps(
+        {
+            "trials": len(results),
+            "all_loadable_and_whole": all(results),
+            "left": sorted(p.name for p in folder.iterdir()),
+        }
+    )
+)

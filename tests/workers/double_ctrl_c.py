@@ -1,5 +1,6 @@
 """Run by tests/test_runtime.py: Ctrl-C twice to a process holding the stop flag, which names `last_good`
 (the first argument, if any) on the way out."""
+
 import signal
 import sys
 

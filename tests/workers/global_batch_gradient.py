@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_distributed.py: the gradient of the global-batch loss on N processes (DDP +
 the runtime's gather with gradient) against one process's gradient over the same global batch, in float64; and
 the same with a gather that drops the gradient (open_clip's default), which must be off. Prints one JSON line."""
+
 import json
 
 import torch
@@ -38,7 +39,9 @@ def main() -> None:
     reference = TwoTowers()
     ContrastiveLoss()(*reference(images, texts)).backward()
 
-    local = slice(runtime.rank * GLOBAL_BATCH // runtime.world_size, (runtime.rank + 1) * GLOBAL_BATCH // runtime.world_size)
+    local = slice(
+        runtime.rank * GLOBAL_BATCH // runtime.world_size, (runtime.rank + 1) * GLOBAL_BATCH // runtime.world_size
+    )
     results = {}
     without_gradient = lambda tensor: torch.cat(runtime.gather_objects(tensor.detach()))
     for name, gather in (("with_gradient", runtime.all_gather), ("without_gradient", without_gradient)):

@@ -1,5 +1,6 @@
 """Run by tests/test_cli.py: the CLI with every loader worker failing on its first sample (as derive_seed did on
 numpy 1.26), started the way the shim starts it; the process must end, not wait on its loader workers."""
+
 import sys
 
 from brain_trainer import train

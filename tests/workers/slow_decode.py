@@ -3,6 +3,7 @@ signal while the first image cache is being built.
 
     python tests/workers/slow_decode.py TRAIN-FLAGS...
 """
+
 import sys
 import time
 

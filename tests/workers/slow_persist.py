@@ -3,6 +3,7 @@ training finds a persist in flight.
 
     python tests/workers/slow_persist.py TRAIN-FLAGS...
 """
+
 import sys
 import time
 

@@ -4,6 +4,7 @@ run while an upload is half done.
 
     python tests/workers/slow_upload.py TRAIN-FLAGS...
 """
+
 import sys
 import time
 
