@@ -15,6 +15,7 @@ from brain_trainer.checkpointing.format import (
     LAST,
     SNAPSHOT,
     CheckpointError,
+    StoreError,
     global_step_or,
     recency,
     summary_recency,
@@ -60,6 +61,8 @@ def find_latest_checkpoint(storage: Storage, log: Log = print) -> Discovery:
             key = summary_recency(storage.summary(name) or {}, name) or recency(
                 read_checkpoint(storage, name, mmap=True), name
             )
+        except StoreError:
+            raise  # the store failed, not the file: nothing is skipped or moved aside for it
         except CheckpointError as error:
             log(f"⚠ Skipping {error}")
             unreadable.append((name, str(error).removeprefix(f"{storage.location(name)}: ")))

@@ -26,11 +26,18 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from brain_trainer.checkpointing.format import CheckpointError
+from brain_trainer.checkpointing.format import CheckpointError, StoreError
 from brain_trainer.checkpointing.storage import LOCK_NAME, Save
 
 LOCK_EXPIRY_S = 120.0  # a killed run's prefix is free again this long after its last renewal
 UPLOAD_BLOCK = 64 * 2**20  # multipart part size: memory per upload, and the unit a retry resends
+SINGLE_COPY_LIMIT = 5 * 2**30  # S3 copies up to 5 GiB in one call (atomic, metadata kept); above, in parts
+COPY_BLOCK = 512 * 2**20  # a part of a larger copy
+# Every call to the store ends: a silent endpoint is an error after these (seconds; --storage_options
+# '{"config_kwargs": {...}}' overrides them), never a run that hangs.
+STORE_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 30}
+STORE_ATTEMPTS = 3  # botocore's tries of one call (AWS_MAX_ATTEMPTS, where set, wins); s3fs adds none
+URL_REFUSED = ("?", "*", "[", "]")  # globbing characters: fsspec expands them, so the keys would not be these
 
 
 def _reason(error: BaseException) -> str:
@@ -58,12 +65,49 @@ def _reason(error: BaseException) -> str:
     return text
 
 
+def _check_url(url: str) -> None:
+    """Refuse what fsspec would read as a pattern or collapse (an empty path segment): the objects would land
+    under other keys than the URL names, and the used-prefix refusal would look elsewhere."""
+    path = url.partition("://")[2]
+    bad = [character for character in URL_REFUSED if character in path]
+    if bad or "//" in path or path.startswith("/") or not path:
+        what = f"the character {bad[0]!r}" if bad else "an empty path segment (//)"
+        raise CheckpointError(
+            f"{url}: {what} in an object store URL would misplace the checkpoints; use a prefix of "
+            f"letters, digits, '-', '_', '.' and single '/' (e.g. s3://bucket/runs/name)"
+        )
+
+
+def _with_timeouts(url: str, storage_options: dict) -> dict:
+    if not url.startswith("s3://"):
+        return storage_options
+    config = {**STORE_TIMEOUTS, **storage_options.get("config_kwargs", {})}
+    if "AWS_MAX_ATTEMPTS" not in os.environ:
+        config.setdefault("retries", {"max_attempts": STORE_ATTEMPTS, "mode": "standard"})
+    return {**storage_options, "config_kwargs": config}
+
+
+def _bound_every_call(fs) -> None:
+    """s3fs's own retry loop would multiply botocore's tries (and the wait on a silent store); and botocore's
+    `Expect: 100-continue` on uploads makes aiohttp wait for the server's go-ahead with no timeout at all (a
+    frozen endpoint hangs the upload forever), so uploads send their body without asking first."""
+    from botocore.handlers import add_expect_header
+
+    fs.retries = 1
+    fs.connect()  # the client, made now (locally: no request) so that its handlers can be set
+    fs.s3.meta.events.unregister("before-call.s3", add_expect_header)
+
+
 def _filesystem(url: str, storage_options: dict):
     import fsspec
 
+    _check_url(url)
     try:
         # a client of its own: fsspec's instance cache would hand back one made for another endpoint or identity
-        return fsspec.core.url_to_fs(url, skip_instance_cache=True, **storage_options)
+        fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **_with_timeouts(url, storage_options))
+        if url.startswith("s3://"):
+            _bound_every_call(fs)
+        return fs, root
     except ImportError:
         package = "s3fs" if url.startswith("s3://") else "the fsspec backend for this URL"
         raise CheckpointError(
@@ -82,6 +126,8 @@ class ObjectLock:
         self.token = uuid.uuid4().hex
         self.holder = holder
         self.lost: str | None = None  # why the lock is no longer this run's, if it is not
+        self._guard = threading.Lock()  # a renewal and a confirmation never interleave (the ETag changes)
+        self.renewed = time.time()  # when the last successful put was sent: the lock is ours until + expiry
         self.etag = self._acquire()
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_until_released, name="lock-renewer", daemon=True)
@@ -132,11 +178,27 @@ class ObjectLock:
 
     def _renew_until_released(self) -> None:
         while not self._stop.wait(self.expiry / 3):
-            try:
-                self.etag = self._put(IfMatch=self.etag)
-            except Exception as error:  # taken over (we stalled past the expiry), or the store is gone
-                self.lost = _reason(error)
-                return
+            with self._guard:
+                try:
+                    sent = time.time()
+                    self.etag, self.renewed = self._put(IfMatch=self.etag), sent
+                except Exception as error:  # taken over (we stalled past the expiry), or the store is gone
+                    self.lost = _reason(error)
+                    return
+
+    def confirm(self) -> None:
+        """Just before an object is completed: the lock is still ours, unexpired, and unchanged since our last
+        renewal (its ETag), or CheckpointError; a run that lost it never completes a write."""
+        with self._guard:
+            if self.lost is None and time.time() > self.renewed + self.expiry * 0.9:
+                self.lost = "it expired: the store did not take its renewals in time"
+            if self.lost is None:
+                bucket, key = self.storage.bucket_key(self.path)
+                try:
+                    self.storage.fs.call_s3("head_object", Bucket=bucket, Key=key, IfMatch=self.etag)
+                except Exception as error:
+                    self.lost = f"it changed under this run: {_reason(error)}"
+        self.check()
 
     def check(self) -> None:
         if self.lost is not None:
@@ -184,8 +246,8 @@ class ObjectStorage:
                     f"{self.url}: bucket '{self.bucket}' does not exist; create it, or fix the --savedir/--resume URL"
                 ) from None
             raise
-        except Exception as error:
-            raise CheckpointError(f"{self.url}: could not {what} ({_reason(error)})") from None
+        except Exception as error:  # the store failed, not the object: StoreError never sets anything aside
+            raise StoreError(f"{self.url}: could not {what} ({_reason(error)})") from None
 
     @property
     def bucket(self) -> str:
@@ -243,13 +305,17 @@ class ObjectStorage:
             self._lock.check()
         try:
             handle = self.fs.open(self.key(name), "wb", block_size=UPLOAD_BLOCK, Metadata=dict(summary or {}))
+            self._confirm_before_commit(handle)
             try:
                 save(handle)
+                handle.close()  # completes the upload (after the lock is confirmed): the object appears whole
             except BaseException:
-                handle.discard()  # abort the multipart upload: nothing appears under the name
+                with contextlib.suppress(Exception):
+                    handle.discard()  # abort the multipart upload: nothing appears under the name
                 handle.closed = True  # and never complete it later (fsspec closes files it collects)
                 raise
-            handle.close()  # completes the upload: the object appears whole
+        except CheckpointError:
+            raise
         except Exception as error:
             raise CheckpointError(
                 f"could not write {self.location(name)}: {_reason(error)}; the previous {name} "
@@ -257,11 +323,71 @@ class ObjectStorage:
                 f"--resume auto once the store answers"
             ) from None
 
+    def _confirm_before_commit(self, handle) -> None:
+        """The upload's last call (the one-shot PUT or the multipart completion) runs only once the lock is
+        confirmed this run's: a run that lost it aborts instead of replacing a newer run's object."""
+        if self._lock is None:
+            return
+        commit = handle.commit
+
+        def commit_if_locked() -> None:
+            self._lock.confirm()
+            commit()
+
+        handle.commit = commit_if_locked
+
+    def _copy(self, source: str, target: str) -> None:
+        """A server-side copy that keeps the object's metadata (the summary discovery reads) at every size: one
+        atomic call up to 5 GiB, else a multipart copy created with the metadata, confirmed, then completed."""
+        bucket, source_key = self.bucket_key(self.key(source))
+        _, target_key = self.bucket_key(self.key(target))
+        head = self.fs.call_s3("head_object", Bucket=bucket, Key=source_key)
+        if self._lock is not None:
+            self._lock.confirm()
+        if head["ContentLength"] <= SINGLE_COPY_LIMIT:
+            copy = {"Bucket": bucket, "Key": source_key}
+            self.fs.call_s3("copy_object", Bucket=bucket, Key=target_key, CopySource=copy, MetadataDirective="COPY")
+            return
+        upload = self.fs.call_s3(
+            "create_multipart_upload", Bucket=bucket, Key=target_key, Metadata=head.get("Metadata", {})
+        )["UploadId"]
+        try:
+            parts = []
+            for number, start in enumerate(range(0, head["ContentLength"], COPY_BLOCK), start=1):
+                end = min(start + COPY_BLOCK, head["ContentLength"]) - 1
+                part = self.fs.call_s3(
+                    "upload_part_copy",
+                    Bucket=bucket,
+                    Key=target_key,
+                    PartNumber=number,
+                    UploadId=upload,
+                    CopySource={"Bucket": bucket, "Key": source_key, "IfMatch": head["ETag"]},
+                    CopySourceRange=f"bytes={start}-{end}",
+                )
+                parts.append({"PartNumber": number, "ETag": part["CopyPartResult"]["ETag"]})
+            if self._lock is not None:
+                self._lock.confirm()
+            self.fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=target_key,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=target_key, UploadId=upload)
+            raise
+        finally:
+            self.fs.invalidate_cache(self.key(target))
+
     def publish(self, source: str, target: str) -> None:
         if self._lock is not None:
             self._lock.check()
         try:
-            self.fs.copy(self.key(source), self.key(target))  # server-side, and atomic at the target
+            self._copy(source, target)  # server-side, and atomic at the target
+        except CheckpointError:
+            raise
         except Exception as error:
             raise CheckpointError(
                 f"could not publish {self.location(target)} from {source}: {_reason(error)}; "
@@ -278,7 +404,7 @@ class ObjectStorage:
         self._call("remove an object", self.fs.rm_file, self.key(name))
 
     def move_aside(self, name: str, new_name: str) -> None:
-        self._call("copy an object aside", self.fs.copy, self.key(name), self.key(new_name))
+        self._call("copy an object aside", self._copy, name, new_name)
         self.remove(name)  # only once the copy exists
 
     def modified_ns(self, name: str) -> int:
@@ -301,9 +427,17 @@ class ObjectStorage:
     @contextlib.contextmanager
     def local_copy(self, name: str) -> Iterator[str]:
         """The object downloaded to a temporary file, removed afterwards (tensors mapped from it stay valid)."""
-        with tempfile.TemporaryDirectory(prefix="brain-ckpt-") as folder:
+        try:
+            scratch = tempfile.TemporaryDirectory(prefix="brain-ckpt-")
+        except OSError as error:  # TMPDIR missing or unwritable: the object is not at fault
+            raise StoreError(
+                f"could not download {self.location(name)}: {tempfile.gettempdir()} cannot be written "
+                f"({error.strerror or error}); point TMPDIR at a writable disk"
+            ) from None
+        with scratch as folder:
             path = os.path.join(folder, name)
-            self._call(f"download {self.location(name)}", self.fs.get_file, self.key(name), path)
+            # a full TMPDIR fails here, as the store's error (StoreError): nothing is taken for unreadable
+            self._call(f"download {self.location(name)} into {folder}", self.fs.get_file, self.key(name), path)
             yield path
 
     def lock(self, holder: str) -> ObjectLock:
