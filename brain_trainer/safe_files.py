@@ -12,8 +12,9 @@ import errno
 import os
 import shutil
 import stat
+import tempfile
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -83,27 +84,54 @@ def refuse_link(path: Path | str, flag: str) -> None:
 
 
 def output_folder(folder: Path, flag: str, *, ours: Callable[[str], bool], overwrite: bool) -> None:
-    """Create `folder` (and its parents) unless it exists; refuse a folder holding anything `ours` does not
-    recognise as the program's own, unless `overwrite` (the user's consent to replace the program's names)."""
-    try:
-        if folder.is_symlink() and not folder.is_dir():
-            raise OutputError(f"{flag} {folder}: is a dangling symbolic link; remove it or choose another folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        entries = sorted(entry.name for entry in os.scandir(folder))
-        probe = folder / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        write_bytes(probe, b"probe")
-        probe.unlink()
-    except FileExistsError:
-        raise OutputError(f"{flag} {folder}: a file is in the way (not a folder); choose a folder path") from None
-    except OSError as error:
-        raise OutputError(f"{flag} {describe(error, folder)}") from None
-    foreign = [name for name in entries if not ours(name)]
+    """Before any work, creating nothing: `folder` could be created and written (its nearest existing parent is a
+    writable folder), and, where it exists, holds nothing that `ours` does not recognise as the program's own,
+    unless `overwrite` (the user's consent to write beside such files, replacing the program's names)."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {folder}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {folder}: {existing} is not writable by this user; choose another folder")
+    if existing != folder.absolute():
+        return  # a new folder: nothing of anyone's is there
+    foreign = sorted(entry.name for entry in os.scandir(folder) if not ours(entry.name))
     if foreign and not overwrite:
         raise OutputError(
             f"{flag} {folder}: holds files this program did not write ({', '.join(foreign[:3])}"
             f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder, or pass --overwrite "
             f"to write beside them (files of the same names are replaced)"
         )
+
+
+def make_folder(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{flag} {folder}: a file is in the way (not a folder); choose a folder path") from None
+    except OSError as error:
+        raise OutputError(f"{flag} {describe(error, folder)}") from None
+
+
+@contextlib.contextmanager
+def private_folder(parent: Path) -> Iterator[Path]:
+    """A new folder inside `parent` that only this user can enter, removed afterwards: for files whose writing a
+    library does itself (ONNX, a tokenizer's folder), so that no link can be planted at their names."""
+    scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=parent))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def publish(source: Path, target: Path) -> None:
+    """Move a finished file or folder from a private folder to its name (a link or an older copy there is
+    replaced, never followed)."""
+    if source.is_dir() and (target.is_symlink() or target.is_dir()):
+        remove_quietly([target])
+    os.replace(source, target)
+    fsync_folder(target.parent)
 
 
 def remove_quietly(paths: Iterable[Path]) -> None:

@@ -24,6 +24,7 @@ from brain_trainer.data.flickr8k_dataset import DatasetError, Interrupted
 from brain_trainer.data.loaders import end_loader_workers
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import LaunchError, Runtime
+from brain_trainer.safe_files import OutputError
 from brain_trainer.trainer import TrainingError
 
 
@@ -34,6 +35,11 @@ def fit(training: Training, run: Run, options: RunOptions, runtime: Runtime, log
     runtime.stop.last_good = trainer.checkpointer.location(LAST)  # what a second Ctrl-C names
     try:
         status = trainer.fit()
+        if status and log.failure is not None:  # not a signal: the events could not be written
+            log.error(
+                f"Error: {log.failure}; the run saved {trainer.last_saved} and stopped; resume with --resume auto"
+            )
+            return 2
         if status:
             log.stopped(
                 signum=status - 128,
@@ -89,7 +95,7 @@ def main(
         command = parse_args(argv, description=__doc__, program=program, eval_only=eval_only)
         options = command.options
         runtime = Runtime.start(options.device)  # the process group, the device, the stop flag
-        log = RunLog(enabled=runtime.is_main)
+        log = RunLog(enabled=runtime.is_main, stop=runtime.stop)
         resume: Resume = choose_checkpoint(options, runtime, log)
         run = build(command, resume, runtime, log)
         options = run.options
@@ -102,7 +108,7 @@ def main(
             )
             return 0
         return fit(start_training(run, resume, options, runtime, log), run, options, runtime, log, started=started)
-    except (ConfigError, DatasetError, CheckpointError, LaunchError) as error:
+    except (ConfigError, DatasetError, CheckpointError, LaunchError, OutputError) as error:
         log.error(f"Error: {error}")
         return 2
     except Interrupted as interrupted:

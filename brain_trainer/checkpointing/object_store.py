@@ -36,6 +36,7 @@ COPY_BLOCK = 512 * 2**20  # a part of a larger copy
 # Every call to the store ends: a silent endpoint is an error after these (seconds; --storage_options
 # '{"config_kwargs": {...}}' overrides them), never a run that hangs.
 STORE_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 30}
+UPLOAD_RATE_FLOOR = 2**20  # bytes/s: an upload slower than this is taken for a store that stopped answering
 STORE_ATTEMPTS = 3  # botocore's tries of one call (AWS_MAX_ATTEMPTS, where set, wins); s3fs adds none
 URL_REFUSED = ("?", "*", "[", "]")  # globbing characters: fsspec expands them, so the keys would not be these
 
@@ -58,6 +59,7 @@ def _reason(error: BaseException) -> str:
             "ConnectionError",
             "ConnectionRefusedError",
             "ReadTimeoutError",
+            "FSTimeoutError",  # an upload past its deadline (UPLOAD_RATE_FLOOR)
         )
         or "connect" in text.lower()
     ):
@@ -305,7 +307,7 @@ class ObjectStorage:
             self._lock.check()
         try:
             handle = self.fs.open(self.key(name), "wb", block_size=UPLOAD_BLOCK, Metadata=dict(summary or {}))
-            self._confirm_before_commit(handle)
+            self._bound_upload(handle)
             try:
                 save(handle)
                 handle.close()  # completes the upload (after the lock is confirmed): the object appears whole
@@ -323,18 +325,25 @@ class ObjectStorage:
                 f"--resume auto once the store answers"
             ) from None
 
-    def _confirm_before_commit(self, handle) -> None:
-        """The upload's last call (the one-shot PUT or the multipart completion) runs only once the lock is
-        confirmed this run's: a run that lost it aborts instead of replacing a newer run's object."""
-        if self._lock is None:
-            return
-        commit = handle.commit
+    def _bound_upload(self, handle) -> None:
+        """Every call of the upload gets a deadline (botocore's read timeout does not cover sending a body: a
+        frozen store would hold a part's upload forever), and its last call (the one-shot PUT or the multipart
+        completion) runs only once the lock is confirmed this run's: a run that lost it aborts instead of
+        replacing a newer run's object."""
+        call, commit = handle._call_s3, handle.commit
+        patience = self.fs.config_kwargs.get("read_timeout", STORE_TIMEOUTS["read_timeout"])
+
+        def call_with_deadline(method: str, *args, **kwargs):
+            body = kwargs.get("Body")
+            size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0
+            return call(method, *args, timeout=patience + size / UPLOAD_RATE_FLOOR, **kwargs)
 
         def commit_if_locked() -> None:
-            self._lock.confirm()
+            if self._lock is not None:
+                self._lock.confirm()
             commit()
 
-        handle.commit = commit_if_locked
+        handle._call_s3, handle.commit = call_with_deadline, commit_if_locked
 
     def _copy(self, source: str, target: str) -> None:
         """A server-side copy that keeps the object's metadata (the summary discovery reads) at every size: one

@@ -212,6 +212,8 @@ def test_a_run_whose_store_freezes_stops_at_a_step_boundary_with_one_line_and_si
     assert status == 2, out
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in out, out
-    assert s3.url in errors[0]
+    assert s3.url in errors[0] and "the endpoint did not answer" in errors[0]
     server.send_signal(signal.SIGCONT)
-    assert s3.read(f"{s3.url}/{LAST}")["global_step"] == 2, "the last complete checkpoint stays"
+    for name in s3.objects(s3.url):  # whatever upload the freeze cut short left no partial object
+        if name.endswith("_brain_v2.pt"):
+            assert s3.read(f"{s3.url}/{name}")["global_step"] in (2, 4)
