@@ -89,14 +89,17 @@ def _with_timeouts(url: str, storage_options: dict) -> dict:
     return {**storage_options, "config_kwargs": config}
 
 
-def _bound_every_call(fs) -> None:
+def _bound_every_call(fs, url: str) -> None:
     """s3fs's own retry loop would multiply botocore's tries (and the wait on a silent store); and botocore's
     `Expect: 100-continue` on uploads makes aiohttp wait for the server's go-ahead with no timeout at all (a
     frozen endpoint hangs the upload forever), so uploads send their body without asking first."""
     from botocore.handlers import add_expect_header
 
     fs.retries = 1
-    fs.connect()  # the client, made now (locally: no request) so that its handlers can be set
+    try:
+        fs.connect()  # the client, made now (locally: no request) so that its handlers can be set
+    except Exception as error:  # an unknown profile, a malformed option: botocore says which
+        raise CheckpointError(f"{url}: {_reason(error)}; check --storage_options") from None
     fs.s3.meta.events.unregister("before-call.s3", add_expect_header)
 
 
@@ -108,7 +111,7 @@ def _filesystem(url: str, storage_options: dict):
         # a client of its own: fsspec's instance cache would hand back one made for another endpoint or identity
         fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **_with_timeouts(url, storage_options))
         if url.startswith("s3://"):
-            _bound_every_call(fs)
+            _bound_every_call(fs, url)
         return fs, root
     except ImportError:
         package = "s3fs" if url.startswith("s3://") else "the fsspec backend for this URL"
