@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_error_line, run_args, run_cli, small_disk, split_folder
+from helpers import assert_one_error_line, run_args, run_cli, small_disk, split_folder
 
 from brain_trainer.checkpointing import LAST, load_for_resume
 from brain_trainer.inference.index import read_index

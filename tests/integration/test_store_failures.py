@@ -4,11 +4,7 @@ the file's, URLs that fsspec would read as patterns are refused, and a store tha
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -16,7 +12,7 @@ import uuid
 
 import pytest
 import torch
-from conftest import S3Server, _free_port, _s3_env, finish, run_args, run_cli, small_disk, start, wait_for_step
+from helpers import finish, run_args, run_cli, small_disk, start, wait_for_step
 
 from brain_trainer.checkpointing import (
     LAST,
@@ -27,6 +23,7 @@ from brain_trainer.checkpointing import (
     save_checkpoint,
 )
 from brain_trainer.checkpointing.format import StoreError
+from brain_trainer.testing import S3Server, local_s3_server, s3_env
 
 MIB = 2**20
 
@@ -36,9 +33,9 @@ def s3(s3_server, monkeypatch) -> S3Server:
     """The session's server, reached directly, with a bucket of this test's own (conftest's `s3` names its
     bucket after the test, which parametrized variants share) and its credentials in the environment."""
     port = int(s3_server.endpoint.rsplit(":", 1)[1])
-    for name, value in _s3_env(port).items():
+    for name, value in s3_env(port).items():
         monkeypatch.setenv(name, value)
-    server = S3Server(s3_server.endpoint, _s3_env(port), relay=None)
+    server = S3Server(s3_server.endpoint, s3_env(port), relay=None)
     server.url = f"s3://{server.bucket(f'store-failures-{uuid.uuid4().hex[:12]}')}/run"
     return server
 
@@ -146,28 +143,15 @@ def test_a_prefix_fsspec_would_read_as_a_pattern_or_collapse_is_refused_in_one_l
 
 
 @pytest.fixture
-def freezable_s3(tmp_path):
+def freezable_s3():
     """A moto server of this test's own, which the test can freeze (SIGSTOP: connections are accepted, nothing
-    answers) and always thaws at the end."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            time.sleep(0.05)
-        s3 = S3Server(f"http://127.0.0.1:{port}", _s3_env(port), relay=None)
-        s3.url = f"s3://{s3.bucket('frozen')}/run"
-        yield s3, server
-    finally:
-        server.send_signal(signal.SIGCONT)
-        server.terminate()
-        server.wait(10)
+    answers) and which is always thawed at the end."""
+    with local_s3_server() as s3:
+        try:
+            s3.url = f"s3://{s3.bucket('frozen')}/run"
+            yield s3, s3.process
+        finally:
+            s3.process.send_signal(signal.SIGCONT)
 
 
 QUICK_TIMEOUTS = '{"config_kwargs": {"connect_timeout": 2, "read_timeout": 2}}'
