@@ -359,6 +359,7 @@ class ObjectStorage:
         if head["ContentLength"] <= SINGLE_COPY_LIMIT:
             copy = {"Bucket": bucket, "Key": source_key}
             self.fs.call_s3("copy_object", Bucket=bucket, Key=target_key, CopySource=copy, MetadataDirective="COPY")
+            self.fs.invalidate_cache(self.key(target))
             return
         upload = self.fs.call_s3(
             "create_multipart_upload", Bucket=bucket, Key=target_key, Metadata=head.get("Metadata", {})
@@ -373,7 +374,8 @@ class ObjectStorage:
                     Key=target_key,
                     PartNumber=number,
                     UploadId=upload,
-                    CopySource={"Bucket": bucket, "Key": source_key, "IfMatch": head["ETag"]},
+                    CopySource={"Bucket": bucket, "Key": source_key},
+                    CopySourceIfMatch=head["ETag"],  # every part from the same object
                     CopySourceRange=f"bytes={start}-{end}",
                 )
                 parts.append({"PartNumber": number, "ETag": part["CopyPartResult"]["ETag"]})

@@ -146,6 +146,11 @@ def test_an_output_under_a_file_is_one_line_for_every_command(setup, tmp_path, c
         *run_cli(capsys, "ckpt", "convert", checkpoint, under / "new.pt")[::2], "a file is in the way"
     )
     assert_one_error_line(*run_cli(capsys, "sample-data", under, "--images", 6, "--val", 1, "--test", 1)[::2], "out")
+    assert embed(capsys, checkpoint, images, tmp_path / "index")[0] == 0
+    status, _, err = run_cli(
+        capsys, "search", "--index", tmp_path / "index", "--text", "red", "--grid", under / "s.png"
+    )
+    assert_one_error_line(status, err, f"--grid {under / 's.png'}")
     assert a_file.read_text() == "x"
 
 
