@@ -201,8 +201,13 @@ class ObjectLock:
                 bucket, key = self.storage.bucket_key(self.path)
                 try:
                     self.storage.fs.call_s3("head_object", Bucket=bucket, Key=key, IfMatch=self.etag)
+                except FileNotFoundError:
+                    self.lost = "its object was removed"
                 except Exception as error:
-                    self.lost = f"it changed under this run: {_reason(error)}"
+                    words = f"{type(error).__name__} {error}".lower()
+                    if not any(word in words for word in ("precondition", "pre-condition", "412")):
+                        raise  # the store did not answer: the write fails as any call would, the lock unjudged
+                    self.lost = "another run changed it (its ETag is not this run's)"
         self.check()
 
     def check(self) -> None:
