@@ -8,7 +8,9 @@ with the local folder's promises where the store allows them:
 - one run per prefix: a lock object created only if absent (`If-None-Match: *`), holding the run's holder
   and an expiry that a thread renews (`If-Match` on its ETag) while the run lives; a lock whose holder
   stopped renewing (a killed run) is taken over once it has expired;
-- unreadable objects are copied aside under a new key before the original is removed.
+- unreadable objects are copied aside under a new key before the original is removed;
+- a write or copy completes only while the lock is confirmed this run's (its ETag, its expiry), and every call
+  to the store has a deadline, so a run that lost its lock or a store that froze never completes a write late.
 
 What an object store cannot give: a rename (publishing is a copy, paid in time on the server, not in the
 loop), hard links (each name is its own object), and a lock that dies with the process (hence the expiry).
