@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from brain_trainer.evaluation import RECALL_AT, chance_recall_at
@@ -41,15 +40,47 @@ def _quiet_event_thread_errors() -> None:
 SCRIPT = "train_multimodal_brain_flickr8k.py"
 
 
+class EventFiles:
+    """TensorBoard's writer, opened only in a folder that is not a link and under a name nobody can guess; a
+    write error (a full disk, a lost folder) ends the events with one line (`failure`) and asks the run to stop
+    at the next step boundary (`stop`, the run's StopFlag), where it saves its checkpoint (train exits 2)."""
+
+    def __init__(self, *, stop=None):
+        self.stop, self.writer, self.failure, self.logdir = stop, None, None, ""
+
+    def open(self, logdir: str, purge_step: int) -> None:
+        self.logdir = logdir
+        refuse_link(logdir, "--logdir")  # TensorBoard opens its own files: never in a folder a link redirects
+        _quiet_event_thread_errors()
+        from torch.utils.tensorboard import SummaryWriter  # here: inference never loads TensorBoard
+
+        try:  # a random suffix: nobody can plant a link at the event file's name beforehand
+            self.writer = SummaryWriter(logdir, purge_step=purge_step, filename_suffix=f".{uuid.uuid4().hex[:12]}")
+        except OSError as error:
+            raise OutputError(f"--logdir {describe(error, logdir)}") from None
+
+    def write(self, action) -> None:
+        if self.writer is None:
+            return
+        try:
+            action(self.writer)
+        except OSError as error:
+            self.failure = f"--logdir {describe(error, error.filename or self.logdir)}"
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except OSError:
+                pass  # the same error again: `failure` says it
+            if self.stop is not None:
+                self.stop.signum = self.stop.signum or signal.SIGTERM
+
+
 class RunLog:
     def __init__(self, *, enabled: bool = True, stop=None):
         self.enabled = enabled
         self.interactive = enabled and sys.stdout.isatty()
-        self.writer: SummaryWriter | None = None
         self.warned: set[str] = set()
-        self.stop = stop  # the run's StopFlag: events that cannot be written stop the run at a step boundary, saved
-        self.failure: str | None = None  # why the events could not be written, one line
-        self.logdir = ""
+        self.events = EventFiles(stop=stop)
 
     # -- plain lines
     def print(self, line: str = "") -> None:
@@ -69,50 +100,30 @@ class RunLog:
     # -- TensorBoard
     def open_tensorboard(self, logdir: str, purge_step: int, config: dict, step: int) -> None:
         """purge_step drops events a previous run logged after this checkpoint, so curves never overlap."""
-        if not self.enabled:
-            return
-        self.logdir = logdir
-        refuse_link(logdir, "--logdir")  # TensorBoard opens its own files: never in a folder a link redirects
-        _quiet_event_thread_errors()
-        try:  # a random suffix: nobody can plant a link at the event file's name beforehand
-            self.writer = SummaryWriter(logdir, purge_step=purge_step, filename_suffix=f".{uuid.uuid4().hex[:12]}")
-        except OSError as error:
-            raise OutputError(f"--logdir {describe(error, logdir)}") from None
-        self._events(
-            lambda writer: writer.add_text(
-                "config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())), step
+        if self.enabled:
+            self.events.open(logdir, purge_step)
+            self.events.write(
+                lambda writer: writer.add_text(
+                    "config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())), step
+                )
             )
-        )
 
-    def _events(self, write) -> None:
-        """Write events; a full disk or a lost folder ends the events (one line, `failure`) and asks the run to
-        stop at the next step boundary, where it saves its checkpoint (train exits 2, resumable)."""
-        if self.writer is None:
-            return
-        try:
-            write(self.writer)
-        except OSError as error:
-            self.failure = f"--logdir {describe(error, error.filename or self.logdir)}"
-            writer, self.writer = self.writer, None
-            try:
-                writer.close()
-            except OSError:
-                pass  # the same error again: `failure` says it
-            if self.stop is not None:
-                self.stop.signum = self.stop.signum or signal.SIGTERM
+    @property
+    def failure(self) -> str | None:
+        return self.events.failure
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        self._events(lambda writer: [writer.add_scalar(tag, value, step) for tag, value in values.items()])
+        self.events.write(lambda writer: [writer.add_scalar(tag, value, step) for tag, value in values.items()])
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        self._events(lambda writer: writer.add_image(tag, image, step))
+        self.events.write(lambda writer: writer.add_image(tag, image, step))
 
     def flush(self) -> None:
-        self._events(lambda writer: writer.flush())
+        self.events.write(lambda writer: writer.flush())
 
     def close(self) -> None:
-        self._events(lambda writer: writer.close())
-        self.writer = None
+        self.events.write(lambda writer: writer.close())
+        self.events.writer = None
 
     # -- the loop
     def progress_bar(self, *, total: int, initial: int, desc: str) -> tqdm:

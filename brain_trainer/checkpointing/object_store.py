@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from brain_trainer.checkpointing.format import CheckpointError, StoreError
 from brain_trainer.checkpointing.storage import LOCK_NAME, Save
@@ -122,6 +122,63 @@ def _filesystem(url: str, storage_options: dict):
         ) from None
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{url}: {error}; check the URL and --storage_options") from None
+
+
+def bound_upload(handle, *, patience: float, confirm: Callable[[], None]) -> None:
+    """Every call of an s3fs upload gets a deadline (botocore's read timeout does not cover sending a body: a
+    frozen store would hold a part's upload forever), and its last call (the one-shot PUT or the multipart
+    completion) runs only after `confirm` (the lock is this run's): a run that lost it aborts instead of
+    replacing a newer run's object."""
+    call, commit = handle._call_s3, handle.commit
+
+    def call_with_deadline(method: str, *args, **kwargs):
+        body = kwargs.get("Body")
+        size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0
+        return call(method, *args, timeout=patience + size / UPLOAD_RATE_FLOOR, **kwargs)
+
+    def commit_if_locked() -> None:
+        confirm()
+        commit()
+
+    handle._call_s3, handle.commit = call_with_deadline, commit_if_locked
+
+
+def copy_keeping_metadata(fs, bucket: str, source: str, target: str, confirm: Callable[[], None]) -> None:
+    """A server-side copy that keeps the object's metadata (the summary discovery reads) at every size: one
+    atomic call up to 5 GiB, else a multipart copy created with the metadata; `confirm` runs before it completes."""
+    head = fs.call_s3("head_object", Bucket=bucket, Key=source)
+    confirm()
+    if head["ContentLength"] <= SINGLE_COPY_LIMIT:
+        copy = {"Bucket": bucket, "Key": source}
+        fs.call_s3("copy_object", Bucket=bucket, Key=target, CopySource=copy, MetadataDirective="COPY")
+        return
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=target, Metadata=head.get("Metadata", {}))
+    try:
+        parts = []
+        for number, start in enumerate(range(0, head["ContentLength"], COPY_BLOCK), start=1):
+            part = fs.call_s3(
+                "upload_part_copy",
+                Bucket=bucket,
+                Key=target,
+                PartNumber=number,
+                UploadId=upload["UploadId"],
+                CopySource={"Bucket": bucket, "Key": source},
+                CopySourceIfMatch=head["ETag"],  # every part from the same object
+                CopySourceRange=f"bytes={start}-{min(start + COPY_BLOCK, head['ContentLength']) - 1}",
+            )
+            parts.append({"PartNumber": number, "ETag": part["CopyPartResult"]["ETag"]})
+        confirm()
+        fs.call_s3(
+            "complete_multipart_upload",
+            Bucket=bucket,
+            Key=target,
+            UploadId=upload["UploadId"],
+            MultipartUpload={"Parts": parts},
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=target, UploadId=upload["UploadId"])
+        raise
 
 
 class ObjectLock:
@@ -317,7 +374,8 @@ class ObjectStorage:
             self._lock.check()
         try:
             handle = self.fs.open(self.key(name), "wb", block_size=UPLOAD_BLOCK, Metadata=dict(summary or {}))
-            self._bound_upload(handle)
+            patience = getattr(self.fs, "config_kwargs", {}).get("read_timeout", STORE_TIMEOUTS["read_timeout"])
+            bound_upload(handle, patience=patience, confirm=self._confirm_lock)
             try:
                 save(handle)
                 handle.close()  # completes the upload (after the lock is confirmed): the object appears whole
@@ -335,70 +393,14 @@ class ObjectStorage:
                 f"--resume auto once the store answers"
             ) from None
 
-    def _bound_upload(self, handle) -> None:
-        """Every call of the upload gets a deadline (botocore's read timeout does not cover sending a body: a
-        frozen store would hold a part's upload forever), and its last call (the one-shot PUT or the multipart
-        completion) runs only once the lock is confirmed this run's: a run that lost it aborts instead of
-        replacing a newer run's object."""
-        call, commit = handle._call_s3, handle.commit
-        patience = self.fs.config_kwargs.get("read_timeout", STORE_TIMEOUTS["read_timeout"])
-
-        def call_with_deadline(method: str, *args, **kwargs):
-            body = kwargs.get("Body")
-            size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0
-            return call(method, *args, timeout=patience + size / UPLOAD_RATE_FLOOR, **kwargs)
-
-        def commit_if_locked() -> None:
-            if self._lock is not None:
-                self._lock.confirm()
-            commit()
-
-        handle._call_s3, handle.commit = call_with_deadline, commit_if_locked
-
-    def _copy(self, source: str, target: str) -> None:
-        """A server-side copy that keeps the object's metadata (the summary discovery reads) at every size: one
-        atomic call up to 5 GiB, else a multipart copy created with the metadata, confirmed, then completed."""
-        bucket, source_key = self.bucket_key(self.key(source))
-        _, target_key = self.bucket_key(self.key(target))
-        head = self.fs.call_s3("head_object", Bucket=bucket, Key=source_key)
+    def _confirm_lock(self) -> None:
         if self._lock is not None:
             self._lock.confirm()
-        if head["ContentLength"] <= SINGLE_COPY_LIMIT:
-            copy = {"Bucket": bucket, "Key": source_key}
-            self.fs.call_s3("copy_object", Bucket=bucket, Key=target_key, CopySource=copy, MetadataDirective="COPY")
-            self.fs.invalidate_cache(self.key(target))
-            return
-        upload = self.fs.call_s3(
-            "create_multipart_upload", Bucket=bucket, Key=target_key, Metadata=head.get("Metadata", {})
-        )["UploadId"]
+
+    def _copy(self, source: str, target: str) -> None:
+        bucket, source_key = self.bucket_key(self.key(source))
         try:
-            parts = []
-            for number, start in enumerate(range(0, head["ContentLength"], COPY_BLOCK), start=1):
-                end = min(start + COPY_BLOCK, head["ContentLength"]) - 1
-                part = self.fs.call_s3(
-                    "upload_part_copy",
-                    Bucket=bucket,
-                    Key=target_key,
-                    PartNumber=number,
-                    UploadId=upload,
-                    CopySource={"Bucket": bucket, "Key": source_key},
-                    CopySourceIfMatch=head["ETag"],  # every part from the same object
-                    CopySourceRange=f"bytes={start}-{end}",
-                )
-                parts.append({"PartNumber": number, "ETag": part["CopyPartResult"]["ETag"]})
-            if self._lock is not None:
-                self._lock.confirm()
-            self.fs.call_s3(
-                "complete_multipart_upload",
-                Bucket=bucket,
-                Key=target_key,
-                UploadId=upload,
-                MultipartUpload={"Parts": parts},
-            )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=target_key, UploadId=upload)
-            raise
+            copy_keeping_metadata(self.fs, bucket, source_key, self.bucket_key(self.key(target))[1], self._confirm_lock)
         finally:
             self.fs.invalidate_cache(self.key(target))
 

@@ -91,10 +91,10 @@ def test_events_that_cannot_be_written_are_one_line_and_ask_the_run_to_stop(tmp_
         def close(self):
             raise OSError(28, "No space left on device")
 
-    log.writer.close()
-    log.writer = Full()
+    log.events.writer.close()
+    log.events.writer = Full()
     log.scalars({"train/loss": 1.0}, 1)
 
     assert log.failure.startswith(f"--logdir {tmp_path / 'runs'}: cannot be written (No space left on device")
-    assert log.stop.signum is not None and log.writer is None
+    assert log.events.stop.signum is not None and log.events.writer is None
     log.flush()  # nothing more is attempted
