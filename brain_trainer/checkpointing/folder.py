@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from brain_trainer.checkpointing.base import Lock, Storage, is_url
 from brain_trainer.checkpointing.format import (
     BEST,
     LAST,
@@ -19,8 +20,8 @@ from brain_trainer.checkpointing.format import (
     recency,
     summary_recency,
 )
-from brain_trainer.checkpointing.loading import read_checkpoint
-from brain_trainer.checkpointing.storage import Lock, Storage, is_url, locate
+from brain_trainer.checkpointing.loading import ReadError, read_checkpoint
+from brain_trainer.checkpointing.storage import locate
 
 Log = Callable[[str], None]
 
@@ -60,6 +61,8 @@ def find_latest_checkpoint(storage: Storage, log: Log = print) -> Discovery:
             key = summary_recency(storage.summary(name) or {}, name) or recency(
                 read_checkpoint(storage, name, mmap=True), name
             )
+        except ReadError:
+            raise  # the reading failed, not the file: nothing is moved aside, the run stops with the line
         except CheckpointError as error:
             log(f"⚠ Skipping {error}")
             unreadable.append((name, str(error).removeprefix(f"{storage.location(name)}: ")))
