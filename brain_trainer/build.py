@@ -50,6 +50,7 @@ from brain_trainer.config import (
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, derive_seed
 from brain_trainer.data.loaders import (
     Data,
+    TrainLoaders,
     build_loaders,
     check_split_sizes,
     end_loader_workers,
@@ -96,6 +97,46 @@ class Run:
     scaler: torch.amp.GradScaler
     state: TrainState
     options: RunOptions  # as given, with the data location the checkpoint named if none was given
+
+
+Hold = Callable[[Callable[[], None]], None]  # hands a release to the run: called in reverse order when it closes
+
+
+def releasing(release: Callable[[], None], log: RunLog):
+    """An exit callback for the run's ExitStack: runs `release`; its error goes on when nothing failed before,
+    and is said in a ⚠ line when something did, so the first error is the one the run ends with."""
+
+    def exit_(kind, error, traceback) -> bool:
+        try:
+            release()
+        except Exception as later:
+            if error is None:
+                raise
+            log.error(f"⚠ Also, while closing after that: {later}")
+        return False
+
+    return exit_
+
+
+@dataclass
+class AssembledRun:
+    """What `build` returns: the run and its evaluator (`eval`) or its Trainer (None when there is nothing left
+    to train), holding the lock, loader workers, checkpointer and logging until it closes (`with`)."""
+
+    run: Run
+    held: ExitStack
+    evaluator: Evaluator | None = None
+    trainer: Trainer | None = None
+
+    @property
+    def options(self) -> RunOptions:
+        return self.run.options
+
+    def __enter__(self) -> AssembledRun:
+        return self
+
+    def __exit__(self, *failure) -> bool:
+        return self.held.__exit__(*failure)
 
 
 def savedir_storage(options: RunOptions) -> Storage:
@@ -278,8 +319,9 @@ def run_record(run: Run, resume: Resume, settings: TrainSettings, runtime: Runti
     )
 
 
-def make_trainer(run: Run, resume: Resume, runtime: Runtime, log: RunLog, *, storage: Storage, hold: Hold) -> Trainer:
-    """Image sources and loaders, the run's record, the checkpointer (held: closed with the run), the Trainer."""
+def start_loaders(run: Run, runtime: Runtime, log: RunLog) -> tuple[TrainLoaders, object, TrainSettings]:
+    """The image sources (the decode-once cache, built on the main process, or the JPEGs) and the training
+    loaders; returns them, the val images, and the settings recording whether the run decodes JPEGs."""
     settings, splits, options = run.settings, run.data.splits, run.options
     cache = {
         "use_cache": settings.cache_images,
@@ -291,10 +333,9 @@ def make_trainer(run: Run, resume: Resume, runtime: Runtime, log: RunLog, *, sto
     train_images, cached = image_source(splits["train"], log=log, **cache)
     val_images, cached = image_source(splits["val"], log=log, **{**cache, "use_cache": cached})
     settings = replace(settings, cache_images=cached)  # one ⚠ line, and the run records that it decodes JPEGs
-    collator = CaptionCollator(run.data.tokenizer, run.model_config.max_text_len)
     loaders = build_loaders(
         run.data,
-        collator,
+        CaptionCollator(run.data.tokenizer, run.model_config.max_text_len),
         train_images=train_images,
         image_size=run.model_config.image_size,
         hflip=settings.hflip,
@@ -303,6 +344,13 @@ def make_trainer(run: Run, resume: Resume, runtime: Runtime, log: RunLog, *, sto
         num_workers=options.num_workers,
         runtime=runtime,
     )
+    return loaders, val_images, settings
+
+
+def make_trainer(run: Run, resume: Resume, runtime: Runtime, log: RunLog, *, storage: Storage, hold: Hold) -> Trainer:
+    """The loaders, the run's record, the checkpointer (held: closed with the run), the Trainer."""
+    loaders, val_images, settings = start_loaders(run, runtime, log)
+    options = run.options
     checkpointer = Checkpointer(
         storage=storage,
         runtime=runtime,
@@ -389,46 +437,6 @@ def start_training(run: Run, resume: Resume, runtime: Runtime, log: RunLog, hold
     restore_rng(resume, run, runtime, log)
     open_logging(run, resume, trainer, log, hold)
     return trainer
-
-
-Hold = Callable[[Callable[[], None]], None]  # hands a release to the run: called in reverse order when it closes
-
-
-def releasing(release: Callable[[], None], log: RunLog):
-    """An exit callback for the run's ExitStack: runs `release`; its error goes on when nothing failed before,
-    and is said in a ⚠ line when something did, so the first error is the one the run ends with."""
-
-    def exit_(kind, error, traceback) -> bool:
-        try:
-            release()
-        except Exception as later:
-            if error is None:
-                raise
-            log.error(f"⚠ Also, while closing after that: {later}")
-        return False
-
-    return exit_
-
-
-@dataclass
-class AssembledRun:
-    """What `build` returns: the run and its evaluator (`eval`) or its Trainer (None when there is nothing left
-    to train), holding the lock, loader workers, checkpointer and logging until it closes (`with`)."""
-
-    run: Run
-    held: ExitStack
-    evaluator: Evaluator | None = None
-    trainer: Trainer | None = None
-
-    @property
-    def options(self) -> RunOptions:
-        return self.run.options
-
-    def __enter__(self) -> AssembledRun:
-        return self
-
-    def __exit__(self, *failure) -> bool:
-        return self.held.__exit__(*failure)
 
 
 def build(command: CommandLine, runtime: Runtime, log: RunLog) -> AssembledRun:

@@ -369,8 +369,5 @@ class Trainer(OptimizationStep):
         return 128 + signum
 
     def position(self) -> str:
-        state = self.state
-        return (
-            f"at epoch {state.epoch}, step {state.global_step} "
-            f"(sample {state.samples_seen} of {self.loaders.train_samples})"
-        )
+        s = self.state
+        return f"at epoch {s.epoch}, step {s.global_step} (sample {s.samples_seen} of {self.loaders.train_samples})"
