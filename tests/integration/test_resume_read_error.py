@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 
 import torch
-from conftest import run_args
+from helpers import run_args
 
 from brain_trainer import checkpointing as ck
 from brain_trainer import train

@@ -7,7 +7,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 import pytest
-from conftest import run_args
+from helpers import run_args
 
 from brain_trainer import build
 from brain_trainer.checkpointing import CheckpointError, LocalStorage, claim_savedir
