@@ -19,9 +19,9 @@ import torch
 import torchvision
 
 from brain_trainer.brain_model import BrainConfig, is_weights_file
+from brain_trainer.runtime.precision import PRECISIONS
 
 DEMO_ROOT = Path("data/flickr8k_sample")
-PRECISIONS = ("fp32", "fp16", "bf16")
 ANNOTATIONS = ("auto", "token", "karpathy", "kaggle")
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
