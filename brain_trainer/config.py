@@ -60,6 +60,7 @@ class RunOptions:
     num_workers: int
     cache_dir: Path | None
     device: str
+    threads: int | None  # intra-op threads per process; None: OMP_NUM_THREADS, else the runtime's rule
     deterministic: bool
     compile: bool
     savedir: str  # a folder or an fsspec URL (s3://bucket/run): resolved by a storage, never parsed as a Path
@@ -209,6 +210,13 @@ def parse_args(
         choices=("auto", "cpu", "cuda"),
         default="auto",
         help="default: cuda if available (cuda:LOCAL_RANK under torchrun)",
+    )
+    device.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads of each process (default: OMP_NUM_THREADS if set, else the cores this process "
+        "may use, shared by the processes on its node, less one per loader worker; at least 1). A resume "
+        "is bitwise exact only at the checkpoint's count",
     )
     device.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (slower)")
     device.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
@@ -431,6 +439,7 @@ def check_settings(
         f"use one of {', '.join(PRECISIONS)}",
     )
     need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
+    need(options.threads is None or options.threads >= 1, "threads", options.threads, "must be at least 1")
     need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
     need(
         options.lock_expiry >= 3 and math.isfinite(options.lock_expiry),

@@ -42,7 +42,8 @@ def choose_threads(*, given: int | None, workers: int, processes: int) -> Thread
         return Threads(torch.get_num_threads(), "OMP_NUM_THREADS")
     cores = usable_cores()
     count = threads_rule(cores=cores, processes=processes, workers=workers)
-    return Threads(count, f"{cores} cores / {processes} process(es) - {workers} loader workers; --threads to set")
+    rule = f"{cores} cores / {processes} process(es) - {workers} loader workers, at least 1"
+    return Threads(count, f"the rule: {rule}; --threads N to set")
 
 
 def threads_note(saved: object, count: int) -> str | None:
