@@ -284,6 +284,7 @@ class Trainer:
 
     # -- evaluation
     def evaluate(self) -> dict | None:
+        self.runtime.average_batchnorm(self.model)  # one set of statistics: the one evaluated is the one saved
         metrics = self.evaluator()
         if metrics and metrics["unreadable_images"]:
             self.log.warn_once(
@@ -299,6 +300,7 @@ class Trainer:
         the RNG states are gathered; only the main process writes."""
         self.losses.read()  # a non-finite loss since the last read stops the run before this save
         self.sum_skips()
+        self.runtime.average_batchnorm(self.model)  # every process's BatchNorm statistics, not the main one's
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():  # one device sync
             raise TrainingError(
                 f"the weights hold NaN or inf at step {self.state.global_step}; not saved, so the "

@@ -23,7 +23,9 @@ from brain_trainer.runtime.threads import choose_threads, threads_note, threads_
         (1, 2, 0, 1),
     ],
 )
-def test_the_rule_gives_each_process_its_share_of_the_cores_less_its_loader_workers(cores, processes, workers, expected):
+def test_the_rule_gives_each_process_its_share_of_the_cores_less_its_loader_workers(
+    cores, processes, workers, expected
+):
     assert threads_rule(cores=cores, processes=processes, workers=workers) == expected
 
 
