@@ -459,6 +459,7 @@ def check_settings(
         "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
     )
     _check_image_encoder(model_config, need)
+    _check_micro_batch(model_config, settings, world_size, need)
     need(
         options.device != "cuda" or torch.cuda.is_available(),
         "device",
@@ -466,6 +467,26 @@ def check_settings(
         "CUDA is not available on this machine; use --device cpu",
     )
     need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
+
+
+def _check_micro_batch(model_config: BrainConfig, settings: TrainSettings, world_size: int, need) -> None:
+    """BatchNorm cannot train on micro-batches of one sample (it normalises each by its own statistics)."""
+    per_process = settings.batch_size // world_size
+    if settings.accum_steps == 1 or per_process // settings.accum_steps >= 2:
+        return
+    with torch.device("meta"):  # the architecture alone: no memory, no weights
+        classifier = torchvision.models.get_model(model_config.image_encoder, weights=None)
+    if any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in classifier.modules()):
+        largest = max(
+            steps for steps in range(1, per_process + 1) if per_process % steps == 0 and per_process // steps >= 2
+        )
+        need(
+            False,
+            "accum_steps",
+            settings.accum_steps,
+            f"micro-batches of 1 per process, which the BatchNorm in --image_encoder {model_config.image_encoder} "
+            f"cannot train on (the smallest micro-batch is 2); use --accum_steps {largest} or a larger --batch_size",
+        )
 
 
 def fits_float32(value: float) -> bool:
