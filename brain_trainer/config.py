@@ -470,13 +470,11 @@ def check_settings(
 
 
 def _check_micro_batch(model_config: BrainConfig, settings: TrainSettings, world_size: int, need) -> None:
-    """BatchNorm cannot train on micro-batches of one sample (it normalises each by its own statistics)."""
+    """BatchNorm cannot train on one value per channel: a micro-batch of one image whose map is 1x1 somewhere."""
     per_process = settings.batch_size // world_size
     if settings.accum_steps == 1 or per_process // settings.accum_steps >= 2:
         return
-    with torch.device("meta"):  # the architecture alone: no memory, no weights
-        classifier = torchvision.models.get_model(model_config.image_encoder, weights=None)
-    if any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in classifier.modules()):
+    if _batchnorm_values_per_image(model_config) == 1:
         largest = max(
             steps for steps in range(1, per_process + 1) if per_process % steps == 0 and per_process // steps >= 2
         )
@@ -484,9 +482,26 @@ def _check_micro_batch(model_config: BrainConfig, settings: TrainSettings, world
             False,
             "accum_steps",
             settings.accum_steps,
-            f"micro-batches of 1 per process, which the BatchNorm in --image_encoder {model_config.image_encoder} "
-            f"cannot train on (the smallest micro-batch is 2); use --accum_steps {largest} or a larger --batch_size",
+            f"micro-batches of 1 per process, and a BatchNorm in --image_encoder {model_config.image_encoder} "
+            f"sees a 1x1 map at --image_size {model_config.image_size}, which it cannot train on; the smallest "
+            f"micro-batch it accepts is 2: use --accum_steps {largest} or a larger --batch_size",
         )
+
+
+def _batchnorm_values_per_image(model_config: BrainConfig) -> int | None:
+    """The fewest values per channel a BatchNorm of the encoder sees for one image (None: it has no BatchNorm, or
+    cannot take this image size, which building the model then says)."""
+    classifier = torchvision.models.get_model(model_config.image_encoder, weights=None).eval()
+    seen: list[int] = []
+    for module in classifier.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.register_forward_hook(lambda _, inputs, __: seen.append(inputs[0][0, 0].numel()))
+    try:
+        with torch.no_grad():
+            classifier(torch.zeros(1, 3, model_config.image_size, model_config.image_size))
+    except (RuntimeError, AssertionError, ValueError):
+        return None
+    return min(seen, default=None)
 
 
 def fits_float32(value: float) -> bool:

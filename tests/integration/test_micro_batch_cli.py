@@ -12,8 +12,9 @@ def test_accum_steps_equal_to_the_batch_with_batchnorm_is_refused_at_startup(sam
     status = cli.main(run_args(sample_root, tmp_path, "--accum_steps", "8"))  # batch 8: micro-batches of 1
     captured = capsys.readouterr()
     assert status == 2 and captured.err.count("\n") == 1 and "Train samples" not in captured.out
-    assert captured.err.startswith(
-        "Error: --accum_steps 8: micro-batches of 1 per process, which the BatchNorm in --image_encoder "
-        "mobilenet_v3_small cannot train on (the smallest micro-batch is 2); use --accum_steps 4"
+    assert captured.err == (
+        "Error: --accum_steps 8: micro-batches of 1 per process, and a BatchNorm in --image_encoder "
+        "mobilenet_v3_small sees a 1x1 map at --image_size 32, which it cannot train on; the smallest micro-batch "
+        "it accepts is 2: use --accum_steps 4 or a larger --batch_size\n"
     )
     assert not (tmp_path / "ckpt").exists()
