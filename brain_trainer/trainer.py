@@ -241,6 +241,9 @@ class Trainer:
             fetch_start = time.perf_counter()
         bar.close()
         self.losses.read()  # the epoch's loss is complete before the epoch line
+        # The epoch's BatchNorm statistics from every process, for its evaluation and save (a stop here saves them
+        # too). Mid-epoch a save holds the main process's: DDP's next forward hands those to every process anyway.
+        self.runtime.average_batchnorm(self.model)
         return self.agree_to_stop()
 
     def agree_to_stop(self) -> int | None:
@@ -284,7 +287,6 @@ class Trainer:
 
     # -- evaluation
     def evaluate(self) -> dict | None:
-        self.runtime.average_batchnorm(self.model)  # one set of statistics: the one evaluated is the one saved
         metrics = self.evaluator()
         if metrics and metrics["unreadable_images"]:
             self.log.warn_once(
@@ -300,7 +302,6 @@ class Trainer:
         the RNG states are gathered; only the main process writes."""
         self.losses.read()  # a non-finite loss since the last read stops the run before this save
         self.sum_skips()
-        self.runtime.average_batchnorm(self.model)  # every process's BatchNorm statistics, not the main one's
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():  # one device sync
             raise TrainingError(
                 f"the weights hold NaN or inf at step {self.state.global_step}; not saved, so the "

@@ -93,15 +93,15 @@ class Runtime(ProcessGroup):
         if self.distributed and self.device.type != "cuda" and parallel.has_batchnorm(model):
             return (
                 "⚠ BatchNorm statistics stay per process on the CPU while training (torch's SyncBatchNorm needs "
-                "GPUs) and are averaged over the processes before each evaluation and save: this run is close "
-                "to, not the same as, the one-process run"
+                "GPUs) and are averaged over the processes at each epoch's end, before its evaluation and save: "
+                "this run is close to, not the same as, the one-process run"
             )
         return None
 
     def average_batchnorm(self, model: torch.nn.Module) -> None:
-        """Every process's BatchNorm running statistics set to their mean over the processes, so evaluation and the
-        saved file use one set (the main process's alone would drop the others' batches). Nothing to do with one
-        process or with SyncBatchNorm, whose statistics are the same everywhere already."""
+        """Every process's BatchNorm running statistics set to their mean over the processes, so the evaluation and
+        the saved file use one set (the main process's alone would drop the others' batches). Nothing changes with
+        one process or with SyncBatchNorm, whose statistics are the same everywhere already."""
         if not self.uses_sync_batchnorm(model):
             self.average_in_place(parallel.batchnorm_statistics(model))
 

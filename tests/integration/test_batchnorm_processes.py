@@ -1,7 +1,7 @@
 """BatchNorm on several CPU processes (gloo, where SyncBatchNorm cannot run): each process trains on its own
-batch statistics, and the running statistics are averaged over the processes before every evaluation and save,
-so the file holds the statistics the evaluation used, and a run stopped at an epoch boundary evaluates that
-epoch, after its resume, as the uninterrupted run did."""
+batch statistics, and the running statistics are averaged over the processes at each epoch's end, before its
+evaluation and save, so the file holds the statistics the evaluation used, and a run stopped at an epoch boundary
+evaluates that epoch, after its resume, as the uninterrupted run did."""
 
 from __future__ import annotations
 
