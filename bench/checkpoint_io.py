@@ -3,7 +3,7 @@
 The state is a full training checkpoint of the default architecture's size (resnet50 and a 6-layer, 768-wide text
 encoder: ~90M parameters, with AdamW moments), built offline, on --device. Measured, as medians of --repeats
 (alternating order):
-  stall    how long `Checkpointer.save` blocks the caller (the snapshot into reused CPU buffers), against a bare
+  stall    how long `CheckpointWriter.save` blocks the caller (the snapshot into reused CPU buffers), against a bare
            `torch.save` of the same state: what the training loop waits for;
   durable  from the call until the file is durable (`wait()`: temporary file, fsync, rename, folder fsync),
            against a bare `torch.save` + fsync;
@@ -21,10 +21,7 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +31,7 @@ import torch
 
 from brain_trainer import checkpointing
 from brain_trainer.brain_model import BrainConfig, BrainModel
+from brain_trainer.testing import local_s3_server
 from brain_trainer.trainer import TrainState
 
 
@@ -79,7 +77,7 @@ def bare_save_and_fsync(state: dict, path: Path) -> None:
 
 def measure(state: dict, storage, repeats: int, scratch: Path) -> dict[str, float]:
     """Medians of stall, durable and load through `storage`, beside bare torch.save/fsync/load in `scratch`."""
-    checkpointer = checkpointing.Checkpointer(storage=storage, background=True)
+    checkpointer = checkpointing.CheckpointWriter(storage=storage, background=True)
     bare, synced = scratch / "bare.pt", scratch / "synced.pt"
     times = {name: [] for name in ("stall", "bare_save", "durable", "bare_save_fsync", "load", "bare_load")}
     checkpointer.save(state, [checkpointing.LAST])  # allocates the snapshot buffers, as a run's first save does
@@ -122,36 +120,12 @@ def figures(median: dict[str, float], prefix: str = "") -> dict:
 
 
 @contextlib.contextmanager
-def local_s3_server() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 with a bucket `bench`, its endpoint and test credentials in the environment."""
-    import s3fs
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
-    try:
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            time.sleep(0.05)
-        s3fs.S3FileSystem().mkdir("bench")
+def local_s3_bucket() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (brain_trainer.testing, as the tests start it) with a bucket `bench`."""
+    with local_s3_server() as server:
+        os.environ.update(server.env)
+        server.bucket("bench")
         yield "s3://bench/checkpoints"
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def main() -> None:
@@ -179,7 +153,7 @@ def main() -> None:
             **figures(local),
         }
         if remote:
-            with local_s3_server() if remote == "local-s3" else contextlib.nullcontext(remote) as url:
+            with local_s3_bucket() if remote == "local-s3" else contextlib.nullcontext(remote) as url:
                 store = measure(state, checkpointing.open_storage(url), args.repeats, Path(folder))
             result.update(
                 {

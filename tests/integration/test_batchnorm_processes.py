@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, load, run_args, run_to_end, scalars
+from helpers import ROOT, STEPS_PER_EPOCH, assert_bitwise_equal, load, run_args, run_to_end, scalars
 
 from brain_trainer import checkpointing as ck
 

@@ -3,7 +3,7 @@ nothing trained or written."""
 
 from __future__ import annotations
 
-from conftest import run_args
+from helpers import run_args
 
 from brain_trainer import train as cli
 

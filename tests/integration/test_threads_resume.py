@@ -4,7 +4,7 @@ count says in one ⚠ line that it is not bitwise exact (float sums round differ
 from __future__ import annotations
 
 import pytest
-from conftest import load, run_args
+from helpers import load, run_args
 
 from brain_trainer import checkpointing as ck
 from brain_trainer import train as cli
