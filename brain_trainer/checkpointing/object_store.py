@@ -28,8 +28,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
-from brain_trainer.checkpointing.base import LOCK_NAME, Save
-from brain_trainer.checkpointing.format import CheckpointError, StoreError
+from brain_trainer.checkpointing.base import LOCK_NAME, ReadError, Save
+from brain_trainer.checkpointing.format import CheckpointError
 
 LOCK_EXPIRY_S = 120.0  # a killed run's prefix is free again this long after its last renewal
 UPLOAD_BLOCK = 64 * 2**20  # multipart part size: memory per upload, and the unit a retry resends
@@ -391,8 +391,8 @@ class ObjectStorage:
                     f"{self.url}: bucket '{self.bucket}' does not exist; create it, or fix the --savedir/--resume URL"
                 ) from None
             raise
-        except Exception as error:  # the store failed, not the object: StoreError never sets anything aside
-            raise StoreError(f"{self.url}: could not {what} ({_reason(error)})") from None
+        except Exception as error:  # the store failed, not the object: ReadError never sets anything aside
+            raise ReadError(f"{self.url}: could not {what} ({_reason(error)})") from None
 
     @property
     def bucket(self) -> str:
@@ -484,13 +484,13 @@ class ObjectStorage:
         try:
             scratch = tempfile.TemporaryDirectory(prefix="brain-ckpt-")
         except OSError as error:  # TMPDIR missing or unwritable: the object is not at fault
-            raise StoreError(
+            raise ReadError(
                 f"could not download {self.location(name)}: {tempfile.gettempdir()} cannot be written "
                 f"({error.strerror or error}); point TMPDIR at a writable disk"
             ) from None
         with scratch as folder:
             path = os.path.join(folder, name)
-            # a full TMPDIR fails here, as the store's error (StoreError): nothing is taken for unreadable
+            # a full TMPDIR fails here, as the store's error (ReadError): nothing is taken for unreadable
             self._call(f"download {self.location(name)} into {folder}", self.fs.get_file, self.key(name), path)
             yield path
 
