@@ -1,6 +1,6 @@
 """Assembling a run, in one place: which checkpoint to resume, the settings it resolves to, the data, the
 model and its optimiser, where the run stands, the evaluator, the loaders, the checkpointer and the Trainer,
-and the start of training (claiming the folders, the RNG, TensorBoard). Every process runs these; what only
+and the start of training (claiming the folders, the trackers, the RNG). Every process runs these; what only
 the main process may do (choose a file, claim a folder) goes through the runtime. Nothing here prints but
 through the run log, and nothing here trains.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 import urllib.error
 import uuid
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -48,6 +48,7 @@ from brain_trainer.data.loaders import Data, build_loaders, check_split_sizes, e
 from brain_trainer.evaluation import Evaluator
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import Runtime
+from brain_trainer.tracking import TrackedRun
 from brain_trainer.trainer import RunRecord, Trainer, TrainState
 
 DECAY_GROUPS = ("decay", "no_decay")  # AdamW's parameter groups, by name
@@ -63,10 +64,14 @@ class Resume:
     unreadable: list[tuple[str, str]]  # names `--resume auto` could not read: set aside before the run writes
     parent: str | None = None  # the lineage id of the run it continues
     rng_states: list[dict] | None = None  # one per process that wrote it
+    trackers: dict[str, str] = field(default_factory=dict)  # its tracker runs by tracker; once open, this run's
 
     def drop_checkpoint(self) -> None:
         checkpoint, self.checkpoint = self.checkpoint or {}, None
-        self.parent = (checkpoint.get("run") or {}).get("id") if isinstance(checkpoint.get("run"), dict) else None
+        run = checkpoint.get("run") if isinstance(checkpoint.get("run"), dict) else {}
+        self.parent = run.get("id")
+        saved = run.get("trackers")  # absent from checkpoints written before trackers were recorded
+        self.trackers = {k: v for k, v in saved.items() if isinstance(v, str)} if isinstance(saved, dict) else {}
         self.rng_states = rng_states_of(checkpoint)
 
 
@@ -300,7 +305,9 @@ def make_trainer(
         num_workers=options.num_workers,
         runtime=runtime,
     )
-    lineage = runtime.broadcast({"id": uuid.uuid4().hex, "parent": resume.parent, "started_ns": time.time_ns()})
+    lineage = runtime.broadcast(
+        {"id": uuid.uuid4().hex, "parent": resume.parent, "started_ns": time.time_ns(), "trackers": resume.trackers}
+    )
     record = RunRecord(
         config={**run.model_config.to_dict(), **asdict(settings)},
         tokenizer_json=run.data.tokenizer_json,
@@ -355,12 +362,28 @@ def claim_folders(options: RunOptions, storage: Storage, resume: Resume, log: Ru
     return lock
 
 
+def tracked_run(options: RunOptions, resume: Resume, state: TrainState) -> TrackedRun:
+    """What the trackers open with. The checkpoint folder's name names MLflow's experiment and W&B's project;
+    a resume drops what an earlier start logged past its checkpoint, a fresh run all of it."""
+    savedir = options.savedir.rstrip("/")
+    return TrackedRun(
+        logdir=options.logdir,
+        folder=PurePosixPath(savedir).name if "://" in savedir else Path(savedir).absolute().name,
+        run_name=options.run_name,
+        purge_step=state.global_step + 1 if resume.location else 0,
+        run_ids=resume.trackers,
+    )
+
+
 def start_training(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog) -> Training:
-    """Claim the folders (main process), make the Trainer, print the banner, restore the RNG last, open
-    TensorBoard. On a failure after the claim, the lock is released before the error goes on."""
+    """Claim the folders and open the trackers (main process), make the Trainer, print the banner, restore the
+    RNG last, log the config. On a failure after the claim, the trackers are closed and the lock is released
+    before the error goes on."""
     storage = savedir_storage(options)  # one object: the lock it holds is checked at every write
     lock = runtime.main_only(lambda: claim_folders(options, storage, resume, log))
     try:
+        tracked = tracked_run(options, resume, run.state)
+        resume.trackers = runtime.on_main(lambda: log.open_trackers(options.report_to, tracked))
         trainer = make_trainer(run, resume, options, runtime, log, storage=storage)
         log.banner(
             train_samples=len(run.data.splits["train"]),
@@ -376,13 +399,9 @@ def start_training(run: Run, resume: Resume, options: RunOptions, runtime: Runti
         )
         log.small_split("val", len(run.data.splits["val"].images))
         restore_rng(resume, run, runtime, log, options.deterministic)
-        log.open_tensorboard(
-            options.logdir,
-            purge_step=run.state.global_step + 1 if resume.location else 0,
-            config=trainer.record.config,
-            step=run.state.global_step,
-        )
+        log.config(trainer.record.config, run.state.global_step)
     except BaseException:
+        log.close()
         if lock is not None:
             lock.release()
         raise

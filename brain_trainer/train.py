@@ -49,7 +49,6 @@ def fit(training: Training, run: Run, options: RunOptions, runtime: Runtime, log
         if not status:
             log.summary(
                 savedir=options.savedir,
-                logdir=options.logdir,
                 seconds=time.monotonic() - started,
                 files=checkpoint_names(trainer.checkpointer.storage),
             )

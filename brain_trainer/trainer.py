@@ -271,7 +271,7 @@ class Trainer:
         }
         if self.scaler.is_enabled():
             scalars["train/amp_scale"] = self.scaler.get_scale()
-        self.log.scalars(scalars, self.state.global_step)
+        self.log.scalars(scalars, self.state.global_step, self.state.epoch)
         self.log.step(
             bar,
             epoch=self.state.epoch,
@@ -317,7 +317,7 @@ class Trainer:
             run=self.record.lineage,
         )
         stall = self.runtime.on_main(lambda: self.checkpointer.save(checkpoint, names))  # its error on every process
-        self.log.scalars({"train/ckpt_stall_ms": 1000 * stall}, self.state.global_step)
+        self.log.scalars({"train/ckpt_stall_ms": 1000 * stall}, self.state.global_step, self.state.epoch)
         self.last_saved = self.checkpointer.location(names[0])
         return self.last_saved
 
@@ -339,7 +339,7 @@ class Trainer:
     def end_epoch(self, metrics: dict, seconds: float) -> None:
         state = self.state
         state.val_loss = metrics["loss"]
-        self.log.scalars({f"val/{name}": metrics[name] for name in METRICS}, state.global_step)
+        self.log.scalars({f"val/{name}": metrics[name] for name in METRICS}, state.global_step, state.epoch)
         if self.log.enabled:
             picture = retrieval_picture(metrics["similarity"], self.evaluator.split, self.evaluator.images)
             self.log.image("val/retrieval", picture, state.global_step)
