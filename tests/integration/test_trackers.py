@@ -259,7 +259,7 @@ def a_store_that_stops_taking_writes(folder: Path, store: Path):
 
 
 def test_an_mlflow_store_that_stops_taking_writes_mid_run_is_one_warning_and_the_run_finishes(
-    sample_root, store, reference, tmp_path
+    sample_root, store, tmp_path
 ):
     with a_store_that_stops_taking_writes(tmp_path / "store", store) as stop_writes:
         # each operation opens its own connection (no file held open for writing: the folder can turn read-only)
@@ -275,7 +275,7 @@ def test_an_mlflow_store_that_stops_taking_writes_mid_run_is_one_warning_and_the
     assert len(warnings) == 1 and warnings[0].startswith("⚠ MLflow failed ("), out
     assert warnings[0].endswith("): the run goes on without it, logging to TensorBoard, metrics.jsonl, W&B")
     assert load(tmp_path / "ckpt" / LAST)["global_step"] == STEPS_PER_EPOCH
-    assert metrics_rows(tmp_path) == metrics_rows(reference)[:STEPS_PER_EPOCH]  # the file kept every step
+    assert [row["step"] for row in metrics_rows(tmp_path) if "train/loss" in row] == list(range(1, STEPS_PER_EPOCH + 1))
 
 
 def closed_port() -> int:
