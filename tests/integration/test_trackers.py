@@ -50,7 +50,9 @@ def own_tracker_settings():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """One MLflow sqlite store for the module (making one takes seconds); each test has its own experiment."""
-    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    client(path).search_experiments()  # makes the store's tables
+    return path
 
 
 def tracker_env(store: Path, run_dir: Path, experiment: str | None = None) -> dict:
