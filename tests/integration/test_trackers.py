@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     STEPS_PER_EPOCH,
     assert_one_error_line,
     finish,
