@@ -263,7 +263,11 @@ def parse_args(
     setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
 
     logging = parser.add_argument_group("logging and evaluation")
-    logging.add_argument("--logdir", default="runs_brain_v2", help="TensorBoard folder, local (default: runs_brain_v2)")
+    logging.add_argument(
+        "--logdir",
+        default="runs_brain_v2",
+        help="TensorBoard's and metrics.jsonl's folder, local (default: runs_brain_v2)",
+    )
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
     logging.add_argument(
         "--report_to",
