@@ -1,7 +1,7 @@
 """Every line the program prints and every event it logs, through one object: the banner and resume reports,
 the step line or tqdm bar, the epoch line, and the scalars, fanned out to the --report_to trackers (TensorBoard,
-metrics.jsonl, MLflow, W&B: brain_trainer/tracking). Only the main process speaks; the others hold a silent
-RunLog, so the loop never asks which process it is in.
+metrics.jsonl, MLflow, W&B: brain_trainer/tracking; TensorBoard's safe writer, EventFiles, is here). Only the
+main process speaks; the others hold a silent RunLog, so the loop never asks which process it is in.
 """
 
 from __future__ import annotations
@@ -10,25 +10,86 @@ import os
 import shlex
 import signal
 import sys
+import threading
+import uuid
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from brain_trainer.evaluation import METRICS, RECALL_AT, chance_recall_at
+from brain_trainer.safe_files import OutputError, describe, refuse_link
 from brain_trainer.tracking import TrackedRun, Trackers, open_trackers  # a tracker's library: only when opened
 
+if TYPE_CHECKING:
+    pass
+
 RULE = "=" * 60
+
+
+def _quiet_event_thread_errors() -> None:
+    """TensorBoard's writer thread dies on a write error (a full disk) and re-raises it at the next event call,
+    where the run log turns it into one line; the thread's own traceback on stderr would only repeat it."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_event_writer", False):
+        return
+
+    def hook(args) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    hook.quiets_event_writer = True
+    threading.excepthook = hook
+
+
 SCRIPT = "train_multimodal_brain_flickr8k.py"
 
 
+class EventFiles:
+    """TensorBoard's writer, opened only in a folder that is not a link and under a name nobody can guess; a
+    write error (a full disk, a lost folder) ends the events with one line (`failure`) and asks the run to stop
+    at the next step boundary (`stop`, the run's StopFlag), where it saves its checkpoint (train exits 2)."""
+
+    def __init__(self, *, stop=None):
+        self.stop, self.writer, self.failure, self.logdir = stop, None, None, ""
+
+    def open(self, logdir: str, purge_step: int) -> None:
+        self.logdir = logdir
+        refuse_link(logdir, "--logdir")  # TensorBoard opens its own files: never in a folder a link redirects
+        _quiet_event_thread_errors()
+        from torch.utils.tensorboard import SummaryWriter  # here: inference never loads TensorBoard
+
+        try:  # a random suffix: nobody can plant a link at the event file's name beforehand
+            self.writer = SummaryWriter(logdir, purge_step=purge_step, filename_suffix=f".{uuid.uuid4().hex[:12]}")
+        except OSError as error:
+            raise OutputError(f"--logdir {describe(error, logdir)}") from None
+
+    def write(self, action) -> None:
+        if self.writer is None:
+            return
+        try:
+            action(self.writer)
+        except OSError as error:
+            self.failure = f"--logdir {describe(error, error.filename or self.logdir)}"
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except OSError:
+                pass  # the same error again: `failure` says it
+            if self.stop is not None:
+                self.stop.signum = self.stop.signum or signal.SIGTERM
+
+
 class RunLog:
-    def __init__(self, *, enabled: bool = True):
+    def __init__(self, *, enabled: bool = True, stop=None):
         self.enabled = enabled
         self.interactive = enabled and sys.stdout.isatty()
+        self.warned: set[str] = set()
+        self.stop = stop  # the run's stop flag: a --logdir write failure stops the run (EventFiles, metrics.jsonl)
         self.trackers = Trackers(warn=self.print)
         self.outcome = "failed"  # what the trackers record at close, unless the run reports it finished or stopped
-        self.warned: set[str] = set()
 
     # -- plain lines
     def print(self, line: str = "") -> None:
@@ -50,8 +111,13 @@ class RunLog:
         """Open the --report_to trackers (main process); returns the tracker runs' ids for the checkpoint: the
         ones opened, and the checkpoint's others (a resume without a tracker keeps its run for a later one)."""
         if self.enabled:
-            self.trackers = open_trackers(names, run, warn=self.print)
+            self.trackers = open_trackers(names, replace(run, stop=self.stop), warn=self.print)
         return {**run.run_ids, **self.trackers.run_ids()}
+
+    @property
+    def failure(self) -> str | None:
+        """A --logdir write failure (TensorBoard's events): the run stops at the next step boundary and exits 2."""
+        return self.trackers.failure
 
     def config(self, config: dict, step: int) -> None:
         self.trackers.config(config, step)

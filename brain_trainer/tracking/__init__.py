@@ -54,6 +54,7 @@ class TrackedRun:
     run_name: str | None
     purge_step: int  # what an earlier start logged at this step or later is dropped (0 on a fresh run), as TensorBoard
     run_ids: dict[str, str] = field(default_factory=dict)  # the checkpoint's tracker runs: a resume reattaches them
+    stop: object = None  # the run's stop flag: a --logdir write failure stops the run (TensorBoard's EventFiles)
 
 
 class Tracker:
@@ -63,6 +64,7 @@ class Tracker:
     name = ""
     title = ""  # as the lines name it
     run_id: str | None = None
+    failure: str | None = None  # a local write failure that stops the run (exit 2) rather than the tracker
 
     @classmethod
     def open(cls, run: TrackedRun, warn: Warn) -> Tracker:
@@ -103,6 +105,10 @@ class Trackers:
     @property
     def names(self) -> list[str]:
         return [tracker.name for tracker in self.trackers]
+
+    @property
+    def failure(self) -> str | None:
+        return next((tracker.failure for tracker in self.trackers if tracker.failure), None)
 
     def run_ids(self) -> dict[str, str]:
         return {tracker.name: tracker.run_id for tracker in self.trackers if tracker.run_id}

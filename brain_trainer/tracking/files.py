@@ -1,4 +1,5 @@
-"""The trackers that write into --logdir: TensorBoard's event files and `metrics.jsonl`."""
+"""The trackers that write into --logdir: TensorBoard's event files (through the run log's EventFiles, which
+refuses a linked folder and stops the run on a write error) and `metrics.jsonl`."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import shlex
 import stat
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
-
 from brain_trainer.config import ConfigError
+from brain_trainer.run_log import EventFiles
 from brain_trainer.tracking import TrackedRun, Tracker, Warn
 
 METRICS_FILE = "metrics.jsonl"
@@ -19,36 +19,42 @@ METRICS_FILE = "metrics.jsonl"
 
 class TensorBoardTracker(Tracker):
     """Event files; `purge_step` drops events an earlier start logged past this checkpoint, so curves never
-    overlap."""
+    overlap. A write error is not dropped like another tracker's: EventFiles stops the run (`failure`)."""
 
     name, title = "tensorboard", "TensorBoard"
 
-    def __init__(self, logdir: str, purge_step: int):
-        self.logdir = logdir
-        self.writer = SummaryWriter(logdir, purge_step=purge_step)
+    def __init__(self, logdir: str, events: EventFiles):
+        self.logdir, self.events = logdir, events
 
     @classmethod
     def open(cls, run: TrackedRun, warn: Warn) -> TensorBoardTracker:
-        return cls(run.logdir, run.purge_step)
+        events = EventFiles(stop=run.stop)
+        events.open(run.logdir, run.purge_step)
+        return cls(run.logdir, events)
+
+    @property
+    def failure(self) -> str | None:
+        return self.events.failure
 
     def log(self, values: dict[str, float], step: int, epoch: int) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        self.events.write(lambda writer: [writer.add_scalar(tag, value, step) for tag, value in values.items()])
 
     def config(self, config: dict, step: int) -> None:
-        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())), step)
+        text = "\n".join(f"    {k}: {v}" for k, v in sorted(config.items()))
+        self.events.write(lambda writer: writer.add_text("config", text, step))
 
     def image(self, tag: str, image, step: int) -> None:
-        self.writer.add_image(tag, image, step)
+        self.events.write(lambda writer: writer.add_image(tag, image, step))
 
     def where(self) -> str:
         return f"TensorBoard: {self.logdir} (view it with: {shlex.join(['tensorboard', '--logdir', str(self.logdir)])})"
 
     def flush(self) -> None:
-        self.writer.flush()
+        self.events.write(lambda writer: writer.flush())
 
     def close(self, outcome: str) -> None:
-        self.writer.close()
+        self.events.write(lambda writer: writer.close())
+        self.events.writer = None
 
 
 class JsonlTracker(Tracker):
