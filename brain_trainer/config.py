@@ -20,6 +20,7 @@ import torchvision
 
 from brain_trainer.brain_model import BrainConfig, is_weights_file
 from brain_trainer.runtime.precision import PRECISIONS
+from brain_trainer.tracking import DEFAULT_REPORT_TO, TRACKERS, missing_library
 
 DEMO_ROOT = Path("data/flickr8k_sample")
 ANNOTATIONS = ("auto", "token", "karpathy", "kaggle")
@@ -72,6 +73,8 @@ class RunOptions:
     allow_nonfinite: bool
     logdir: str
     log_every: int
+    report_to: tuple[str, ...]  # the trackers, in order (docs: README, Tracking)
+    run_name: str | None
     eval_only: bool
     eval_split: str
     demo: bool
@@ -130,6 +133,16 @@ ACCUM_HELP = (
     "Costs one extra forward per micro-batch; --batch_size must divide by processes x N; "
     "may change on resume. Memory figures: bench/README.md"
 )
+
+
+def _report_to(text: str) -> tuple[str, ...]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in TRACKERS and name != "none":
+            raise argparse.ArgumentTypeError(f"{name!r} is not a tracker; name some of {', '.join(TRACKERS)}, or none")
+    if not names or "none" in names and len(names) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma list such as tensorboard,mlflow, or none alone")
+    return tuple(dict.fromkeys(name for name in names if name != "none"))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -258,8 +271,20 @@ def parse_args(
     setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
 
     logging = parser.add_argument_group("logging and evaluation")
-    logging.add_argument("--logdir", default="runs_brain_v2", help="TensorBoard folder, local (default: runs_brain_v2)")
+    logging.add_argument(
+        "--logdir",
+        default="runs_brain_v2",
+        help="TensorBoard's and metrics.jsonl's folder, local (default: runs_brain_v2)",
+    )
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
+    logging.add_argument(
+        "--report_to",
+        type=_report_to,
+        default=DEFAULT_REPORT_TO,
+        help=f"where the scalars go, a comma list of {', '.join(TRACKERS)}, or none (default: "
+        f"{','.join(DEFAULT_REPORT_TO)}); mlflow and wandb take their own environment variables (README: Tracking)",
+    )
+    logging.add_argument("--run_name", help="the run's name in MLflow and W&B (default: theirs)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
     logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
     logging.add_argument("--demo", action="store_true", help=demo_help())
@@ -441,6 +466,8 @@ def check_settings(
     need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
     need(options.threads is None or options.threads >= 1, "threads", options.threads, "must be at least 1")
     need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
+    for name in options.report_to:
+        need(missing_library(name) is None, "report_to", name, missing_library(name))
     need(
         options.lock_expiry >= 3 and math.isfinite(options.lock_expiry),
         "lock_expiry",

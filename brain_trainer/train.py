@@ -53,9 +53,7 @@ def fit(assembled: AssembledRun, runtime: Runtime, log: RunLog, *, started: floa
     if options.demo:
         split = trainer.evaluator.split
         log.demo_report(trainer.last_metrics, len(split.images), len(split))
-    log.summary(
-        savedir=options.savedir, logdir=options.logdir, seconds=time.monotonic() - started, files=checkpointer.files()
-    )
+    log.summary(savedir=options.savedir, seconds=time.monotonic() - started, files=checkpointer.files())
     return 0
 
 
