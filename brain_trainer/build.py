@@ -43,8 +43,9 @@ from brain_trainer.config import (
     resolve_settings,
     with_saved_data,
 )
-from brain_trainer.data.flickr8k_dataset import CaptionCollator, derive_seed
 from brain_trainer.data.loaders import Data, build_loaders, check_split_sizes, eval_loader, image_source, load_data
+from brain_trainer.data.seeding import derive_seed
+from brain_trainer.data.text import CaptionCollator
 from brain_trainer.evaluation import Evaluator
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import Runtime
@@ -174,6 +175,8 @@ def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -
     data = load_data(
         root_dir=options.root_dir,
         annotations=options.annotations,
+        val_fraction=options.val_fraction,
+        test_fraction=options.test_fraction,
         demo=options.demo,
         text_encoder=model_config.text_encoder,
         vocab_size=settings.vocab_size,
@@ -306,7 +309,7 @@ def make_trainer(
         tokenizer_json=run.data.tokenizer_json,
         fingerprint=splits["train"].fingerprint(),
         lineage=lineage,
-        data={"root_dir": str(Path(options.root_dir).absolute()), "annotations": options.annotations},
+        data=run.data.record,
     )
     checkpointer = Checkpointer(
         storage=storage, keep_last=settings.keep_last, background=not options.sync_saves, enabled=runtime.is_main

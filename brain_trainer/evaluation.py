@@ -18,8 +18,10 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from brain_trainer.brain_model import BrainModel, ContrastiveLoss
+from brain_trainer.data.annotations import Split
 from brain_trainer.data.augment import eval_transform, images_to_device
-from brain_trainer.data.flickr8k_dataset import CaptionCollator, ImageSource, Split
+from brain_trainer.data.images import ImageSource, UnreadableImage
+from brain_trainer.data.text import CaptionCollator
 from brain_trainer.runtime import Runtime
 
 EVAL_LOSS_CHUNK = 32  # val loss is InfoNCE over fixed chunks of this many pairs, whatever --batch_size is
@@ -156,7 +158,7 @@ def retrieval_picture(similarity: torch.Tensor, split: Split, images: ImageSourc
     for row in range(min(count, similarity.shape[0])):
         try:
             canvas.paste(v2.functional.to_pil_image(thumbnail(images.load(row))), (0, row * side))
-        except (OSError, ValueError):
+        except UnreadableImage:
             pass  # an unreadable image leaves its square blank; its captions still show
         for rank, caption_index in enumerate(similarity[row].topk(3).indices.tolist()):
             right = split.caption_image[caption_index] == row

@@ -20,7 +20,8 @@ import time
 from brain_trainer.build import Resume, Run, Training, build, build_eval, choose_checkpoint, start_training
 from brain_trainer.checkpointing import LAST, CheckpointError, checkpoint_names
 from brain_trainer.config import ConfigError, RunOptions, parse_args
-from brain_trainer.data.flickr8k_dataset import DatasetError, Interrupted
+from brain_trainer.data.annotations import DatasetError
+from brain_trainer.data.image_cache import Interrupted
 from brain_trainer.data.loaders import end_loader_workers
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import LaunchError, Runtime

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brain_trainer.data.flickr8k_dataset import DatasetError, read_text
+from brain_trainer.data.annotations import DatasetError, read_text
 from brain_trainer.inference.common import Parser, positive_int, resolve_device, run_command
 from brain_trainer.inference.grid import write_grid
 from brain_trainer.inference.index import Index, read_index
