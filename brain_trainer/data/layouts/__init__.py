@@ -209,3 +209,14 @@ def _assemble(split_images: dict[str, list[str]], captions: Captions, image_dir:
         skipped["captioned images in no split list (not used)"] += unsplit
     captions.skipped.update(skipped)
     return splits
+
+
+def annotation_files_in(root: Path) -> list[Path]:
+    """The annotation files of every layout that `root` holds where detection looks for them."""
+    return [
+        root / folder / name
+        for spec in LAYOUTS.values()
+        for name in spec.files
+        for folder in spec.text_dirs
+        if (root / folder / name).is_file()
+    ]
