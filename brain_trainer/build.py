@@ -259,6 +259,7 @@ def make_evaluator(run: Run, split_name: str, images, options: RunOptions, runti
         autocast=run.autocast,
         runtime=runtime,
         caption_batch=4 * run.settings.batch_size,
+        folds=options.folds if options.eval_only else 1,
     )
 
 

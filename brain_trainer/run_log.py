@@ -165,6 +165,10 @@ class RunLog:
                 + "".join(f"{metrics[f'{direction}_R@{k}']:8.1f}" for k in (1, 5, 10))
                 + f"{metrics[f'{direction}_median_rank']:14.0f}"
             )
+        if metrics.get("folds", 1) > 1:
+            self.print(f"mean over {metrics['folds']} folds of {metrics['fold_images']} images:")
+            for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
+                self.print(f"{label:16}" + "".join(f"{metrics[f'folds_{direction}_R@{k}']:8.1f}" for k in (1, 5, 10)))
 
     def demo_report(self, metrics: dict, num_images: int, num_captions: int) -> None:
         chance_i2t, chance_t2i = chance_recall_at(5, num_images, round(num_captions / num_images))
