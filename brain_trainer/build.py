@@ -184,7 +184,12 @@ def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -
         runtime=runtime,
         log=log,
     )
-    check_split_sizes(data.splits, batch_size=settings.batch_size, eval_split=options.eval_only and options.eval_split)
+    check_split_sizes(
+        data.splits,
+        batch_size=settings.batch_size,
+        eval_split=options.eval_only and options.eval_split,
+        folds=options.folds,
+    )
     if model_config.text_encoder == "scratch":
         model_config = replace(model_config, text_vocab_size=len(data.tokenizer))
     model = runtime.prepare(build_model(model_config, pretrained=checkpoint is None))
