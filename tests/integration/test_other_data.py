@@ -71,12 +71,12 @@ def test_karpathy_files_of_flickr30k_and_coco_train_and_resume_bitwise_without_r
 @pytest.fixture(scope="module")
 def captioned_folder(tmp_path_factory) -> tuple[Path, Path, str]:
     """(data, run folder, output) of one tiny epoch on an imagefolder (metadata.jsonl with split, captions as a
-    list) with a 20-image test split, two rows it cannot use among them."""
+    list) with a 40-image test split, two rows it cannot use among them."""
     from brain_trainer.cli import main
     from brain_trainer.data.sample_data import write_sample_dataset
 
     work = tmp_path_factory.mktemp("imagefolder")
-    root = write_sample_dataset(work / "data", "imagefolder", images=40, val=5, test=20, size=(48, 36), seed=2)
+    root = write_sample_dataset(work / "data", "imagefolder", images=60, val=5, test=40, size=(48, 36), seed=2)
     with open(root / "metadata.jsonl", "a") as handle:
         handle.write('{"file_name": "images/gone.jpg", "text": "Gone .", "split": "train"}\n{"file_name": 3}\n')
     out = io.StringIO()
@@ -91,31 +91,32 @@ def test_a_captioned_folder_trains_with_its_unusable_rows_in_one_warning(caption
     warnings = [line for line in out.splitlines() if line.startswith("⚠") and "skipped" in line]
     assert warnings == [
         f"⚠ {root / 'metadata.jsonl'}: skipped 1 images missing from the image folder, "
-        f"1 malformed rows (first: line 42: no file name in {{'file_name': 3}})"
+        f"1 malformed rows (first: line 62: no file name in {{'file_name': 3}})"
     ]
-    assert "imagefolder layout): train 15 images / 75 captions, val 5 images / 25 captions, test 20 images" in out
+    assert "imagefolder layout): train 15 images / 75 captions, val 5 images / 25 captions, test 40 images" in out
 
 
 def test_eval_over_five_folds_equals_the_mean_of_five_evals_of_each_fold(capsys, captioned_folder, tmp_path):
     root, work, _ = captioned_folder
     checkpoint = work / "ckpt" / "last_brain_v2.pt"
-    status, out, err = run_cli(capsys, "eval", "--resume", checkpoint, "--eval_split", "test", "--folds", "5",
-                               "--cache_dir", tmp_path / "cache", "--num_workers", "0")  # fmt: skip
+    # Batches of 2 images and 8 captions: each fold's 8 images and 40 captions are whole batches in both runs, so
+    # each embedding is computed exactly as in the fold's own run (batch composition moves float rounding).
+    evaluation = ["--eval_split", "test", "--batch_size", "2", "--cache_dir", tmp_path / "cache", "--num_workers", "0"]
+    status, out, err = run_cli(capsys, "eval", "--resume", checkpoint, "--folds", "5", *evaluation)
     assert status == 0, err
-    assert "from the checkpoint" in out and "mean over 5 folds of 4 images:" in out
+    assert "from the checkpoint" in out and "mean over 5 folds of 8 images:" in out
     folded = recall_rows(out, "mean over 5 folds")
-    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()[:40]]
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()[:60]]
     test_rows = [row for row in rows if row["split"] == "test"]
     alone = []
     for fold in range(5):
         subset = tmp_path / f"fold{fold}"
         subset.mkdir()
         (subset / "images").symlink_to(root / "images")
-        kept = [row for row in rows if row["split"] != "test"] + test_rows[4 * fold : 4 * fold + 4]
+        kept = [row for row in rows if row["split"] != "test"] + test_rows[8 * fold : 8 * fold + 8]
         (subset / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
-        status, out, err = run_cli(capsys, "eval", "--resume", checkpoint, "--root_dir", subset, "--eval_split",
-                                   "test", "--cache_dir", tmp_path / "cache", "--num_workers", "0")  # fmt: skip
-        assert status == 0 and "Scored 4 test images against 20 captions" in out, err
+        status, out, err = run_cli(capsys, "eval", "--resume", checkpoint, "--root_dir", subset, *evaluation)
+        assert status == 0 and "Scored 8 test images against 40 captions" in out, err
         alone.append(recall_rows(out))
     mean = [sum(values) / 5 for values in zip(*alone)]
     assert folded == pytest.approx(mean, abs=0.06)  # each figure is printed to 0.1
@@ -135,8 +136,8 @@ def test_mistakes_with_other_data_are_one_line(capsys, captioned_folder, tmp_pat
         status, _, err = run_cli(capsys, "train", *args, *run_args(tmp_path / "run"))
         assert_one_error_line(status, err, *needles)
     checkpoint = work / "ckpt" / "last_brain_v2.pt"
-    status, _, err = run_cli(capsys, "eval", "--resume", checkpoint, "--eval_split", "test", "--folds", "21")
-    assert_one_error_line(status, err, "--folds 21", "20 images")
+    status, _, err = run_cli(capsys, "eval", "--resume", checkpoint, "--eval_split", "test", "--folds", "41")
+    assert_one_error_line(status, err, "--folds 41", "40 images")
 
 
 def test_sample_data_keeps_a_folder_holding_annotation_files_unless_told_to_overwrite(capsys, tmp_path):

@@ -22,8 +22,7 @@ def read_metadata_file(path: Path, root: Path) -> Captions:
     """Rows that cannot be used (malformed, empty captions, duplicates, unknown splits) are counted into the one
     summary warning; a file without `file_name` or a caption column is a DatasetError naming its columns."""
     rows, columns = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
-    text_column = next((column for column in CAPTION_COLUMNS if column in columns), None)
-    if "file_name" not in columns or text_column is None:
+    if "file_name" not in columns or not set(CAPTION_COLUMNS) & set(columns):
         raise DatasetError(
             f"{path}: an imagefolder metadata file needs a 'file_name' column and a caption column "
             f"({', '.join(CAPTION_COLUMNS)}); its columns are: {', '.join(columns) or 'none'}"
@@ -31,7 +30,7 @@ def read_metadata_file(path: Path, root: Path) -> Captions:
     captions = Captions(split_of={} if "split" in columns else None, image_dir=path.parent)
     seen, first = set(), {}
     for where, row in rows:
-        problem = _add_row(captions, row, text_column, seen)
+        problem = _add_row(captions, row, seen)
         if problem:
             captions.skipped[problem[0]] += 1
             first.setdefault(problem[0], f"{where}: {problem[1]}")
@@ -40,10 +39,12 @@ def read_metadata_file(path: Path, root: Path) -> Captions:
     return captions
 
 
-def _add_row(captions: Captions, row, text_column: str, seen: set) -> tuple[str, str] | None:
-    """Add one row's captions; (what to count, why) when the row, or a caption of it, is not used."""
+def _add_row(captions: Captions, row, seen: set) -> tuple[str, str] | None:
+    """Add one row's captions (from its first caption column: text, caption, captions); (what to count, why)
+    when the row, or a caption of it, is not used."""
     if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"].strip():
         return "malformed rows", f"no file name in {str(row)[:60]}"
+    text_column = next((column for column in CAPTION_COLUMNS if row.get(column) is not None), CAPTION_COLUMNS[0])
     name, texts = row["file_name"].strip(), row.get(text_column)
     texts = [texts] if isinstance(texts, str) else texts
     if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
