@@ -149,7 +149,8 @@ def test_every_layout_name_is_one_registry_entry_read_by_the_flags():
     from brain_trainer.config import ANNOTATIONS
     from brain_trainer.data.sample_data import SAMPLE_LAYOUTS
 
-    assert ANNOTATIONS == ("auto", *LAYOUTS) and set(LAYOUTS) <= set(SAMPLE_LAYOUTS)
+    assert ANNOTATIONS == ("auto", *LAYOUTS)
+    assert all(name.split("-")[0] in LAYOUTS for name in SAMPLE_LAYOUTS) and set(LAYOUTS) <= set(SAMPLE_LAYOUTS)
 
 
 # ----------------------------------------------------------------------------- unreadable images
