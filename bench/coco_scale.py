@@ -3,9 +3,9 @@ and memory as the image count grows.
 
 Data: a generated `dataset_coco.json` with COCO's Karpathy split sizes (82,783 train + 30,504 restval in
 train2014/val2014 `filepath` folders, 5,000 val, 5,000 test: 123,287 images, 5 captions each = 616,435,
-with `tokens` as the real file has them), its image files as empty files (the read only checks each exists); then caches built
-from 640x480 photo-like JPEGs (a few distinct files, hard-linked under many names) at 224 px, in this process
-(no loader workers), for N and 4N images. Prints one JSON object.
+with `tokens` as the real file has them), its image files as empty files (the read only checks that each
+exists); then caches built from 640x480 photo-like JPEGs (a few distinct files, hard-linked under many
+names) at 224 px, in this process (no loader workers), for N and 4N images. Prints one JSON object.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/coco_scale.py [--cache_images 1000]
 """

@@ -123,7 +123,6 @@ def captions_for(scene: Scene, rng: random.Random) -> list[str]:
     return captions
 
 
-
 def write_sample_dataset(
     root: Path,
     layout: str = "token",
