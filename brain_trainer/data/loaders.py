@@ -83,11 +83,6 @@ def write_demo_data(root_dir: Path, log: RunLog) -> None:
 def check_split_sizes(splits: dict[str, Split], *, batch_size: int, eval_split: str | None, folds: int = 1) -> None:
     """Enough samples for the run, said at startup: a global batch to train on, two captions and an image to
     evaluate (a contrastive loss needs a negative), an image for each of `eval --folds`."""
-    if eval_split and len(splits[eval_split].images) < folds:
-        raise DatasetError(
-            f"--folds {folds}: the {eval_split} split has {len(splits[eval_split].images)} images, fewer than one "
-            f"per fold; use fewer folds"
-        )
     if len(splits["train"]) < batch_size:
         raise DatasetError(
             f"the train split has {len(splits['train'])} samples, fewer than one batch "
@@ -100,6 +95,11 @@ def check_split_sizes(splits: dict[str, Split], *, batch_size: int, eval_split: 
                 f"the {name} split has {len(split.images)} images and {len(split)} captions; evaluation "
                 f"needs at least 1 image and 2 captions: check its split list in --root_dir"
             )
+    if eval_split and len(splits[eval_split].images) < folds:
+        raise DatasetError(
+            f"--folds {folds}: the {eval_split} split has {len(splits[eval_split].images)} images, fewer than one "
+            f"per fold; use fewer folds"
+        )
 
 
 def image_source(
