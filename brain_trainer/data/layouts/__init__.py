@@ -95,11 +95,10 @@ def layout_of_file(path: Path) -> str | None:
 
 
 def _looked_for(root: Path) -> str:
-    files = [
-        f"{name} (in {root} or {root / 'Flickr8k_text'})" if kind == "token" else name
-        for kind in LAYOUTS
-        for name in LAYOUTS[kind].files
-    ]
+    files = []
+    for spec in LAYOUTS.values():
+        folders = " or ".join(str(root / folder) for folder in spec.text_dirs)
+        files += [f"{name} (in {folders})" if len(spec.text_dirs) > 1 else name for name in spec.files]
     return ", ".join(files[:-1]) + f" or {files[-1]}"
 
 
