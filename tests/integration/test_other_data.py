@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     TINY_MODEL,
     assert_bitwise_equal,
     assert_one_error_line,
