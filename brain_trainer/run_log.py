@@ -112,10 +112,13 @@ class RunLog:
         start_epoch: int,
         epochs: int,
         world_size: int,
+        threads: str | None = None,
     ) -> None:
         self.print(f"\nTrain samples: {train_samples}")
         self.print(f"Val samples:   {val_samples}")
         self.print(f"Device: {device.type}" + (f" ({world_size} processes)" if world_size > 1 else ""))
+        if threads:
+            self.print(threads)
         self.print(f"Precision: {precision}")
         self.print(f"Batch size: {batch_size}" + (f" ({per_process} per process)" if world_size > 1 else ""))
         self.print(f"Learning rate: {lr}")

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from brain_trainer.data.annotations import DatasetError, Split
 from brain_trainer.data.augment import TrainAugment, eval_transform
 from brain_trainer.data.images import ImageSource, UnreadableImage
-from brain_trainer.data.seeding import derive_seed
+from brain_trainer.runtime.seeding import derive_seed
 
 
 class CaptionedImages(Dataset):

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from brain_trainer.data.seeding import derive_seed
+from brain_trainer.runtime.seeding import derive_seed
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):

@@ -27,8 +27,8 @@ from brain_trainer.data.layouts import detect_layout, load_splits
 from brain_trainer.data.layouts.flickr8k import SPLIT_FILES, TOKEN_FILE
 from brain_trainer.data.sample_data import write_sample_dataset
 from brain_trainer.data.sampler import ResumableSampler
-from brain_trainer.data.seeding import derive_seed
 from brain_trainer.data.text import CaptionCollator, tokenizer_from_json, train_caption_tokenizer
+from brain_trainer.runtime.seeding import derive_seed
 
 REAL_TEXT = DATA / "flickr8k_text"  # the real annotation files, gzipped (tests/data/flickr8k_text/README.md)
 
