@@ -13,13 +13,13 @@ import torch
 
 from brain_trainer.checkpointing.format import (
     CheckpointError,
-    check_fields,
     first,
     is_full_checkpoint,
     model_weights,
     nonfinite_tensors,
 )
 from brain_trainer.checkpointing.storage import Storage, locate
+from brain_trainer.checkpointing.validate import check_fields, check_tensor_sizes
 
 # Globals that old checkpoints commonly hold and that build plain values when unpickled: only for files asking for
 # these alone does a refusal suggest `convert --trust`. Anything else (os.system, builtins.eval, ...) runs code.
@@ -48,6 +48,7 @@ def _unsafe_globals(path: str, error: Exception) -> list[str]:
 
 
 def _load_file(path: str, location: str, mmap: bool) -> dict:
+    check_tensor_sizes(path, location)  # before torch.load allocates what the file claims
     try:
         with warnings.catch_warnings():  # torch's remarks on foreign pickles: the refusal below says what matters
             warnings.simplefilter("ignore", UserWarning)
