@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -295,17 +296,18 @@ def _expected_type(name: str) -> tuple[type, ...]:
     return (int, float) if isinstance(default, float) else (type(default),)
 
 
-def _check_saved_value(name: str, value, source: str) -> None:
+def _check_saved_value(name: str, value, source: str, overridable: bool = True) -> None:
     kinds = _expected_type(name)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        fix = f"pass --{name} to override it, or resume from another file" if overridable else "use another file"
         raise ConfigError(
             f"{source}: field 'config.{name}' is {value!r} (expected a {kinds[-1].__name__}); "
-            f"the checkpoint is damaged: pass --{name} to override it, or resume from another file"
+            f"the checkpoint is damaged: {fix}"
         )
 
 
 def resolve_settings(
-    given: dict, saved: dict | None, demo: bool, source: str = ""
+    given: dict, saved: dict | None, demo: bool, source: str = "", overridable: bool = True
 ) -> tuple[BrainConfig, TrainSettings, list[str], dict[str, str]]:
     """Command line > checkpoint config > demo settings (with --demo) > defaults.
 
@@ -321,7 +323,7 @@ def resolve_settings(
             if name in saved and saved[name] != given[name]:
                 overridden.append(f"{name} {saved[name]} -> {given[name]}")
         elif name in saved:
-            _check_saved_value(name, saved[name], source)
+            _check_saved_value(name, saved[name], source, overridable)
             values[name], from_checkpoint[name] = saved[name], source
         else:
             values[name] = defaults[name]
@@ -343,13 +345,7 @@ def check_settings(
 ) -> None:
     """Every check of the options, in one place; raises ConfigError naming the flag, the value and the fix
     (and the checkpoint, when the value came from one)."""
-    from_checkpoint = from_checkpoint or {}
-
-    def need(ok: bool, flag: str, value, fix: str) -> None:
-        if not ok:
-            where = f" (from {from_checkpoint[flag]}; pass --{flag} to override)" if flag in from_checkpoint else ""
-            raise ConfigError(f"--{flag} {value}: {fix}{where}")
-
+    need = _need(from_checkpoint or {})
     need(
         options.root_dir is not None,
         "root_dir",
@@ -357,6 +353,58 @@ def check_settings(
         "give the Flickr8k folder, or use --demo"
         + (" (the checkpoint does not say where its data is)" if options.resume else ""),
     )
+    check_run_settings(model_config, settings, world_size, from_checkpoint)
+    need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
+    need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
+    need(
+        options.lock_expiry >= 3 and math.isfinite(options.lock_expiry),
+        "lock_expiry",
+        options.lock_expiry,
+        "must be at least 3 seconds",
+    )
+    for flag in ("savedir", "logdir"):
+        folder = getattr(options, flag)
+        if "://" not in folder or folder.startswith("file://"):
+            folder = Path(folder.removeprefix("file://"))
+            need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
+    need(
+        "://" not in options.logdir or options.logdir.startswith("file://"),
+        "logdir",
+        options.logdir,
+        "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
+    )
+    _check_image_encoder(model_config, need)
+    need(
+        options.device != "cuda" or torch.cuda.is_available(),
+        "device",
+        options.device,
+        "CUDA is not available on this machine; use --device cpu",
+    )
+    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
+
+
+def _need(from_checkpoint: dict[str, str], overridable: bool = True):
+    """The check that raises one ConfigError line naming the flag, the value, the fix and where it came from."""
+
+    def need(ok: bool, flag: str, value, fix: str) -> None:
+        if not ok:
+            override = f"; pass --{flag} to override" if overridable else ""
+            where = f" (from {from_checkpoint[flag]}{override})" if flag in from_checkpoint else ""
+            raise ConfigError(f"--{flag} {value}: {fix}{where}")
+
+    return need
+
+
+def check_run_settings(
+    model_config: BrainConfig,
+    settings: TrainSettings,
+    world_size: int = 1,
+    from_checkpoint: dict[str, str] | None = None,
+    overridable: bool = True,
+) -> None:
+    """The checks of the settings alone (what a checkpoint's config holds), for training and for every command
+    that reads a checkpoint; `overridable` says whether the command has flags to override them."""
+    need = _need(from_checkpoint or {}, overridable)
     values = {**model_config.to_dict(), **asdict(settings)}
     for flag in (
         "epochs",
@@ -430,33 +478,39 @@ def check_settings(
         settings.precision,
         f"use one of {', '.join(PRECISIONS)}",
     )
-    need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
-    need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
+    _check_model_size(model_config, settings, need)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def model_bytes(model_config: BrainConfig, vocab_size: int) -> dict[str, int]:
+    """Bytes of the weights, gradients and AdamW's two moments (16 a parameter) each size setting accounts for:
+    the shared core's d_shared^2 terms, the scratch text encoder's width^2 and vocabulary, its position table."""
+    d, width = model_config.d_shared, model_config.scratch_text_width
+    scratch = model_config.text_encoder == "scratch"
+    tokens = (model_config.image_size // 32) ** 2  # the image grid the core attends over
+    parameters = {
+        "d_shared": model_config.brain_layers * 12 * d * d + d * ((width if scratch else 1024) + 2048 + tokens),
+        "scratch_text_width": model_config.scratch_text_layers * 12 * width * width + vocab_size * width,
+        "max_text_len": max(model_config.max_text_len, 8) * width,
+    }
+    return {flag: 16 * count if scratch or flag == "d_shared" else 0 for flag, count in parameters.items()}
+
+
+def _check_model_size(model_config: BrainConfig, settings: TrainSettings, need) -> None:
+    """A model that cannot be allocated is refused at startup, naming the setting that makes it so large."""
+    needed = model_bytes(model_config, settings.vocab_size)
+    flag, total, available = max(needed, key=needed.get), sum(needed.values()), memory_bytes()
     need(
-        options.lock_expiry >= 3 and math.isfinite(options.lock_expiry),
-        "lock_expiry",
-        options.lock_expiry,
-        "must be at least 3 seconds",
+        total <= available,
+        flag,
+        getattr(model_config, flag),
+        f"a model this size needs about {total / 2**30:,.0f} GiB for its weights, gradients and AdamW moments, "
+        f"more than this machine's {available / 2**30:,.0f} GiB; use a smaller value",
     )
-    for flag in ("savedir", "logdir"):
-        folder = getattr(options, flag)
-        if "://" not in folder or folder.startswith("file://"):
-            folder = Path(folder.removeprefix("file://"))
-            need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
-    need(
-        "://" not in options.logdir or options.logdir.startswith("file://"),
-        "logdir",
-        options.logdir,
-        "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
-    )
-    _check_image_encoder(model_config, need)
-    need(
-        options.device != "cuda" or torch.cuda.is_available(),
-        "device",
-        options.device,
-        "CUDA is not available on this machine; use --device cpu",
-    )
-    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
 
 
 def fits_float32(value: float) -> bool:

@@ -322,3 +322,21 @@ def _is_scalar(value) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and bool(torch.isfinite(value.float()).all())
     return is_number(value)
+
+
+# ----------------------------------------------------------------------------- the run's settings
+
+
+def check_settings_of(checkpoint: dict, path: str) -> None:
+    """The run's saved settings, checked by the code that checks the command line's (config.py), for commands
+    with no flags to override them (embed, search, export, load_brain, ckpt inspect); `train --resume` checks
+    them in `build`, after the command line's overrides."""
+    from brain_trainer.config import ConfigError, check_run_settings, resolve_settings
+
+    if not isinstance(checkpoint.get("config"), dict):
+        return
+    try:
+        model_config, settings, _, saved = resolve_settings({}, checkpoint["config"], False, path, overridable=False)
+        check_run_settings(model_config, settings, from_checkpoint=saved, overridable=False)
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None

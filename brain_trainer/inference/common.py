@@ -19,14 +19,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"Error: {message} (see --help)\n")
 
 
-def positive_int(flag: str) -> Callable[[str], int]:
+def positive_int(flag: str, lowest: int = 1) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{value}: {flag} must be at least 1")
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{value}: {flag} must be at least {lowest}")
         return value
 
     return parse
@@ -35,9 +35,20 @@ def positive_int(flag: str) -> Callable[[str], int]:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InferenceError(f"--device {name}: not a device this program runs on; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise InferenceError(f"--device {name}: no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InferenceError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1}; name one of them"
+        )
+    return device
 
 
 def run_command(action: Callable[[], int]) -> int:
