@@ -25,6 +25,7 @@ DEMO_ROOT = Path("data/flickr8k_sample")
 PRECISIONS = ("fp32", "fp16", "bf16")
 ANNOTATIONS = ("auto", "token", "karpathy", "kaggle")
 MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_LOCK_EXPIRY_S = 366 * 86400  # an object store's lock: an expiry further away is not one this program wrote
 
 
 class ConfigError(Exception):
@@ -357,10 +358,10 @@ def check_settings(
     need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
     need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
     need(
-        options.lock_expiry >= 3 and math.isfinite(options.lock_expiry),
+        3 <= options.lock_expiry <= MAX_LOCK_EXPIRY_S,
         "lock_expiry",
         options.lock_expiry,
-        "must be at least 3 seconds",
+        "must be at least 3 seconds (and at most a year)",
     )
     for flag in ("savedir", "logdir"):
         folder = getattr(options, flag)
@@ -498,6 +499,18 @@ def model_bytes(model_config: BrainConfig, vocab_size: int) -> dict[str, int]:
         "max_text_len": max(model_config.max_text_len, 8) * width,
     }
     return {flag: 16 * count if scratch or flag == "d_shared" else 0 for flag, count in parameters.items()}
+
+
+def check_image_memory(width: int, height: int, flag: str = "--size") -> None:
+    """An image this machine can hold (RGB, and a copy while it is encoded), or a ValueError naming the memory."""
+    if width < 1 or height < 1:
+        raise ValueError(f"{flag} {width}x{height}: the width and height must be positive, such as 320x240")
+    needed, available = 2 * 3 * width * height, memory_bytes()
+    if needed > available:
+        raise ValueError(
+            f"{flag} {width}x{height}: an image this size needs about {needed / 2**30:,.1f} GiB, and this machine "
+            f"has {available / 2**30:,.0f} GiB; give a width and height of a few hundred pixels, such as 320x240"
+        )
 
 
 def _check_model_size(model_config: BrainConfig, settings: TrainSettings, need) -> None:

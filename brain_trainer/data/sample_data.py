@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data")
     args = parser.parse_args(argv)
     try:
         width, height = (int(part) for part in args.size.lower().split("x"))
+        from brain_trainer.config import check_image_memory
+
+        check_image_memory(width, height)
         write_sample_dataset(args.root, args.layout, args.images, args.val, args.test, (width, height), args.seed)
     except ValueError as error:
         print(f"Error: {error}", file=sys.stderr)
