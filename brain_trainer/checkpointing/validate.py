@@ -66,7 +66,11 @@ def check_tensor_sizes(path: str, location: str) -> None:
         return  # the legacy format: torch reads each storage's bytes from the file itself
     try:
         with zipfile.ZipFile(path) as archive:
-            records = {info.filename.split("/")[-1]: info.file_size for info in archive.infolist()}
+            records = {  # storage key -> bytes of its record, archive/data/KEY
+                info.filename.rsplit("/data/", 1)[1]: info.file_size
+                for info in archive.infolist()
+                if "/data/" in info.filename
+            }
             pickle_name = next(name for name in archive.namelist() if name.endswith("data.pkl"))
             pickled = archive.read(pickle_name)
     except (zipfile.BadZipFile, StopIteration, OSError, ValueError):

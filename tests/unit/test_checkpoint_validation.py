@@ -9,6 +9,8 @@ import collections
 import copy
 import random
 import re
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,21 @@ def test_the_fuzz_never_ends_in_anything_but_the_one_line(tmp_path):
             ck.load_for_resume(str(path))
         except ck.CheckpointError as error:
             assert "\n" not in str(error)
+
+
+def test_a_storage_claiming_more_bytes_than_its_record_is_refused_before_it_is_allocated(tmp_path):
+    checkpoint = fresh()
+    checkpoint["model_state_dict"]["0.weight"] = torch.ones(123457)  # a number its pickle holds once, as the numel
+    plain = tmp_path / "plain.pt"
+    torch.save(checkpoint, plain)
+    with zipfile.ZipFile(plain) as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    name = next(name for name in records if name.endswith("data.pkl"))
+    numel = b"J" + struct.pack("<i", 123457)  # BININT: the storage's element count, before the tensor's shape
+    records[name] = records[name].replace(numel, b"\x8a\x06" + (2**40).to_bytes(6, "little"), 1)  # LONG1
+    damaged = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(damaged, "w", zipfile.ZIP_STORED) as archive:
+        for entry, data in records.items():
+            archive.writestr(entry, data)
+    with pytest.raises(ck.CheckpointError, match=r"storage \S+ claims 4398046511104 bytes, its record holds 493828"):
+        ck.load_checkpoint(str(damaged))
