@@ -168,7 +168,7 @@ def check_fields(checkpoint: dict, path: str) -> None:
 
 SCALARS = (str, int, float, bool, type(None))
 PLAIN_DICTS = {  # fields holding a dict of names to plain values, and the types each value may have
-    "config": SCALARS,
+    "config": SCALARS + (list, tuple),  # an older program's config may hold a list (betas, ...): never read
     "run": (str, int, type(None)),
     "data": (str, type(None)),
     "versions": (str,),

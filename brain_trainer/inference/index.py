@@ -56,7 +56,15 @@ ROW_TYPES = {
     IMAGES: {"path": (str,), "size": (int,), "mtime_ns": (int,)},
     CAPTIONS: {"text": (str,), "image": (str, type(None))},
 }
-MANIFEST_TYPES = {"width": int, "images_dir": str, "dtype": str, "checkpoint": dict, "config": dict, "precision": str}
+MANIFEST_TYPES = {
+    "width": int,
+    "images_dir": str,
+    "dtype": str,
+    "checkpoint": dict,
+    "config": dict,
+    "precision": str,
+    "counts": dict,
+}
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -117,6 +125,9 @@ def read_index(folder: Path, flag: str = "--index") -> Index:
         manifest = json.loads((folder / MANIFEST).read_text())
         _check_manifest(manifest)
         images, captions = _read_jsonl(folder / IMAGES), _read_jsonl(folder / CAPTIONS)
+        counts = {"images": len(images), "captions": len(captions)}
+        if {key: manifest.get("counts", {}).get(key) for key in counts} != counts:
+            raise ValueError(f"{MANIFEST} counts {str(manifest.get('counts'))[:60]}, the rows {counts}")
         index = Index(
             manifest,
             images,
