@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_error_line, run_args, run_cli, split_folder
+from helpers import assert_one_error_line, run_args, run_cli, split_folder
 
 from brain_trainer.checkpointing import LAST, LOCK_NAME, open_storage
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DATA
 from torch import nn
 
 from brain_trainer import checkpointing as ck
 from brain_trainer.trainer import TrainState
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 JUNK = {
     "None": None,
     "a string": "junk",
