@@ -403,8 +403,7 @@ def check_run_settings(
     from_checkpoint: dict[str, str] | None = None,
     overridable: bool = True,
 ) -> None:
-    """The checks of the settings alone (what a checkpoint's config holds), for training and for every command
-    that reads a checkpoint; `overridable` says whether the command has flags to override them."""
+    """The settings' checks, for training and every command reading a checkpoint (`overridable`: it has flags)."""
     need = _need(from_checkpoint or {}, overridable)
     values = {**model_config.to_dict(), **asdict(settings)}
     for flag in (
@@ -444,6 +443,13 @@ def check_run_settings(
         f"--batch_size {settings.batch_size} must divide into {world_size} process(es) x {settings.accum_steps} "
         f"micro-batches; use a batch size that is a multiple of {parts}",
     )
+    _check_optimisation(settings, values, need)
+    _check_architecture(model_config, settings, need)
+    _check_model_size(model_config, settings, need)
+
+
+def _check_optimisation(settings: TrainSettings, values: dict, need) -> None:
+    """The optimizer's settings: positive, finite, and what float32 holds."""
     need(settings.lr > 0 and math.isfinite(settings.lr), "lr", settings.lr, "must be a positive number such as 2e-4")
     need(0 < settings.min_lr_ratio <= 1, "min_lr_ratio", settings.min_lr_ratio, "must be in (0, 1]")
     for flag in ("weight_decay", "warmup_steps", "grad_clip", "save_every_steps", "keep_last"):
@@ -457,6 +463,10 @@ def check_run_settings(
             values[flag],
             f"is out of the float32 range the optimizer computes in ({FLOAT32.tiny:.1e} to {FLOAT32.max:.1e}, or 0)",
         )
+
+
+def _check_architecture(model_config: BrainConfig, settings: TrainSettings, need) -> None:
+    """The model's own constraints: ranges, divisibility, the vocabulary, the precision."""
     need(0 <= model_config.dropout < 1, "dropout", model_config.dropout, "must be in [0, 1)")
     need(model_config.image_size >= 32, "image_size", model_config.image_size, "must be at least 32 pixels")
     need(
@@ -479,7 +489,6 @@ def check_run_settings(
         settings.precision,
         f"use one of {', '.join(PRECISIONS)}",
     )
-    _check_model_size(model_config, settings, need)
 
 
 def memory_bytes() -> int:

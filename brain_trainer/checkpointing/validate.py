@@ -52,10 +52,6 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def is_count(value, lowest: int = 0) -> bool:
-    return is_int(value) and lowest <= value <= MAX_COUNT
-
-
 # ----------------------------------------------------------------------------- before torch.load
 
 
