@@ -58,6 +58,8 @@ def is_number(value) -> bool:
 def check_tensor_sizes(path: str, location: str) -> None:
     """Refuse a zip checkpoint whose tensors claim more bytes than its records hold, or than the file's size,
     before anything is allocated: its pickle is read with storages that take no memory (the meta device)."""
+    if not os.path.isfile(path):
+        return  # a pipe or a device: opening it here would block; the loader's own refusal names it
     if not zipfile.is_zipfile(path):
         return  # the legacy format: torch reads each storage's bytes from the file itself
     try:
