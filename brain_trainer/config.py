@@ -20,9 +20,9 @@ import torch
 import torchvision
 
 from brain_trainer.brain_model import BrainConfig, is_weights_file
+from brain_trainer.runtime.precision import PRECISIONS
 
 DEMO_ROOT = Path("data/flickr8k_sample")
-PRECISIONS = ("fp32", "fp16", "bf16")
 ANNOTATIONS = ("auto", "token", "karpathy", "kaggle")
 MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_LOCK_EXPIRY_S = 366 * 86400  # an object store's lock: an expiry further away is not one this program wrote
@@ -62,6 +62,7 @@ class RunOptions:
     num_workers: int
     cache_dir: Path | None
     device: str
+    threads: int | None  # intra-op threads per process; None: OMP_NUM_THREADS, else the runtime's rule
     deterministic: bool
     compile: bool
     savedir: str  # a folder or an fsspec URL (s3://bucket/run): resolved by a storage, never parsed as a Path
@@ -212,6 +213,13 @@ def parse_args(
         default="auto",
         help="default: cuda if available (cuda:LOCAL_RANK under torchrun)",
     )
+    device.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads of each process (default: OMP_NUM_THREADS if set, else the cores this process "
+        "may use, shared by the processes on its node, less one per loader worker; at least 1). A resume "
+        "is bitwise exact only at the checkpoint's count",
+    )
     device.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (slower)")
     device.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
 
@@ -356,6 +364,7 @@ def check_settings(
     )
     check_run_settings(model_config, settings, world_size, from_checkpoint)
     need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
+    need(options.threads is None or options.threads >= 1, "threads", options.threads, "must be at least 1")
     need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
     need(
         3 <= options.lock_expiry <= MAX_LOCK_EXPIRY_S,
@@ -375,6 +384,7 @@ def check_settings(
         "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
     )
     _check_image_encoder(model_config, need)
+    _check_micro_batch(model_config, settings, world_size, need)
     need(
         options.device != "cuda" or torch.cuda.is_available(),
         "device",
@@ -510,18 +520,6 @@ def model_bytes(model_config: BrainConfig, vocab_size: int) -> dict[str, int]:
     return {flag: 16 * count if scratch or flag == "d_shared" else 0 for flag, count in parameters.items()}
 
 
-def check_image_memory(width: int, height: int, flag: str = "--size") -> None:
-    """An image this machine can hold (RGB, and a copy while it is encoded), or a ValueError naming the memory."""
-    if width < 1 or height < 1:
-        raise ValueError(f"{flag} {width}x{height}: the width and height must be positive, such as 320x240")
-    needed, available = 2 * 3 * width * height, memory_bytes()
-    if needed > available:
-        raise ValueError(
-            f"{flag} {width}x{height}: an image this size needs about {needed / 2**30:,.1f} GiB, and this machine "
-            f"has {available / 2**30:,.0f} GiB; give a width and height of a few hundred pixels, such as 320x240"
-        )
-
-
 def _check_model_size(model_config: BrainConfig, settings: TrainSettings, need) -> None:
     """A model that cannot be allocated is refused at startup, naming the setting that makes it so large."""
     needed = model_bytes(model_config, settings.vocab_size)
@@ -533,6 +531,41 @@ def _check_model_size(model_config: BrainConfig, settings: TrainSettings, need) 
         f"a model this size needs about {total / 2**30:,.0f} GiB for its weights, gradients and AdamW moments, "
         f"more than this machine's {available / 2**30:,.0f} GiB; use a smaller value",
     )
+
+
+def _check_micro_batch(model_config: BrainConfig, settings: TrainSettings, world_size: int, need) -> None:
+    """BatchNorm cannot train on one value per channel: a micro-batch of one image whose map is 1x1 somewhere."""
+    per_process = settings.batch_size // world_size
+    if settings.accum_steps == 1 or per_process // settings.accum_steps >= 2:
+        return
+    if _batchnorm_values_per_image(model_config) == 1:
+        largest = max(
+            steps for steps in range(1, per_process + 1) if per_process % steps == 0 and per_process // steps >= 2
+        )
+        need(
+            False,
+            "accum_steps",
+            settings.accum_steps,
+            f"micro-batches of 1 per process, and a BatchNorm in --image_encoder {model_config.image_encoder} "
+            f"sees a 1x1 map at --image_size {model_config.image_size}, which it cannot train on; the smallest "
+            f"micro-batch it accepts is 2: use --accum_steps {largest} or a larger --batch_size",
+        )
+
+
+def _batchnorm_values_per_image(model_config: BrainConfig) -> int | None:
+    """The fewest values per channel a BatchNorm of the encoder sees for one image (None: it has no BatchNorm, or
+    cannot take this image size, which building the model then says)."""
+    classifier = torchvision.models.get_model(model_config.image_encoder, weights=None).eval()
+    seen: list[int] = []
+    for module in classifier.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.register_forward_hook(lambda _, inputs, __: seen.append(inputs[0][0, 0].numel()))
+    try:
+        with torch.no_grad():
+            classifier(torch.zeros(1, 3, model_config.image_size, model_config.image_size))
+    except (RuntimeError, AssertionError, ValueError):
+        return None
+    return min(seen, default=None)
 
 
 def fits_float32(value: float) -> bool:

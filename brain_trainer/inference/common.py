@@ -12,6 +12,8 @@ import torch
 from brain_trainer.checkpointing import CheckpointError
 from brain_trainer.config import ConfigError
 from brain_trainer.inference.load import InferenceError
+from brain_trainer.runtime.precision import choose_device
+from brain_trainer.safe_files import OutputError
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,28 +35,16 @@ def positive_int(flag: str, lowest: int = 1) -> Callable[[str], int]:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise InferenceError(f"--device {name}: not a device this program runs on; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    """`--device`: chosen as training chooses it (`auto`: the GPU when there is one)."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise InferenceError(f"--device {name}: no CUDA device is available; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise InferenceError(
-            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
-            f"cuda:{torch.cuda.device_count() - 1}; name one of them"
-        )
-    return device
+    return choose_device(name)
 
 
 def run_command(action: Callable[[], int]) -> int:
     """Run `action`; a user mistake (a bad file, flag or checkpoint) is one line on stderr and exit status 2."""
     try:
         return action()
-    except (InferenceError, CheckpointError, ConfigError) as error:
+    except (InferenceError, CheckpointError, ConfigError, OutputError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
