@@ -149,8 +149,13 @@ def index(setup, tmp_path, capsys):
     return out
 
 
+def part(folder, name):
+    """The file of an index part, as its manifest publishes it."""
+    return folder / json.loads((folder / "manifest.json").read_text()).get("files", {}).get(name, name)
+
+
 def rows_are_strings(folder):
-    (folder / "images.jsonl").write_text('"a.jpg"\n"b.jpg"\n')
+    part(folder, "images.jsonl").write_text('"a.jpg"\n"b.jpg"\n')
 
 
 def images_dir_is_a_number(folder):
@@ -159,12 +164,12 @@ def images_dir_is_a_number(folder):
 
 
 def embeddings_are_strings(folder):
-    rows = np.load(folder / "image_embeddings.npy").shape[0]
-    np.save(folder / "image_embeddings.npy", np.array(["x"] * rows))
+    rows = np.load(part(folder, "image_embeddings.npy")).shape[0]
+    np.save(part(folder, "image_embeddings.npy"), np.array(["x"] * rows))
 
 
 def header_claims_terabytes(folder):
-    path = folder / "image_embeddings.npy"
+    path = part(folder, "image_embeddings.npy")
     data = path.read_bytes()
     rows = np.load(path).shape[0]
     width = json.loads((folder / "manifest.json").read_text())["width"]
