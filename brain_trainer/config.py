@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from brain_trainer.tracking import DEFAULT_REPORT_TO, TRACKERS, missing_library
 DEMO_ROOT = Path("data/flickr8k_sample")
 ANNOTATIONS = ("auto", *LAYOUTS)  # or the path of an annotation file
 MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_LOCK_EXPIRY_S = 366 * 86400  # an object store's lock: an expiry further away is not one this program wrote
 
 
 class ConfigError(Exception):
@@ -359,17 +361,18 @@ def _expected_type(name: str) -> tuple[type, ...]:
     return (int, float) if isinstance(default, float) else (type(default),)
 
 
-def _check_saved_value(name: str, value, source: str) -> None:
+def _check_saved_value(name: str, value, source: str, overridable: bool = True) -> None:
     kinds = _expected_type(name)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        fix = f"pass --{name} to override it, or resume from another file" if overridable else "use another file"
         raise ConfigError(
             f"{source}: field 'config.{name}' is {value!r} (expected a {kinds[-1].__name__}); "
-            f"the checkpoint is damaged: pass --{name} to override it, or resume from another file"
+            f"the checkpoint is damaged: {fix}"
         )
 
 
 def resolve_settings(
-    given: dict, saved: dict | None, demo: bool, source: str = ""
+    given: dict, saved: dict | None, demo: bool, source: str = "", overridable: bool = True
 ) -> tuple[BrainConfig, TrainSettings, list[str], dict[str, str]]:
     """Command line > checkpoint config > demo settings (with --demo) > defaults.
 
@@ -385,7 +388,7 @@ def resolve_settings(
             if name in saved and saved[name] != given[name]:
                 overridden.append(f"{name} {saved[name]} -> {given[name]}")
         elif name in saved:
-            _check_saved_value(name, saved[name], source)
+            _check_saved_value(name, saved[name], source, overridable)
             values[name], from_checkpoint[name] = saved[name], source
         else:
             values[name] = defaults[name]
@@ -407,13 +410,7 @@ def check_settings(
 ) -> None:
     """Every check of the options, in one place; raises ConfigError naming the flag, the value and the fix
     (and the checkpoint, when the value came from one)."""
-    from_checkpoint = from_checkpoint or {}
-
-    def need(ok: bool, flag: str, value, fix: str) -> None:
-        if not ok:
-            where = f" (from {from_checkpoint[flag]}; pass --{flag} to override)" if flag in from_checkpoint else ""
-            raise ConfigError(f"--{flag} {value}: {fix}{where}")
-
+    need = _need(from_checkpoint or {})
     need(
         options.root_dir is not None,
         "root_dir",
@@ -421,6 +418,62 @@ def check_settings(
         "give the Flickr8k folder, or use --demo"
         + (" (the checkpoint does not say where its data is)" if options.resume else ""),
     )
+    check_run_settings(model_config, settings, world_size, from_checkpoint)
+    need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
+    need(options.threads is None or options.threads >= 1, "threads", options.threads, "must be at least 1")
+    need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
+    _check_data_options(options, need)
+    for name in options.report_to:
+        need(missing_library(name) is None, "report_to", name, missing_library(name))
+    need(
+        3 <= options.lock_expiry <= MAX_LOCK_EXPIRY_S,
+        "lock_expiry",
+        options.lock_expiry,
+        "must be at least 3 seconds (and at most a year)",
+    )
+    for flag in ("savedir", "logdir"):
+        folder = getattr(options, flag)
+        if "://" not in folder or folder.startswith("file://"):
+            folder = Path(folder.removeprefix("file://"))
+            need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
+    need(
+        "://" not in options.logdir or options.logdir.startswith("file://"),
+        "logdir",
+        options.logdir,
+        "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
+    )
+    _check_image_encoder(model_config, need)
+    _check_micro_batch(model_config, settings, world_size, need)
+    need(
+        options.device != "cuda" or torch.cuda.is_available(),
+        "device",
+        options.device,
+        "CUDA is not available on this machine; use --device cpu",
+    )
+    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
+
+
+def _need(from_checkpoint: dict[str, str], overridable: bool = True):
+    """The check that raises one ConfigError line naming the flag, the value, the fix and where it came from."""
+
+    def need(ok: bool, flag: str, value, fix: str) -> None:
+        if not ok:
+            override = f"; pass --{flag} to override" if overridable else ""
+            where = f" (from {from_checkpoint[flag]}{override})" if flag in from_checkpoint else ""
+            raise ConfigError(f"--{flag} {value}: {fix}{where}")
+
+    return need
+
+
+def check_run_settings(
+    model_config: BrainConfig,
+    settings: TrainSettings,
+    world_size: int = 1,
+    from_checkpoint: dict[str, str] | None = None,
+    overridable: bool = True,
+) -> None:
+    """The settings' checks, for training and every command reading a checkpoint (`overridable`: it has flags)."""
+    need = _need(from_checkpoint or {}, overridable)
     values = {**model_config.to_dict(), **asdict(settings)}
     for flag in (
         "epochs",
@@ -459,6 +512,13 @@ def check_settings(
         f"--batch_size {settings.batch_size} must divide into {world_size} process(es) x {settings.accum_steps} "
         f"micro-batches; use a batch size that is a multiple of {parts}",
     )
+    _check_optimisation(settings, values, need)
+    _check_architecture(model_config, settings, need)
+    _check_model_size(model_config, settings, need)
+
+
+def _check_optimisation(settings: TrainSettings, values: dict, need) -> None:
+    """The optimizer's settings: positive, finite, and what float32 holds."""
     need(settings.lr > 0 and math.isfinite(settings.lr), "lr", settings.lr, "must be a positive number such as 2e-4")
     need(0 < settings.min_lr_ratio <= 1, "min_lr_ratio", settings.min_lr_ratio, "must be in (0, 1]")
     for flag in ("weight_decay", "warmup_steps", "grad_clip", "save_every_steps", "keep_last"):
@@ -472,6 +532,10 @@ def check_settings(
             values[flag],
             f"is out of the float32 range the optimizer computes in ({FLOAT32.tiny:.1e} to {FLOAT32.max:.1e}, or 0)",
         )
+
+
+def _check_architecture(model_config: BrainConfig, settings: TrainSettings, need) -> None:
+    """The model's own constraints: ranges, divisibility, the vocabulary, the precision."""
     need(0 <= model_config.dropout < 1, "dropout", model_config.dropout, "must be in [0, 1)")
     need(model_config.image_size >= 32, "image_size", model_config.image_size, "must be at least 32 pixels")
     need(
@@ -494,38 +558,38 @@ def check_settings(
         settings.precision,
         f"use one of {', '.join(PRECISIONS)}",
     )
-    need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
-    _check_data_options(options, need)
-    need(options.threads is None or options.threads >= 1, "threads", options.threads, "must be at least 1")
-    need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
-    for name in options.report_to:
-        need(missing_library(name) is None, "report_to", name, missing_library(name))
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def model_bytes(model_config: BrainConfig, vocab_size: int) -> dict[str, int]:
+    """Bytes of the weights, gradients and AdamW's two moments (16 a parameter) each size setting accounts for:
+    the shared core's d_shared^2 terms, the scratch text encoder's width^2 and vocabulary, its position table."""
+    d, width = model_config.d_shared, model_config.scratch_text_width
+    scratch = model_config.text_encoder == "scratch"
+    tokens = (model_config.image_size // 32) ** 2  # the image grid the core attends over
+    parameters = {
+        "d_shared": model_config.brain_layers * 12 * d * d + d * ((width if scratch else 1024) + 2048 + tokens),
+        "scratch_text_width": model_config.scratch_text_layers * 12 * width * width + vocab_size * width,
+        "max_text_len": max(model_config.max_text_len, 8) * width,
+    }
+    return {flag: 16 * count if scratch or flag == "d_shared" else 0 for flag, count in parameters.items()}
+
+
+def _check_model_size(model_config: BrainConfig, settings: TrainSettings, need) -> None:
+    """A model that cannot be allocated is refused at startup, naming the setting that makes it so large."""
+    needed = model_bytes(model_config, settings.vocab_size)
+    flag, total, available = max(needed, key=needed.get), sum(needed.values()), memory_bytes()
     need(
-        options.lock_expiry >= 3 and math.isfinite(options.lock_expiry),
-        "lock_expiry",
-        options.lock_expiry,
-        "must be at least 3 seconds",
+        total <= available,
+        flag,
+        getattr(model_config, flag),
+        f"a model this size needs about {total / 2**30:,.0f} GiB for its weights, gradients and AdamW moments, "
+        f"more than this machine's {available / 2**30:,.0f} GiB; use a smaller value",
     )
-    for flag in ("savedir", "logdir"):
-        folder = getattr(options, flag)
-        if "://" not in folder or folder.startswith("file://"):
-            folder = Path(folder.removeprefix("file://"))
-            need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
-    need(
-        "://" not in options.logdir or options.logdir.startswith("file://"),
-        "logdir",
-        options.logdir,
-        "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
-    )
-    _check_image_encoder(model_config, need)
-    _check_micro_batch(model_config, settings, world_size, need)
-    need(
-        options.device != "cuda" or torch.cuda.is_available(),
-        "device",
-        options.device,
-        "CUDA is not available on this machine; use --device cpu",
-    )
-    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
 
 
 def _check_micro_batch(model_config: BrainConfig, settings: TrainSettings, world_size: int, need) -> None:

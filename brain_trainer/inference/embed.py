@@ -225,7 +225,9 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
         help="autocast precision (default auto: the run's, what its evaluation uses)",
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="stored embeddings (default: float32)")
-    parser.add_argument("--num_workers", type=int, default=2, help="image decoding processes (default: 2)")
+    parser.add_argument(
+        "--num_workers", type=positive_int("--num_workers", 0), default=2, help="image decoding processes (default: 2)"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
