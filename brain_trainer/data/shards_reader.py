@@ -1,0 +1,208 @@
+"""Reading samples out of shards by the index's offsets, and the training dataset over them.
+
+Local shards are read in place (one `pread` of the image's bytes). Remote shards go through a bounded local
+cache of whole shards (`--shard_cache_gb`): a shard is downloaded once per machine, under a file lock that
+the loader workers and the processes sharing the cache folder respect, then read like a local one; the least
+recently used shards are evicted past the bound, never those of the windows being read. When the dataset
+starts a window it asks for the next window's shards ahead. With a cache of 0 GB each image is a ranged read
+of its own bytes instead. A short read (a truncated shard) or an image that does not decode raises
+`UnreadableSample`, which the dataset substitutes and counts like an unreadable file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import os
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from brain_trainer.data.augment import TrainAugment
+from brain_trainer.data.flickr8k_dataset import DatasetError, decode_image, derive_seed
+from brain_trainer.data.shards import ShardError, ShardIndex, ShardInfo, filesystem, reason
+from brain_trainer.data.shards_order import ShardOrder
+
+OPEN_FILES = 32  # local shard files kept open per reader
+DOWNLOAD_THREADS = 2  # shards fetched ahead at once, per reader
+
+
+class UnreadableSample(OSError):
+    """A sample whose image bytes are short (a truncated shard) or do not decode."""
+
+
+def decode_sample(data: bytes, name: str) -> torch.Tensor:
+    """The image bytes as uint8 RGB (3, H, W), EXIF-upright, by the files' decoder."""
+    try:
+        return decode_image(io.BytesIO(data))
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise UnreadableSample(f"{name}: {error}") from None
+
+
+class ShardReader:
+    """Image bytes by (shard, offset, size); counts the bytes it read from the shards' storage."""
+
+    def __init__(self, shards: list[ShardInfo], *, storage_options: dict, cache_dir: Path, cache_bytes: int):
+        self.shards, self.storage_options = shards, storage_options
+        self.remote = "://" in shards[0].url and not shards[0].url.startswith("file://")
+        self.cache_dir, self.cache_bytes = Path(cache_dir), cache_bytes
+        self.bytes_read = 0
+        self._files: OrderedDict[int, int] = OrderedDict()  # shard -> open descriptor
+        self._fs = None  # opened lazily: each loader worker makes its own client
+        self._pool: ThreadPoolExecutor | None = None
+        self._fetching: dict[int, Future] = {}
+        self.keep: set[int] = set()  # shards of the windows being read: never evicted
+
+    def __getstate__(self) -> dict:  # loader workers get no open files, client or threads
+        return {**self.__dict__, "_files": OrderedDict(), "_fs": None, "_pool": None, "_fetching": {}}
+
+    def fs(self):
+        if self._fs is None:
+            self._fs = filesystem(self.shards[0].url, self.storage_options)[0]
+        return self._fs
+
+    def cached_path(self, shard: int) -> Path:
+        info = self.shards[shard]
+        digest = hashlib.sha256(f"{info.url}\t{info.size}\t{info.version}".encode()).hexdigest()[:24]
+        return self.cache_dir / f"{digest}.tar"
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        if self.remote and not self.cache_bytes:
+            data = self._ranged(shard, offset, size)
+        else:
+            data = os.pread(self._descriptor(shard), size, offset)
+            self.bytes_read += 0 if self.remote else len(data)  # a cached shard's bytes counted when downloaded
+        if len(data) < size:
+            raise UnreadableSample(f"{self.shards[shard].name}: ends at byte {offset + len(data)} inside a sample")
+        return data
+
+    def _ranged(self, shard: int, offset: int, size: int) -> bytes:
+        info = self.shards[shard]
+        try:
+            data = self.fs().cat_file(self.fs()._strip_protocol(info.url), start=offset, end=offset + size)
+        except Exception as error:
+            raise ShardError(f"{info.url}: cannot be read ({reason(error)})") from None
+        self.bytes_read += len(data)
+        return data
+
+    def _descriptor(self, shard: int) -> int:
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        path = self.fetch(shard) if self.remote else Path(self.shards[shard].url.removeprefix("file://"))
+        try:
+            self._files[shard] = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ShardError(f"{self.shards[shard].url}: no such shard (it disappeared during the run)") from None
+        if len(self._files) > OPEN_FILES:
+            os.close(self._files.popitem(last=False)[1])
+        return self._files[shard]
+
+    def prefetch(self, shards) -> None:
+        """Start downloading `shards` into the cache without waiting (remote shards with a cache only)."""
+        if not (self.remote and self.cache_bytes):
+            return
+        self._pool = self._pool or ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="shard-fetch")
+        for shard in shards:
+            if shard not in self._fetching or self._fetching[shard].done():
+                self._fetching[shard] = self._pool.submit(self._download, int(shard))
+
+    def fetch(self, shard: int) -> Path:
+        """The shard's local copy, downloaded now unless it is cached (or being fetched ahead)."""
+        pending = self._fetching.pop(shard, None)
+        return pending.result() if pending is not None else self._download(shard)
+
+    def _download(self, shard: int) -> Path:
+        target = self.cached_path(shard)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(target.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one download per machine; the others wait and read it
+            if target.exists():
+                os.utime(target)  # recently used
+                return target
+            self._evict(self.shards[shard].size)
+            info, partial = self.shards[shard], target.with_suffix(f".part-{os.getpid()}")
+            try:
+                self.fs().get_file(self.fs()._strip_protocol(info.url), str(partial))
+            except Exception as error:
+                partial.unlink(missing_ok=True)
+                raise ShardError(f"{info.url}: cannot be downloaded ({reason(error)})") from None
+            self.bytes_read += partial.stat().st_size
+            os.replace(partial, target)
+            return target
+
+    def _evict(self, incoming: int) -> None:
+        """Remove least recently used shards until `incoming` more bytes fit the bound (an open copy stays
+        readable to whoever has it open)."""
+        keep = {self.cached_path(shard) for shard in self.keep}
+        cached = sorted(self.cache_dir.glob("*.tar"), key=lambda path: path.stat().st_mtime_ns)
+        total = sum(path.stat().st_size for path in cached)
+        for path in cached:
+            if total + incoming <= self.cache_bytes:
+                break
+            if path not in keep:
+                total -= path.stat().st_size
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def close(self) -> None:
+        """Close the files and join the fetching threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._fetching = None, {}
+        while self._files:
+            os.close(self._files.popitem()[1])
+
+
+class ShardDataset(Dataset):
+    """Training samples from shards. A key is (epoch, sample id, window) from `ShardSampler`: the augmentation of
+    sample i in epoch e is seeded by (seed, e, i) alone, as for files. A sample that cannot be read is replaced
+    by the next readable sample id (image and caption together) and reported in `bad_files`."""
+
+    def __init__(self, index: ShardIndex, reader: ShardReader, order: ShardOrder, augment: TrainAugment, seed: int):
+        self.index, self.reader, self.order, self.augment, self.seed = index, reader, order, augment, seed
+        self._window: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _entering(self, epoch: int, window: int) -> None:
+        windows = self.order.windows(epoch)
+        ahead = windows[window + 1] if window + 1 < len(windows) else []
+        self.reader.keep = {int(s) for s in [*windows[window], *ahead]}
+        self.reader.prefetch(ahead)
+        self._window = (epoch, window)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        epoch, index, window = key
+        if self._window != (epoch, window):
+            self._entering(epoch, window)
+        bad_files = []
+        for candidate in range(index, index + len(self)):
+            sample = candidate % len(self)
+            name = self.index.sample_name(sample)
+            if name in bad_files:
+                continue  # the same unreadable image under its next caption
+            try:
+                shard, offset, size = (
+                    int(self.index.shard_of[sample]),
+                    int(self.index.offset[sample]),
+                    int(self.index.size[sample]),
+                )
+                data = self.reader.read(shard, offset, size)
+                pixels = decode_sample(data, name)
+                break
+            except UnreadableSample:
+                bad_files.append(name)
+        else:
+            raise DatasetError("no image of the training shards can be read")
+        return {
+            "image": self.augment(pixels, derive_seed(self.seed, epoch, index)),
+            "caption": self.index.captions[sample],
+            "bad_files": bad_files,
+        }
