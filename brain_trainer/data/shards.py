@@ -58,6 +58,11 @@ def expand_pattern(pattern: str, flag: str = "--train_shards") -> list[str]:
     return urls
 
 
+def where(flag: str, url: str) -> str:
+    """How a line names a shard: after the flag that gave it, if one did."""
+    return f"{flag} {url}" if flag else url
+
+
 def reason(error: BaseException) -> str:
     """What went wrong with a store, in words a user can act on (the checkpoints' wording)."""
     from brain_trainer.checkpointing.object_store import _reason
@@ -100,10 +105,12 @@ def stat_shards(urls: list[str], *, storage_options: dict, flag: str = "--train_
             except FileNotFoundError:
                 listings[parent] = {}
             except Exception as error:
-                raise ShardError(f"{flag} {url}: cannot be reached ({reason(error)})") from None
+                raise ShardError(f"{where(flag, url)}: cannot be reached ({reason(error)})") from None
         entry = listings[parent].get(path)
         if entry is None or entry.get("type") != "file":
-            raise ShardError(f"{flag} {url}: no such shard; check the pattern (and the bucket) or write the shards")
+            raise ShardError(
+                f"{where(flag, url)}: no such shard; check the pattern (and the bucket) or write the shards"
+            )
         shards.append(ShardInfo(url, int(entry["size"]), _version(entry, path, local)))
     return shards
 

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, prog: str = "brain-trainer shards") -> i
             args.pattern,
             index_dir=index_dir(args.cache_dir),
             storage_options=args.storage_options,
-            flag="shards index",
+            flag="",
             progress=sys.stderr.isatty(),
         )
     except ShardError as error:

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import io
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +45,12 @@ def decode_sample(data: bytes, name: str) -> torch.Tensor:
         raise UnreadableSample(f"{name}: {error}") from None
 
 
+def minimum_cache_bytes(shards: list[ShardInfo], window: int) -> int:
+    """The smallest cache that holds what the loader workers read at once: three windows of the largest shards
+    (the window being read, the one fetched ahead, and a worker already one further)."""
+    return 3 * window * max(shard.size for shard in shards)
+
+
 class ShardReader:
     """Image bytes by (shard, offset, size); counts the bytes it read from the shards' storage."""
 
@@ -51,7 +58,8 @@ class ShardReader:
         self.shards, self.storage_options = shards, storage_options
         self.remote = "://" in shards[0].url and not shards[0].url.startswith("file://")
         self.cache_dir, self.cache_bytes = Path(cache_dir), cache_bytes
-        self.bytes_read = 0
+        self.bytes_read = 0  # from the shards' storage: a disk's reads, a store's downloads or ranges
+        self._counting = threading.Lock()  # fetching threads add to it too
         self._files: OrderedDict[int, int] = OrderedDict()  # shard -> open descriptor
         self._fs = None  # opened lazily: each loader worker makes its own client
         self._pool: ThreadPoolExecutor | None = None
@@ -59,7 +67,18 @@ class ShardReader:
         self.keep: set[int] = set()  # shards of the windows being read: never evicted
 
     def __getstate__(self) -> dict:  # loader workers get no open files, client or threads
-        return {**self.__dict__, "_files": OrderedDict(), "_fs": None, "_pool": None, "_fetching": {}}
+        return {
+            **self.__dict__,
+            "_files": OrderedDict(),
+            "_counting": threading.Lock(),
+            "_fs": None,
+            "_pool": None,
+            "_fetching": {},
+        }
+
+    def _count(self, size: int) -> None:
+        with self._counting:
+            self.bytes_read += size
 
     def fs(self):
         if self._fs is None:
@@ -76,7 +95,7 @@ class ShardReader:
             data = self._ranged(shard, offset, size)
         else:
             data = os.pread(self._descriptor(shard), size, offset)
-            self.bytes_read += 0 if self.remote else len(data)  # a cached shard's bytes counted when downloaded
+            self._count(0 if self.remote else len(data))  # a cached shard's bytes are counted when downloaded
         if len(data) < size:
             raise UnreadableSample(f"{self.shards[shard].name}: ends at byte {offset + len(data)} inside a sample")
         return data
@@ -87,7 +106,7 @@ class ShardReader:
             data = self.fs().cat_file(self.fs()._strip_protocol(info.url), start=offset, end=offset + size)
         except Exception as error:
             raise ShardError(f"{info.url}: cannot be read ({reason(error)})") from None
-        self.bytes_read += len(data)
+        self._count(len(data))
         return data
 
     def _descriptor(self, shard: int) -> int:
@@ -132,23 +151,36 @@ class ShardReader:
             except Exception as error:
                 partial.unlink(missing_ok=True)
                 raise ShardError(f"{info.url}: cannot be downloaded ({reason(error)})") from None
-            self.bytes_read += partial.stat().st_size
+            size = partial.stat().st_size
+            self._count(size)
+            if size != info.size:
+                partial.unlink()
+                raise ShardError(
+                    f"{info.url}: is {info.size} bytes in the index but {size} now; the shard changed "
+                    f"during the run: restart it (the index is rebuilt) or restore the shard"
+                )
             os.replace(partial, target)
             return target
 
     def _evict(self, incoming: int) -> None:
-        """Remove least recently used shards until `incoming` more bytes fit the bound (an open copy stays
-        readable to whoever has it open)."""
-        keep = {self.cached_path(shard) for shard in self.keep}
-        cached = sorted(self.cache_dir.glob("*.tar"), key=lambda path: path.stat().st_mtime_ns)
-        total = sum(path.stat().st_size for path in cached)
-        for path in cached:
-            if total + incoming <= self.cache_bytes:
-                break
-            if path not in keep:
-                total -= path.stat().st_size
+        """Remove least recently used shards until `incoming` more bytes fit the bound, under the cache's own lock
+        (every process and worker sharing the folder evicts in turn). A removed copy stays readable to whoever
+        has it open."""
+        keep = {self.cached_path(shard).name for shard in self.keep}
+        with open(self.cache_dir / ".evict.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cached = []
+            for path in self.cache_dir.glob("*.tar"):
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                    stat = path.stat()
+                    cached.append((stat.st_mtime_ns, stat.st_size, path))
+            total = sum(size for _, size, _ in cached)
+            for _, size, path in sorted(cached):
+                if total + incoming <= self.cache_bytes:
+                    break
+                if path.name not in keep:
+                    path.unlink(missing_ok=True)
+                    total -= size
 
     def close(self) -> None:
         """Close the files and join the fetching threads."""
