@@ -31,9 +31,11 @@ def write_sample_shards(
     size: tuple[int, int] = (320, 240),
     seed: int = 0,
     photo_like: bool = False,
+    all_captions: bool = True,
 ) -> tuple[str, str]:
     """Write `images` drawn scenes (the last `val` held out) as train and val shards of `per_shard` images
-    under `folder`; returns the (train, val) brace patterns."""
+    under `folder`; returns the (train, val) brace patterns. Without `all_captions` a sample has one caption
+    (its `txt`), as web-scale sets have."""
     import webdataset as wds
 
     if not 0 < val < images:
@@ -54,7 +56,13 @@ def write_sample_shards(
                 "__key__": key,
                 "jpg": _jpeg(image, rng, photo_like),
                 "txt": captions[0],
-                "json": {"key": key, "caption": captions[0], "captions": captions, "width": size[0], "height": size[1]},
+                "json": {
+                    "key": key,
+                    "caption": captions[0],
+                    **({"captions": captions} if all_captions else {}),
+                    "width": size[0],
+                    "height": size[1],
+                },
             }
         )
     patterns = []
