@@ -34,6 +34,13 @@ INDEX_THREADS = 8  # shards indexed at once: a store's latency, not the CPU, bou
 class ShardError(Exception):
     """A user mistake or an unreachable store with the shards: one line naming the URL and the fix."""
 
+    def __init__(self, line: str):
+        # Raised in a loader worker, it comes back as ShardError("Caught ShardError in DataLoader worker ...
+        # Original Traceback ... ShardError: LINE") (torch's ExceptionWrapper): keep the one line.
+        if line.startswith("Caught ShardError"):
+            line = line.rstrip().rpartition("ShardError: ")[2]
+        super().__init__(line)
+
 
 @dataclass(frozen=True)
 class ShardInfo:
@@ -212,6 +219,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------- the index of a shard list
 
+TOKENIZER_CAPTIONS = 200_000  # the scratch tokenizer's sample of the training captions, at most
+
 
 @dataclass
 class ShardIndex:
@@ -233,8 +242,19 @@ class ShardIndex:
     def samples_per_shard(self) -> np.ndarray:
         return np.bincount(self.shard_of, minlength=len(self.shards)).astype(np.int64)
 
+    def image_of(self) -> np.ndarray:
+        """Each sample's image number: the samples of one image (one per caption) are consecutive."""
+        new = np.ones(len(self), dtype=bool)
+        new[1:] = (np.diff(self.offset) != 0) | (np.diff(self.shard_of) != 0)
+        return np.cumsum(new) - 1
+
     def sample_name(self, sample: int) -> str:
         return f"{self.shards[int(self.shard_of[sample])].name}/{self.keys[sample]}"
+
+    def tokenizer_captions(self, limit: int = TOKENIZER_CAPTIONS) -> list[str]:
+        """A bounded, deterministic sample of the captions for the scratch tokenizer: every k-th in shard order,
+        k the smallest step that keeps at most `limit` (a function of the index alone)."""
+        return self.captions[:: max(1, -(-len(self.captions) // limit))]
 
     def fingerprint(self) -> dict:
         """Sample count and a hash of each shard's name, size and version: tells whether a resume sees the same data."""

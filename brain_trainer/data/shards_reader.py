@@ -21,6 +21,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -189,6 +190,24 @@ class ShardReader:
             self._pool, self._fetching = None, {}
         while self._files:
             os.close(self._files.popitem()[1])
+
+
+class ShardImages:
+    """The images of an index, each once: an image source for evaluation (image i is that of its first sample)."""
+
+    def __init__(self, index: ShardIndex, reader: ShardReader):
+        self.index, self.reader = index, reader
+        image_of = index.image_of()
+        self.first = np.flatnonzero(np.diff(image_of, prepend=-1))
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def load(self, image_index: int) -> torch.Tensor:
+        sample = int(self.first[image_index])
+        index = self.index
+        data = self.reader.read(int(index.shard_of[sample]), int(index.offset[sample]), int(index.size[sample]))
+        return decode_sample(data, index.sample_name(sample))
 
 
 class ShardDataset(Dataset):

@@ -8,6 +8,9 @@ import os
 import pytest
 from helpers import assert_one_error_line, run_cli
 from shard_helpers import colour_shard
+from torch.utils.data import DataLoader, Dataset
+
+from brain_trainer.data.shards import ShardError
 
 pytestmark = pytest.mark.slow
 
@@ -33,3 +36,17 @@ def test_shards_index_of_a_missing_shard_is_one_line_exit_2(capsys, tmp_path):
     colour_shard(tmp_path / "0.tar", first=0, count=2)
     status, _, err = run_cli(capsys, "shards", "index", str(tmp_path / "{0..1}.tar"), "--cache_dir", tmp_path / "c")
     assert_one_error_line(status, err, str(tmp_path / "1.tar"), "no such shard")
+
+
+class _StoreGone(Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise ShardError("s3://b/1.tar: cannot be read (the endpoint did not answer)")
+
+
+def test_a_shard_error_in_a_loader_worker_comes_back_as_its_one_line():
+    with pytest.raises(ShardError) as raised:
+        next(iter(DataLoader(_StoreGone(), num_workers=1)))
+    assert str(raised.value) == "s3://b/1.tar: cannot be read (the endpoint did not answer)"

@@ -83,3 +83,12 @@ def test_a_truncated_shard_keeps_its_samples_before_the_cut_and_says_so(tmp_path
     assert index.captions[:3] == full.captions[:3]
     assert 3 <= len(index) < 6
     assert any("truncated" in problem for problem in index.problems)
+
+
+def test_the_tokenizer_sample_is_bounded_and_a_function_of_the_index(tmp_path):
+    for n in range(3):
+        colour_shard(tmp_path / f"{n}.tar", first=10 * n, count=5)
+    index = load_index(str(tmp_path / "{0..2}.tar"), index_dir=tmp_path / "index")
+    sample = index.tokenizer_captions(limit=4)
+    assert sample == ["image 0", "image 4", "image 13", "image 22"]  # every 4th of 15, in shard order
+    assert index.tokenizer_captions(limit=100) == index.captions

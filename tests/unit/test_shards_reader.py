@@ -11,7 +11,7 @@ from shard_helpers import colour_shard, jpeg, truncate, write_tar
 from brain_trainer.data.augment import TrainAugment
 from brain_trainer.data.shards import load_index
 from brain_trainer.data.shards_order import ShardOrder, ShardSampler
-from brain_trainer.data.shards_reader import ShardDataset, ShardReader
+from brain_trainer.data.shards_reader import ShardDataset, ShardImages, ShardReader
 
 
 def dataset(pattern: str, tmp_path, *, cache_bytes: int = 0, window: int = 2) -> ShardDataset:
@@ -87,3 +87,15 @@ def test_without_a_cache_a_store_is_read_one_sample_range_at_a_time(tmp_path, me
         data[key]
     assert data.reader.bytes_read == sum(int(data.index.size[sample]) for _, sample, _ in keys)
     assert not (tmp_path / "cache").exists()
+
+
+def test_evaluation_sees_each_image_of_the_shards_once(tmp_path):
+    write_tar(
+        tmp_path / "0.tar",
+        {"a.jpg": jpeg((250, 0, 0)), "a.json": {"captions": ["x", "y"]}, "b.jpg": jpeg((0, 0, 250)), "b.txt": "z"},
+    )
+    index = load_index(str(tmp_path / "0.tar"), index_dir=tmp_path / "index")
+    images = ShardImages(index, ShardReader(index.shards, storage_options={}, cache_dir=tmp_path, cache_bytes=0))
+    assert list(index.image_of()) == [0, 0, 1] and len(images) == 2
+    red, blue = images.load(0).float().mean((1, 2)), images.load(1).float().mean((1, 2))
+    assert red[0] > 200 > red[2] and blue[2] > 200 > blue[0]
