@@ -47,7 +47,6 @@ from brain_trainer.config import (
     resolve_settings,
     with_saved_data,
 )
-from brain_trainer.data.flickr8k_dataset import CaptionCollator, derive_seed
 from brain_trainer.data.loaders import (
     Data,
     TrainLoaders,
@@ -58,6 +57,8 @@ from brain_trainer.data.loaders import (
     image_source,
     load_data,
 )
+from brain_trainer.data.seeding import derive_seed
+from brain_trainer.data.text import CaptionCollator
 from brain_trainer.evaluation import Evaluator
 from brain_trainer.model_factory import build_model
 from brain_trainer.run_log import RunLog
@@ -205,6 +206,8 @@ def build_run(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLo
     data = load_data(
         root_dir=options.root_dir,
         annotations=options.annotations,
+        val_fraction=options.val_fraction,
+        test_fraction=options.test_fraction,
         demo=options.demo,
         text_encoder=model_config.text_encoder,
         vocab_size=settings.vocab_size,
@@ -212,7 +215,12 @@ def build_run(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLo
         runtime=runtime,
         log=log,
     )
-    check_split_sizes(data.splits, batch_size=settings.batch_size, eval_split=options.eval_only and options.eval_split)
+    check_split_sizes(
+        data.splits,
+        batch_size=settings.batch_size,
+        eval_split=options.eval_only and options.eval_split,
+        folds=options.folds,
+    )
     if model_config.text_encoder == "scratch":
         model_config = replace(model_config, text_vocab_size=len(data.tokenizer))
     model = runtime.prepare(build_model(model_config, pretrained=resume.checkpoint is None))
@@ -292,6 +300,7 @@ def make_evaluator(run: Run, split_name: str, images, options: RunOptions, runti
         autocast=run.autocast,
         runtime=runtime,
         caption_batch=4 * run.settings.batch_size,
+        folds=options.folds if options.eval_only else 1,
     )
 
 
@@ -319,7 +328,7 @@ def run_record(run: Run, resume: Resume, settings: TrainSettings, runtime: Runti
         tokenizer_json=run.data.tokenizer_json,
         fingerprint=run.data.splits["train"].fingerprint(),
         lineage=lineage,
-        data={"root_dir": str(Path(run.options.root_dir).absolute()), "annotations": run.options.annotations},
+        data=run.data.record,
     )
 
 

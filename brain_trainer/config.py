@@ -19,10 +19,11 @@ import torch
 import torchvision
 
 from brain_trainer.brain_model import BrainConfig, is_weights_file
+from brain_trainer.data.layouts import LAYOUTS
 from brain_trainer.runtime.precision import PRECISIONS
 
 DEMO_ROOT = Path("data/flickr8k_sample")
-ANNOTATIONS = ("auto", "token", "karpathy", "kaggle")
+ANNOTATIONS = ("auto", *LAYOUTS)  # or the path of an annotation file
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
@@ -56,7 +57,9 @@ class RunOptions:
     """Where things are and how this process runs; never saved, never restored."""
 
     root_dir: Path | None
-    annotations: str
+    annotations: str  # auto, a layout name, or an annotation file
+    val_fraction: float | None  # held out by the hash split of layouts without split lists (None: 1000/8091)
+    test_fraction: float | None
     num_workers: int
     cache_dir: Path | None
     device: str
@@ -74,6 +77,7 @@ class RunOptions:
     log_every: int
     eval_only: bool
     eval_split: str
+    folds: int
     demo: bool
     argv: tuple[str, ...]  # as typed, for the printed resume command
     program: tuple[str, ...]  # the command that started this one (python SCRIPT, brain-trainer train, ...)
@@ -160,11 +164,22 @@ def parse_args(
     data.add_argument(
         "--root_dir",
         type=Path,
-        help="Flickr8k folder (token, Karpathy or Kaggle layout); on resume and in eval: the checkpoint's",
+        help=f"data folder ({', '.join(LAYOUTS)} layout; README: Other data); on resume and in eval: the "
+        f"checkpoint's (default with --annotations FILE: the file's folder)",
     )
     data.add_argument(
-        "--annotations", choices=ANNOTATIONS, default="auto", help="annotation layout to read (default: detected)"
+        "--annotations",
+        default="auto",
+        help=f"layout to read ({', '.join(LAYOUTS)}) or an annotation file such as dataset_coco.json or "
+        f"metadata.jsonl (default: auto, detected in --root_dir)",
     )
+    for split in ("val", "test"):
+        data.add_argument(
+            f"--{split}_fraction",
+            type=float,
+            help=f"layouts without split lists (kaggle, imagefolder without a split column): the fraction of "
+            f"images held out as {split}, at least 1 (default: 1000/8091, the Kaggle Flickr8k split's)",
+        )
     data.add_argument(
         "--num_workers", type=int, default=2, help="data loader processes per training process (default: 2)"
     )
@@ -262,6 +277,13 @@ def parse_args(
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
     logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
+    logging.add_argument(
+        "--folds",
+        type=int,
+        default=1,
+        help="eval: also report recall averaged over K consecutive folds of the split's images, e.g. 5 on COCO's "
+        "5,000 test images for the '1K test' figures (default: 1, the whole split only)",
+    )
     logging.add_argument("--demo", action="store_true", help=demo_help())
     parser.set_defaults(eval_only=eval_only)  # `brain-trainer eval` is train's --eval_only
     args = vars(parser.parse_args(argv))
@@ -270,6 +292,8 @@ def parse_args(
         args.pop(f.name, None)
     if args["demo"] and args["root_dir"] is None:
         args["root_dir"] = DEMO_ROOT
+    if args["root_dir"] is None and args["annotations"] not in ANNOTATIONS:
+        args["root_dir"] = Path(args["annotations"]).parent
     args["argv"] = tuple(sys.argv[1:] if argv is None else argv)
     args["program"] = tuple(program)
     return CommandLine(RunOptions(**args), given)
@@ -282,8 +306,15 @@ def with_saved_data(command: CommandLine, saved: dict | None) -> tuple[CommandLi
     if options.root_dir is not None or not isinstance(saved, dict) or not isinstance(saved.get("root_dir"), str):
         return command, None
     annotations = saved.get("annotations") if options.annotations == "auto" else options.annotations
+    fractions = {
+        name: getattr(options, name) if getattr(options, name) is not None else saved.get(name)
+        for name in ("val_fraction", "test_fraction")
+    }
     options = replace(
-        options, root_dir=Path(saved["root_dir"]), annotations=annotations if annotations in ANNOTATIONS else "auto"
+        options,
+        root_dir=Path(saved["root_dir"]),
+        annotations=annotations if isinstance(annotations, str) else "auto",
+        **{name: value if isinstance(value, float) else None for name, value in fractions.items()},
     )
     note = f"Data: {saved['root_dir']} (from the checkpoint; pass --root_dir to use other data)"
     return CommandLine(options, command.given), note
@@ -440,6 +471,7 @@ def check_settings(
     )
     need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
     need(options.threads is None or options.threads >= 1, "threads", options.threads, "must be at least 1")
+    _check_data_options(options, need)
     need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
     need(
         options.lock_expiry >= 3 and math.isfinite(options.lock_expiry),
@@ -529,3 +561,17 @@ def _check_image_encoder(model_config: BrainConfig, need) -> None:
             weights,
             f"use DEFAULT, none, a local .pth file or one of {', '.join(known)}",
         )
+
+
+def _check_data_options(options: RunOptions, need) -> None:
+    annotations = options.annotations
+    need(
+        annotations in ANNOTATIONS or Path(annotations).is_file(),
+        "annotations",
+        annotations,
+        f"no such file; give auto, a layout ({', '.join(LAYOUTS)}) or an annotation file",
+    )
+    for flag in ("val_fraction", "test_fraction"):
+        value = getattr(options, flag)
+        need(value is None or 0 < value < 0.5, flag, value, "must be a fraction of the images in (0, 0.5)")
+    need(options.folds >= 1, "folds", options.folds, "must be a positive integer (1: the whole split only)")

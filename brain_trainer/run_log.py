@@ -218,6 +218,10 @@ def metrics_lines(metrics: dict, split: str, *, images: int, captions: int) -> l
             + "".join(f"{metrics[f'{direction}_R@{k}']:8.1f}" for k in (1, 5, 10))
             + f"{metrics[f'{direction}_median_rank']:14.0f}"
         )
+    if metrics.get("folds", 1) > 1:  # eval --folds K
+        table.append(f"mean over {metrics['folds']} folds of {metrics['fold_images']} images:")
+        for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
+            table.append(f"{label:16}" + "".join(f"{metrics[f'folds_{direction}_R@{k}']:8.1f}" for k in (1, 5, 10)))
     return table
 
 

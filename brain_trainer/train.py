@@ -20,7 +20,8 @@ import time
 from brain_trainer.build import AssembledRun, build
 from brain_trainer.checkpointing import CheckpointError
 from brain_trainer.config import ConfigError, RunOptions, parse_args
-from brain_trainer.data.flickr8k_dataset import DatasetError, Interrupted
+from brain_trainer.data.annotations import DatasetError
+from brain_trainer.data.image_cache import Interrupted
 from brain_trainer.evaluation import Evaluator
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import LaunchError, Runtime

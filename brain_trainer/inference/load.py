@@ -18,7 +18,8 @@ import torch
 from brain_trainer.brain_model import BrainConfig, BrainModel
 from brain_trainer.checkpointing import CheckpointError, is_full_checkpoint, load_for_resume, model_weights
 from brain_trainer.data.augment import eval_transform, images_to_device
-from brain_trainer.data.flickr8k_dataset import CaptionCollator, decode_image, tokenizer_from_json
+from brain_trainer.data.images import decode_image
+from brain_trainer.data.text import CaptionCollator, tokenizer_from_json
 from brain_trainer.model_factory import build_model
 from brain_trainer.runtime.precision import PRECISIONS, autocast
 
@@ -47,7 +48,7 @@ class Preprocess:
     decode_side: int | None  # the image cache's shorter side when the run evaluated through it, else None
 
     def load(self, path: Path) -> torch.Tensor:
-        """Raises OSError, ValueError or SyntaxError (PIL's) when the file cannot be decoded."""
+        """Raises UnreadableImage when the file cannot be decoded."""
         return eval_transform(self.image_size)(decode_image(path, self.decode_side))
 
     @classmethod
@@ -205,7 +206,7 @@ def _assemble(
             )
         tokenizer = tokenizer_from_json(tokenizer_json)
     else:
-        from brain_trainer.data.loaders import pretrained_tokenizer
+        from brain_trainer.data.text import pretrained_tokenizer
 
         named = (
             str(tokenizer_dir) if tokenizer_dir is not None and tokenizer_dir.is_dir() else model_config.text_encoder
