@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from brain_trainer.data.annotations import DatasetError
+
 INDEX_FORMAT = 1
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_THREADS = 8  # shards indexed at once: a store's latency, not the CPU, bounds indexing
 
 
-class ShardError(Exception):
+class ShardError(DatasetError):
     """A user mistake or an unreachable store with the shards: one line naming the URL and the fix."""
 
     def __init__(self, line: str):
@@ -68,6 +70,11 @@ def expand_pattern(pattern: str, flag: str = "--train_shards") -> list[str]:
 def where(flag: str, url: str) -> str:
     """How a line names a shard: after the flag that gave it, if one did."""
     return f"{flag} {url}" if flag else url
+
+
+def is_remote(url: str) -> bool:
+    """Whether a shard is read through a store's client (and the shard cache) rather than from a local file."""
+    return "://" in url and not url.startswith("file://")
 
 
 def reason(error: BaseException) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from brain_trainer.data.flickr8k_dataset import derive_seed
+from brain_trainer.data.seeding import derive_seed
 
 WINDOW_SHARDS = 4  # shards whose samples are shuffled together (the cache holds two windows)
 

@@ -6,7 +6,7 @@ the loader workers and the processes sharing the cache folder respect, then read
 recently used shards are evicted past the bound, never those of the windows being read. When the dataset
 starts a window it asks for the next window's shards ahead. With a cache of 0 GB each image is a ranged read
 of its own bytes instead. A short read (a truncated shard) or an image that does not decode raises
-`UnreadableSample`, which the dataset substitutes and counts like an unreadable file.
+`UnreadableImage`, which the dataset substitutes and counts like an unreadable file.
 """
 
 from __future__ import annotations
@@ -25,25 +25,34 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from brain_trainer.data.annotations import DatasetError
 from brain_trainer.data.augment import TrainAugment
-from brain_trainer.data.flickr8k_dataset import DatasetError, decode_image, derive_seed
-from brain_trainer.data.shards import ShardError, ShardIndex, ShardInfo, filesystem, reason
+from brain_trainer.data.images import UnreadableImage, decode_image
+from brain_trainer.data.seeding import derive_seed
+from brain_trainer.data.shards import ShardError, ShardIndex, ShardInfo, filesystem, is_remote, reason
 from brain_trainer.data.shards_order import ShardOrder
 
 OPEN_FILES = 32  # local shard files kept open per reader
 DOWNLOAD_THREADS = 2  # shards fetched ahead at once, per reader
 
 
-class UnreadableSample(OSError):
-    """A sample whose image bytes are short (a truncated shard) or do not decode."""
-
-
 def decode_sample(data: bytes, name: str) -> torch.Tensor:
-    """The image bytes as uint8 RGB (3, H, W), EXIF-upright, by the files' decoder."""
+    """The image bytes as uint8 RGB (3, H, W), EXIF-upright, by the files' decoder; UnreadableImage naming the
+    sample when they do not decode."""
     try:
         return decode_image(io.BytesIO(data))
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise UnreadableSample(f"{name}: {error}") from None
+    except UnreadableImage as error:
+        raise UnreadableImage(f"{name}: {error.__cause__}") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def minimum_cache_bytes(shards: list[ShardInfo], window: int) -> int:
@@ -57,7 +66,7 @@ class ShardReader:
 
     def __init__(self, shards: list[ShardInfo], *, storage_options: dict, cache_dir: Path, cache_bytes: int):
         self.shards, self.storage_options = shards, storage_options
-        self.remote = "://" in shards[0].url and not shards[0].url.startswith("file://")
+        self.remote = is_remote(shards[0].url)
         self.cache_dir, self.cache_bytes = Path(cache_dir), cache_bytes
         self.bytes_read = 0  # from the shards' storage: a disk's reads, a store's downloads or ranges
         self._counting = threading.Lock()  # fetching threads add to it too
@@ -98,7 +107,7 @@ class ShardReader:
             data = os.pread(self._descriptor(shard), size, offset)
             self._count(0 if self.remote else len(data))  # a cached shard's bytes are counted when downloaded
         if len(data) < size:
-            raise UnreadableSample(f"{self.shards[shard].name}: ends at byte {offset + len(data)} inside a sample")
+            raise UnreadableImage(f"{self.shards[shard].name}: ends at byte {offset + len(data)} inside a sample")
         return data
 
     def _ranged(self, shard: int, offset: int, size: int) -> bytes:
@@ -114,11 +123,13 @@ class ShardReader:
         if shard in self._files:
             self._files.move_to_end(shard)
             return self._files[shard]
-        path = self.fetch(shard) if self.remote else Path(self.shards[shard].url.removeprefix("file://"))
-        try:
-            self._files[shard] = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ShardError(f"{self.shards[shard].url}: no such shard (it disappeared during the run)") from None
+        if self.remote:
+            self._files[shard] = self.fetch(shard)
+        else:
+            try:
+                self._files[shard] = os.open(self.shards[shard].url.removeprefix("file://"), os.O_RDONLY)
+            except FileNotFoundError:
+                raise ShardError(f"{self.shards[shard].url}: no such shard (it disappeared during the run)") from None
         if len(self._files) > OPEN_FILES:
             os.close(self._files.popitem(last=False)[1])
         return self._files[shard]
@@ -130,58 +141,77 @@ class ShardReader:
         self._pool = self._pool or ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="shard-fetch")
         for shard in shards:
             if shard not in self._fetching or self._fetching[shard].done():
-                self._fetching[shard] = self._pool.submit(self._download, int(shard))
+                self._fetching[shard] = self._pool.submit(self._download, int(shard), False)
 
-    def fetch(self, shard: int) -> Path:
-        """The shard's local copy, downloaded now unless it is cached (or being fetched ahead)."""
+    def fetch(self, shard: int) -> int:
+        """An open descriptor of the shard's local copy, downloaded now unless it is cached (or fetched ahead)."""
         pending = self._fetching.pop(shard, None)
-        return pending.result() if pending is not None else self._download(shard)
+        if pending is not None:
+            pending.result()  # its error, if the download failed
+        return self._download(shard, True)
 
-    def _download(self, shard: int) -> Path:
-        target = self.cached_path(shard)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with open(target.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one download per machine; the others wait and read it
-            if target.exists():
-                os.utime(target)  # recently used
-                return target
-            self._evict(self.shards[shard].size)
-            info, partial = self.shards[shard], target.with_suffix(f".part-{os.getpid()}")
-            try:
-                self.fs().get_file(self.fs()._strip_protocol(info.url), str(partial))
-            except Exception as error:
-                partial.unlink(missing_ok=True)
-                raise ShardError(f"{info.url}: cannot be downloaded ({reason(error)})") from None
-            size = partial.stat().st_size
-            self._count(size)
-            if size != info.size:
-                partial.unlink()
-                raise ShardError(
-                    f"{info.url}: is {info.size} bytes in the index but {size} now; the shard changed "
-                    f"during the run: restart it (the index is rebuilt) or restore the shard"
-                )
-            os.replace(partial, target)
-            return target
-
-    def _evict(self, incoming: int) -> None:
-        """Remove least recently used shards until `incoming` more bytes fit the bound, under the cache's own lock
-        (every process and worker sharing the folder evicts in turn). A removed copy stays readable to whoever
-        has it open."""
-        keep = {self.cached_path(shard).name for shard in self.keep}
-        with open(self.cache_dir / ".evict.lock", "a") as lock:
+    @contextlib.contextmanager
+    def _cache_lock(self):
+        """The cache folder's own lock: looking, reserving, publishing and evicting happen one at a time over every
+        process and worker sharing the folder (a download itself runs outside it)."""
+        with open(self.cache_dir / ".cache.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            cached = []
-            for path in self.cache_dir.glob("*.tar"):
-                with contextlib.suppress(FileNotFoundError):
-                    stat = path.stat()
-                    cached.append((stat.st_mtime_ns, stat.st_size, path))
-            total = sum(size for _, size, _ in cached)
-            for _, size, path in sorted(cached):
-                if total + incoming <= self.cache_bytes:
-                    break
-                if path.name not in keep:
-                    path.unlink(missing_ok=True)
-                    total -= size
+            yield
+
+    def _download(self, shard: int, open_it: bool) -> int | None:
+        """Make sure the shard is in the cache (one download per machine: a second asker waits on the shard's
+        lock, then finds it); an open descriptor of it when `open_it` (opened under the cache's lock, so an
+        eviction cannot come between; a removed file stays readable through it)."""
+        info, target = self.shards[shard], self.cached_path(shard)
+        partial = target.with_suffix(f".part-{os.getpid()}")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(target.with_suffix(".lock"), "a") as shard_lock:
+            fcntl.flock(shard_lock, fcntl.LOCK_EX)
+            with self._cache_lock():
+                if target.exists():
+                    os.utime(target)  # recently used
+                    return os.open(target, os.O_RDONLY) if open_it else None
+                self._make_room(partial, info.size)
+            self._get(info, partial)
+            with self._cache_lock():
+                os.replace(partial, target)
+                return os.open(target, os.O_RDONLY) if open_it else None
+
+    def _get(self, info: ShardInfo, partial: Path) -> None:
+        try:
+            self.fs().get_file(self.fs()._strip_protocol(info.url), str(partial))
+        except Exception as error:
+            partial.unlink(missing_ok=True)
+            raise ShardError(f"{info.url}: cannot be downloaded ({reason(error)})") from None
+        size = partial.stat().st_size
+        self._count(size)
+        if size != info.size:
+            partial.unlink()
+            raise ShardError(
+                f"{info.url}: is {info.size} bytes in the index but {size} now; the shard changed during the "
+                f"run: restart it (the index is rebuilt) or restore the shard"
+            )
+
+    def _make_room(self, partial: Path, size: int) -> None:
+        """Evict least recently used shards until `size` more bytes fit the bound and reserve them (`partial`, that
+        long, counts in every other eviction); called under the cache's lock. The windows being read are kept."""
+        keep = {self.cached_path(shard).name for shard in self.keep}
+        cached, total = [], 0
+        for path in self.cache_dir.iterdir():
+            if ".part-" in path.name and not _alive(int(path.name.rpartition("-")[2])):
+                path.unlink(missing_ok=True)  # a download whose process was killed
+            elif path.suffix == ".tar" or ".part-" in path.name:
+                stat = path.stat()
+                total += stat.st_size
+                cached += [(stat.st_mtime_ns, stat.st_size, path)] if path.suffix == ".tar" else []
+        for _, cached_size, path in sorted(cached):
+            if total + size <= self.cache_bytes:
+                break
+            if path.name not in keep:
+                path.unlink()
+                total -= cached_size
+        with open(partial, "wb") as reserved:
+            reserved.truncate(size)
 
     def close(self) -> None:
         """Close the files and join the fetching threads."""
@@ -197,8 +227,12 @@ class ShardImages:
 
     def __init__(self, index: ShardIndex, reader: ShardReader):
         self.index, self.reader = index, reader
-        image_of = index.image_of()
-        self.first = np.flatnonzero(np.diff(image_of, prepend=-1))
+        self.first = self.first_samples(index.image_of())
+
+    @staticmethod
+    def first_samples(image_of: np.ndarray) -> np.ndarray:
+        """The first sample of each image, given each sample's image number."""
+        return np.flatnonzero(np.diff(image_of, prepend=-1))
 
     def __len__(self) -> int:
         return len(self.first)
@@ -248,7 +282,7 @@ class ShardDataset(Dataset):
                 data = self.reader.read(shard, offset, size)
                 pixels = decode_sample(data, name)
                 break
-            except UnreadableSample:
+            except UnreadableImage:
                 bad_files.append(name)
         else:
             raise DatasetError("no image of the training shards can be read")
