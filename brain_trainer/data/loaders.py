@@ -71,7 +71,8 @@ def load_data(
         splits, record = read_files(source, log), source.record()
     if shards is not None:
         record = {**record, **shards.record()}
-        splits["val"] = val_split(shards) if shards.val is not None else splits["val"]
+    if shards is not None and shards.val is not None:
+        splits["val"] = val_split(shards)
     if text_encoder != "scratch":
         return Data(splits, pretrained_tokenizer(text_encoder), None, record, shards)
     if saved_tokenizer is not None:
@@ -88,6 +89,7 @@ def load_data(
 
 
 def read_files(source: DataSource, log: RunLog) -> dict[str, Split]:
+    """The splits of a data folder, with its summary line and the skip warning printed."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         splits, summary = read_splits(source)
