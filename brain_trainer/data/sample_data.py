@@ -15,6 +15,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from brain_trainer.data.layouts import annotation_files_in
 from brain_trainer.data.layouts.flickr8k import SPLIT_FILES
+from brain_trainer.safe_files import describe, write_bytes
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -155,7 +157,7 @@ def write_sample_dataset(
     for name, picture, _ in scenes:
         path = root / folder_of(name) / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(picture)
+        write_bytes(path, picture)
     return root
 
 
@@ -167,9 +169,9 @@ def _write_token(root: Path, splits: dict, captions: dict) -> Callable[[str], st
     text_dir = root / "Flickr8k_text"
     text_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"{name}#{k}\t{caption}" for name in captions for k, caption in enumerate(captions[name])]
-    (text_dir / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    write_bytes(text_dir / "Flickr8k.token.txt", ("\n".join(lines) + "\n").encode())
     for split, file_name in SPLIT_FILES.items():
-        (text_dir / file_name).write_text("\n".join(splits[split]) + "\n")
+        write_bytes(text_dir / file_name, ("\n".join(splits[split]) + "\n").encode())
     return lambda name: "Flicker8k_Dataset"
 
 
@@ -195,7 +197,7 @@ def _karpathy_writer(file_name: str, image_dir: str) -> Callable:
             for name in captions
         ]
         root.mkdir(parents=True, exist_ok=True)
-        (root / file_name).write_text(json.dumps({"images": entries, "dataset": file_name[8:-5]}))
+        write_bytes(root / file_name, json.dumps({"images": entries, "dataset": file_name[8:-5]}).encode())
         return folder_of.__getitem__
 
     return write
@@ -204,11 +206,12 @@ def _karpathy_writer(file_name: str, image_dir: str) -> Callable:
 def _write_kaggle(root: Path, splits: dict, captions: dict) -> Callable[[str], str]:
     """One CSV, no split lists (the loader derives the split by image)."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "captions.txt", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "caption"])
-        for name in captions:
-            writer.writerows([name, caption] for caption in captions[name])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["image", "caption"])
+    for name in captions:
+        writer.writerows([name, caption] for caption in captions[name])
+    write_bytes(root / "captions.txt", table.getvalue().encode())
     return lambda name: "Images"
 
 
@@ -220,7 +223,7 @@ def _write_imagefolder(root: Path, splits: dict, captions: dict) -> Callable[[st
         {"file_name": f"images/{name}", "captions": captions[name], "split": IMAGEFOLDER_SPLITS[split_of[name]]}
         for name in captions
     ]
-    (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_bytes(root / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
     return lambda name: "images"
 
 
@@ -235,6 +238,18 @@ WRITERS = {
 }
 SAMPLE_LAYOUTS = tuple(WRITERS)  # a layout of the registry (LAYOUTS), or LAYOUT-SHAPE: that layout shaped as a data set
 SHARDS_LAYOUT = "webdataset"  # train and val shards as img2dataset writes them (shards_sample.py)
+
+
+def check_size(width: int, height: int) -> None:
+    """An image size this machine can draw (a few copies of width x height x 3 bytes), before anything is written."""
+    if width < 1 or height < 1:
+        raise ValueError(f"--size {width}x{height}: both sides must be at least 1 pixel")
+    need, memory = 4 * width * height * 3, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        raise ValueError(
+            f"--size {width}x{height}: drawing one image needs about {need / 2**30:.0f} GiB, more than this "
+            f"machine's {memory / 2**30:.0f} GiB; choose a smaller size (the default is 320x240)"
+        )
 
 
 def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data") -> int:
@@ -271,9 +286,13 @@ def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data")
         return _write_shards(args)
     try:
         width, height = (int(part) for part in args.size.lower().split("x"))
+        check_size(width, height)
         write_sample_dataset(args.root, args.layout, args.images, args.val, args.test, (width, height), args.seed)
     except ValueError as error:
         print(f"Error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a file in the way: each file is whole or absent
+        print(f"Error: sample-data {describe(error, error.filename or args.root)}", file=sys.stderr)
         return 2
     print(f"Wrote {args.images} images ({args.layout} layout) to {args.root}")
     return 0

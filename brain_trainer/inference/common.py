@@ -13,6 +13,7 @@ from brain_trainer.checkpointing import CheckpointError
 from brain_trainer.config import ConfigError
 from brain_trainer.inference.load import InferenceError
 from brain_trainer.runtime.precision import choose_device
+from brain_trainer.safe_files import OutputError
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,6 +45,6 @@ def run_command(action: Callable[[], int]) -> int:
     """Run `action`; a user mistake (a bad file, flag or checkpoint) is one line on stderr and exit status 2."""
     try:
         return action()
-    except (InferenceError, CheckpointError, ConfigError) as error:
+    except (InferenceError, CheckpointError, ConfigError, OutputError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
