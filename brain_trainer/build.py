@@ -46,7 +46,7 @@ from brain_trainer.config import (
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, derive_seed
 from brain_trainer.data.loaders import Data, build_loaders, check_split_sizes, eval_loader, image_source, load_data
 from brain_trainer.evaluation import Evaluator
-from brain_trainer.run_log import RunLog
+from brain_trainer.run_log import RunLog, claim_logdir
 from brain_trainer.runtime import Runtime
 from brain_trainer.trainer import RunRecord, Trainer, TrainState
 
@@ -349,6 +349,7 @@ def claim_folders(options: RunOptions, storage: Storage, resume: Resume, log: Ru
     )
     try:
         logdir.prepare("logdir")
+        claim_logdir(logdir, savedir=options.savedir, resuming=resume.location is not None, overwrite=options.overwrite)
     except BaseException:
         lock.release()
         raise

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 import torchvision
@@ -21,6 +22,7 @@ import torchvision
 from brain_trainer.brain_model import BrainConfig, is_weights_file
 
 DEMO_ROOT = Path("data/flickr8k_sample")
+LOGDIR_ROOT = "runs_brain_v2"  # TensorBoard's folder of every run's curves, each in a folder of its own
 PRECISIONS = ("fp32", "fp16", "bf16")
 ANNOTATIONS = ("auto", "token", "karpathy", "kaggle")
 MAX_SEED = 2**32 - 1  # numpy's seed range
@@ -250,7 +252,12 @@ def parse_args(
     setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
 
     logging = parser.add_argument_group("logging and evaluation")
-    logging.add_argument("--logdir", default="runs_brain_v2", help="TensorBoard folder, local (default: runs_brain_v2)")
+    logging.add_argument(
+        "--logdir",
+        help=f"TensorBoard folder, local (default: {LOGDIR_ROOT}/NAME, NAME the last part of --savedir: each "
+        f"checkpoint folder's curves apart, side by side in tensorboard --logdir {LOGDIR_ROOT}); a folder "
+        "holding another run's events is refused unless --overwrite",
+    )
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
     logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
@@ -262,9 +269,17 @@ def parse_args(
         args.pop(f.name, None)
     if args["demo"] and args["root_dir"] is None:
         args["root_dir"] = DEMO_ROOT
+    args["logdir"] = args["logdir"] or default_logdir(args["savedir"])
     args["argv"] = tuple(sys.argv[1:] if argv is None else argv)
     args["program"] = tuple(program)
     return CommandLine(RunOptions(**args), given)
+
+
+def default_logdir(savedir: str) -> str:
+    """runs_brain_v2/NAME, NAME the checkpoint folder's last part: a run in another folder gets curves of its own
+    (as Lightning's lightning_logs/version_N), and a resume into the same folder finds its own again."""
+    name = PurePosixPath(savedir.rstrip("/")).name if "://" in savedir else os.path.basename(os.path.abspath(savedir))
+    return f"{LOGDIR_ROOT}/{name or 'run'}"
 
 
 def with_saved_data(command: CommandLine, saved: dict | None) -> tuple[CommandLine, str | None]:

@@ -15,10 +15,14 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from brain_trainer.checkpointing.storage import Storage, is_url
+from brain_trainer.config import ConfigError
 from brain_trainer.evaluation import RECALL_AT, chance_recall_at
 
 RULE = "=" * 60
 SCRIPT = "train_multimodal_brain_flickr8k.py"
+EVENTS = "events.out.tfevents."  # how TensorBoard's event files are named
+OWNER = ".brain_savedir"  # in --logdir: the checkpoint folder of the run whose curves the events are
 
 
 class RunLog:
@@ -247,3 +251,28 @@ def resume_command(
             kept.append(token)
     resume = ["--resume", str(checkpoint)] if checkpoint else []
     return shlex.join([*launcher(world_size, program), *kept, *resume])
+
+
+def claim_logdir(logdir: Storage, *, savedir: str, resuming: bool, overwrite: bool) -> None:
+    """Make `logdir` (a local folder, prepared) this run's, or refuse with one line. A run's events hide the
+    events already there (TensorBoard drops a folder's steps from a run's `purge_step` on), so only the run of
+    the same --savedir may write over them, or any run with --overwrite; events with no owner recorded (an older
+    version's) count as a resumed run's own. The owner is recorded relative to the logdir, so a project folder
+    moved or copied whole still owns its curves."""
+    local = savedir.removeprefix("file://")
+    owner = savedir.rstrip("/") if is_url(savedir) else os.path.relpath(os.path.abspath(local), logdir.url)
+    events = [name for name in logdir.names() if name.startswith(EVENTS)]
+    recorded = None
+    if logdir.kind(OWNER) == "file":
+        with logdir.local_copy(OWNER) as path:
+            recorded = Path(path).read_text(errors="replace").strip()
+    foreign = recorded != owner if recorded is not None else not resuming
+    if events and foreign and not overwrite:
+        where = recorded if not recorded or is_url(recorded) else os.path.normpath(os.path.join(logdir.url, recorded))
+        raise ConfigError(
+            f"--logdir {logdir.url} holds the TensorBoard events of "
+            f"{f'the run in --savedir {where}' if where else 'another run'} ({len(events)} event "
+            f"file{'s' * (len(events) > 1)}), which this run's curves would hide; choose another --logdir, "
+            f"or pass --overwrite to hide them"
+        )
+    logdir.write(OWNER, lambda handle: handle.write(f"{owner}\n".encode()))
