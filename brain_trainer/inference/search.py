@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,11 +120,14 @@ def read_queries(path: Path, brain: Brain) -> Queries:
     if not path.is_file():
         raise InferenceError(f"--queries {path}: no such file; give a text file with one query per line")
     try:
-        texts = read_text(path).splitlines()
+        lines = read_text(path).splitlines()
     except DatasetError as error:
         raise InferenceError(f"--queries {error}") from None
+    texts = [line for line in lines if line.strip()]
     if not texts:
         raise InferenceError(f"--queries {path}: holds no queries; give one query per line")
+    if blank := len(lines) - len(texts):  # on stderr: stdout stays the results, for pipes
+        print(f"--queries {path}: skipped {blank} blank line{'s' * (blank > 1)}", file=sys.stderr)
     return text_queries(texts, brain, f"--queries {path}")
 
 
@@ -182,7 +186,9 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
         metavar="PATH",
         help="image queries: image -> images (or -> captions with --captions)",
     )
-    query.add_argument("--queries", type=Path, metavar="FILE", help="text queries, one a line, in one process")
+    query.add_argument(
+        "--queries", type=Path, metavar="FILE", help="text queries, one a line (blank lines skipped), in one process"
+    )
     parser.add_argument("-k", type=positive_int("-k"), default=10, help="results per query (default: 10)")
     parser.add_argument("--captions", action="store_true", help="search the index's captions instead of its images")
     parser.add_argument("--format", choices=tuple(FORMATS), default="tsv", help="output format (default: tsv; below)")
