@@ -73,12 +73,12 @@ def write_tokenizer(brain: Brain, out: Path) -> str:
 
 
 def export_safetensors(brain: Brain, out: Path) -> dict:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     weights = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in brain.model.state_dict().items()}
-    save_file(
-        weights, out / EXPORT_WEIGHTS, metadata={"format": EXPORT_FORMAT, "checkpoint_sha256": brain.checkpoint_sha256}
-    )
+    metadata = {"format": EXPORT_FORMAT, "checkpoint_sha256": brain.checkpoint_sha256}
+    # written as the config beside it (mode 0666 less the umask); safetensors' save_file makes a 0600 file
+    (out / EXPORT_WEIGHTS).write_bytes(save(weights, metadata=metadata))
     print(f"✓ {out / EXPORT_WEIGHTS}: {len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} values")
     return {"weights": EXPORT_WEIGHTS}
 
