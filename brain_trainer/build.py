@@ -48,7 +48,7 @@ from brain_trainer.data.loaders import Data, build_loaders, check_split_sizes, e
 from brain_trainer.evaluation import Evaluator
 from brain_trainer.run_log import RunLog, claim_logdir
 from brain_trainer.runtime import Runtime
-from brain_trainer.trainer import RunRecord, Trainer, TrainState
+from brain_trainer.trainer import RunRecord, Trainer, TrainState, learning_rate
 
 DECAY_GROUPS = ("decay", "no_decay")  # AdamW's parameter groups, by name
 
@@ -374,6 +374,9 @@ def start_training(run: Run, resume: Resume, options: RunOptions, runtime: Runti
             start_epoch=run.state.epoch,
             epochs=run.settings.epochs,
             world_size=runtime.world_size,
+            resumed_lr=learning_rate(run.state.global_step, run.settings, trainer.total_steps)
+            if resume.location
+            else None,
         )
         log.small_split("val", len(run.data.splits["val"].images))
         restore_rng(resume, run, runtime, log, options.deterministic)

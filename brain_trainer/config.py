@@ -133,6 +133,34 @@ ACCUM_HELP = (
 )
 
 
+# Flags `eval` never reads: left out of its parser (their defaults stay), so its --help is its own and a training
+# flag given to eval is refused instead of ignored.
+TRAINING_ONLY = frozenset(
+    {"epochs", "accum_steps", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "seed", "hflip"}
+    | {"save_every_steps", "keep_last", "compile", "lock_expiry", "overwrite", "sync_saves", "logdir", "log_every"}
+    | {"eval_only", "demo"}
+)
+EVAL_DESCRIPTION = """`brain-trainer eval`: a checkpoint's retrieval on a split, as training evaluates it at epoch ends.
+
+    brain-trainer eval --resume checkpoints_brain_v2/best_brain_v2.pt --eval_split test
+
+The architecture, the tokenizer and the data's location come from the checkpoint (the command line wins)."""
+
+
+class _Flags:
+    """An argument group that leaves out the flags in `skip`, keeping their defaults."""
+
+    def __init__(self, parser: argparse.ArgumentParser, title: str, skip: frozenset = frozenset()):
+        self.parser, self.group, self.skip = parser, parser.add_argument_group(title), skip
+
+    def add_argument(self, flag: str, **options) -> None:
+        if flag.removeprefix("--") in self.skip:
+            default = options.get("default", False if options.get("action") == "store_true" else None)
+            self.parser.set_defaults(**{flag.removeprefix("--"): default})
+        else:
+            self.group.add_argument(flag, **options)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and status 2, like every other user mistake
         self.exit(2, f"Error: {message} (see --help)\n")
@@ -147,8 +175,11 @@ def parse_args(
     """Settings default to None here: None means "not given", so that on resume the checkpoint's value
     applies (see `resolve_settings`)."""
     parser = _Parser(
-        prog=" ".join(program), description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=" ".join(program),
+        description=EVAL_DESCRIPTION if eval_only else description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    group = lambda title: _Flags(parser, title, TRAINING_ONLY if eval_only else frozenset())
 
     def setting(group, name: str, kind=None, **options) -> None:
         help_text = f"{options.pop('help')} (default: {SETTING_DEFAULTS[name]}; on resume: the checkpoint's)"
@@ -157,7 +188,7 @@ def parse_args(
         else:
             group.add_argument(f"--{name}", type=kind, default=None, help=help_text, **options)
 
-    data = parser.add_argument_group("data")
+    data = group("data")
     data.add_argument(
         "--root_dir",
         type=Path,
@@ -175,11 +206,18 @@ def parse_args(
     setting(data, "hflip", bool, help="random horizontal flips (off: captions say left and right)")
     setting(data, "cache_images", bool, help="decode each image once into a memory-mapped cache")
 
-    model = parser.add_argument_group("model")
+    model = group("model")
     setting(model, "image_encoder", str, help="torchvision CNN classifier, e.g. resnet50, resnet18, convnext_tiny")
     setting(model, "image_weights", str, help="DEFAULT, a torchvision weights name, a local .pth file, or none")
     setting(model, "text_encoder", str, help="Hugging Face model name or local folder, or scratch")
-    setting(model, "vocab_size", int, help="WordPiece vocabulary size for --text_encoder scratch")
+    setting(
+        model,
+        "vocab_size",
+        int,
+        help="--text_encoder scratch: the most WordPiece tokens to learn from the training captions (special "
+        "tokens, every character, then whole words by frequency); the size learnt is the checkpoint's "
+        "text_vocab_size (ckpt inspect), smaller when the captions hold fewer words",
+    )
     setting(model, "scratch_text_width", int, help="hidden size of the scratch text encoder")
     setting(model, "scratch_text_layers", int, help="layers of the scratch text encoder")
     setting(model, "d_shared", int, help="width of the shared space and the brain core")
@@ -187,7 +225,7 @@ def parse_args(
     setting(model, "brain_heads", int, help="attention heads in the brain core")
     setting(model, "dropout", float, help="dropout in the brain core and scratch text encoder")
 
-    optimisation = parser.add_argument_group("optimisation")
+    optimisation = group("optimisation")
     setting(optimisation, "epochs", int, help="train until this many epochs are done")
     setting(optimisation, "batch_size", int, help="pairs per step over all processes (must divide by their number)")
     setting(optimisation, "accum_steps", int, help=ACCUM_HELP)
@@ -198,7 +236,7 @@ def parse_args(
     setting(optimisation, "grad_clip", float, help="clip the gradient norm at this value (0: no clipping)")
     setting(optimisation, "seed", int, help=f"seed of every random choice in the run, 0 to {MAX_SEED}")
 
-    device = parser.add_argument_group("precision and device")
+    device = group("precision and device")
     setting(
         device,
         "precision",
@@ -215,7 +253,7 @@ def parse_args(
     device.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (slower)")
     device.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
 
-    saving = parser.add_argument_group("checkpointing")
+    saving = group("checkpointing")
     saving.add_argument(
         "--savedir",
         default="checkpoints_brain_v2",
@@ -226,9 +264,13 @@ def parse_args(
         type=_json_object,
         default={},
         help="JSON options for the object store's client, e.g. '{\"endpoint_url\": "
-        '"http://127.0.0.1:9000"}\' (s3fs; AWS_ENDPOINT_URL and AWS_PROFILE work too)',
+        '"http://127.0.0.1:9000"}\' (s3fs; AWS_ENDPOINT_URL and AWS_PROFILE work too; default: none)',
     )
-    saving.add_argument("--resume", help="checkpoint file, a folder holding one, or auto (newest in --savedir)")
+    saving.add_argument(
+        "--resume",
+        help="checkpoint file, a folder holding one, or auto (newest in --savedir); eval needs it, train without it "
+        "starts a fresh run",
+    )
     saving.add_argument(
         "--lock_expiry",
         type=float,
@@ -251,7 +293,7 @@ def parse_args(
     setting(saving, "save_every_steps", int, help="also save last_brain_v2.pt every N steps (0: epoch ends only)")
     setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
 
-    logging = parser.add_argument_group("logging and evaluation")
+    logging = group("logging and evaluation")
     logging.add_argument(
         "--logdir",
         help=f"TensorBoard folder, local (default: {LOGDIR_ROOT}/NAME, NAME the last part of --savedir: each "
@@ -260,7 +302,12 @@ def parse_args(
     )
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
-    logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
+    logging.add_argument(
+        "--eval_split",
+        choices=("val", "test"),
+        default="val",
+        help="split to evaluate (eval, --eval_only; default: val)",
+    )
     logging.add_argument("--demo", action="store_true", help=demo_help())
     parser.set_defaults(eval_only=eval_only)  # `brain-trainer eval` is train's --eval_only
     args = vars(parser.parse_args(argv))

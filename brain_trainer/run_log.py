@@ -111,13 +111,17 @@ class RunLog:
         start_epoch: int,
         epochs: int,
         world_size: int,
+        resumed_lr: float | None = None,
     ) -> None:
+        """`resumed_lr`: the schedule's lr at the step a resumed run starts from (a fresh run starts in warmup)."""
         self.print(f"\nTrain samples: {train_samples}")
         self.print(f"Val samples:   {val_samples}")
         self.print(f"Device: {device.type}" + (f" ({world_size} processes)" if world_size > 1 else ""))
         self.print(f"Precision: {precision}")
         self.print(f"Batch size: {batch_size}" + (f" ({per_process} per process)" if world_size > 1 else ""))
-        self.print(f"Learning rate: {lr}")
+        self.print(
+            f"Learning rate: {lr}" + (f" (peak); resuming at {resumed_lr:.3g}" if resumed_lr is not None else "")
+        )
         self.print(f"Training epochs: {start_epoch} -> {epochs}")
 
     def small_split(self, name: str, images: int) -> None:

@@ -34,9 +34,9 @@ FORMATS = {
     "tsv": "score<TAB>path per result, best first (rclip's convention; with --captions the caption text in place "
     "of the path); several queries: one block each, in query order, an empty line between blocks",
     "paths": "only the paths (with --captions: the caption texts), one a line, in query order: for piping",
-    "jsonl": 'one JSON object per result: {"query", "query_index" (0-based position in the queries), "rank" '
-    '(1 = best), "score", "path"}; with --captions "caption" and "image" (its image\'s path, or null) '
-    'in place of "path"',
+    "jsonl": 'one JSON object per result: {"query", "query_index" (0-based position in the queries, blank '
+    'lines of --queries not counted), "rank" (1 = best), "score", "path"}; with --captions "caption" and '
+    '"image" (its image\'s path, or null) in place of "path"',
 }
 
 
@@ -198,8 +198,14 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
         metavar="OUT.png",
         help="also write a contact sheet: a row per query, its top-k images with their scores",
     )
-    parser.add_argument("--checkpoint", type=Path, help="the index's checkpoint, where it is now (same sha256)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="the index's checkpoint where it is now, same sha256 (default: the path the index names)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N (default: auto)"
+    )
     return parser.parse_args(argv)
 
 
