@@ -349,7 +349,9 @@ def claim_folders(options: RunOptions, storage: Storage, resume: Resume, log: Ru
     )
     try:
         logdir.prepare("logdir")
-        claim_logdir(logdir, savedir=options.savedir, resuming=resume.location is not None, overwrite=options.overwrite)
+        claim_logdir(
+            Path(logdir.url), savedir=options.savedir, resuming=bool(resume.location), overwrite=options.overwrite
+        )
     except BaseException:
         lock.release()
         raise

@@ -15,7 +15,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from brain_trainer.checkpointing.storage import Storage, is_url
+from brain_trainer.checkpointing.storage import is_url
 from brain_trainer.config import ConfigError
 from brain_trainer.evaluation import RECALL_AT, chance_recall_at
 
@@ -257,26 +257,26 @@ def resume_command(
     return shlex.join([*launcher(world_size, program), *kept, *resume])
 
 
-def claim_logdir(logdir: Storage, *, savedir: str, resuming: bool, overwrite: bool) -> None:
-    """Make `logdir` (a local folder, prepared) this run's, or refuse with one line. A run's events hide the
-    events already there (TensorBoard drops a folder's steps from a run's `purge_step` on), so only the run of
-    the same --savedir may write over them, or any run with --overwrite; events with no owner recorded (an older
-    version's) count as a resumed run's own. The owner is recorded relative to the logdir, so a project folder
-    moved or copied whole still owns its curves."""
-    local = savedir.removeprefix("file://")
-    owner = savedir.rstrip("/") if is_url(savedir) else os.path.relpath(os.path.abspath(local), logdir.url)
-    events = [name for name in logdir.names() if name.startswith(EVENTS)]
-    recorded = None
-    if logdir.kind(OWNER) == "file":
-        with logdir.local_copy(OWNER) as path:
-            recorded = Path(path).read_text(errors="replace").strip()
-    foreign = recorded != owner if recorded is not None else not resuming
-    if events and foreign and not overwrite:
-        where = recorded if not recorded or is_url(recorded) else os.path.normpath(os.path.join(logdir.url, recorded))
+def claim_logdir(folder: Path, *, savedir: str, resuming: bool, overwrite: bool) -> None:
+    """Make `folder` (the --logdir, created and writable) this run's, or refuse with one line. A run's events
+    hide the events already there (TensorBoard drops a folder's steps from a run's `purge_step` on), so only the
+    run of the same --savedir may write over them, or any run with --overwrite; events with no owner recorded
+    (an older version's) count as a resumed run's own. The owner is recorded relative to the folder, so a
+    project moved or copied whole still owns its curves."""
+    owner = savedir.rstrip("/") if is_url(savedir) else os.path.relpath(savedir.removeprefix("file://"), folder)
+    events = [entry.name for entry in os.scandir(folder) if entry.name.startswith(EVENTS)]
+    marker = folder / OWNER
+    recorded = marker.read_text(errors="replace").strip() if marker.is_file() and not marker.is_symlink() else None
+    if events and (recorded != owner if recorded is not None else not resuming) and not overwrite:
+        where = recorded if not recorded or is_url(recorded) else os.path.normpath(folder / recorded)
         raise ConfigError(
-            f"--logdir {logdir.url} holds the TensorBoard events of "
+            f"--logdir {folder} holds the TensorBoard events of "
             f"{f'the run in --savedir {where}' if where else 'another run'} ({len(events)} event "
             f"file{'s' * (len(events) > 1)}), which this run's curves would hide; choose another --logdir, "
             f"or pass --overwrite to hide them"
         )
-    logdir.write(OWNER, lambda handle: handle.write(f"{owner}\n".encode()))
+    try:  # never through a link planted at the name (O_NOFOLLOW); a torn record only asks for --overwrite
+        with os.fdopen(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "w") as handle:
+            handle.write(f"{owner}\n")
+    except OSError as error:
+        raise ConfigError(f"--logdir {folder}: cannot write {OWNER} ({error.strerror}); remove what is there") from None
