@@ -216,7 +216,8 @@ def parse_args(
         int,
         help="--text_encoder scratch: the most WordPiece tokens to learn from the training captions (special "
         "tokens, every character, then whole words by frequency); the size learnt is the checkpoint's "
-        "text_vocab_size (ckpt inspect), smaller when the captions hold fewer words",
+        "text_vocab_size (ckpt inspect): smaller when the captions hold fewer distinct words, larger only when "
+        "their characters alone outnumber it",
     )
     setting(model, "scratch_text_width", int, help="hidden size of the scratch text encoder")
     setting(model, "scratch_text_layers", int, help="layers of the scratch text encoder")
@@ -280,7 +281,9 @@ def parse_args(
         "(default: 120)",
     )
     saving.add_argument(
-        "--overwrite", action="store_true", help="let this run replace the checkpoints another run left in --savedir"
+        "--overwrite",
+        action="store_true",
+        help="let this run replace the checkpoints another run left in --savedir, and hide its curves in --logdir",
     )
     saving.add_argument(
         "--sync_saves",
