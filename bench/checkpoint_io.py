@@ -21,10 +21,7 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +31,7 @@ import torch
 
 from brain_trainer import checkpointing
 from brain_trainer.brain_model import BrainConfig, BrainModel
+from brain_trainer.testing import local_s3_server
 from brain_trainer.trainer import TrainState
 
 
@@ -122,36 +120,12 @@ def figures(median: dict[str, float], prefix: str = "") -> dict:
 
 
 @contextlib.contextmanager
-def local_s3_server() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 with a bucket `bench`, its endpoint and test credentials in the environment."""
-    import s3fs
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
-    try:
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            time.sleep(0.05)
-        s3fs.S3FileSystem().mkdir("bench")
+def local_s3_bucket() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (brain_trainer.testing, as the tests start it) with a bucket `bench`."""
+    with local_s3_server() as server:
+        os.environ.update(server.env)
+        server.bucket("bench")
         yield "s3://bench/checkpoints"
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def main() -> None:
@@ -179,7 +153,7 @@ def main() -> None:
             **figures(local),
         }
         if remote:
-            with local_s3_server() if remote == "local-s3" else contextlib.nullcontext(remote) as url:
+            with local_s3_bucket() if remote == "local-s3" else contextlib.nullcontext(remote) as url:
                 store = measure(state, checkpointing.open_storage(url), args.repeats, Path(folder))
             result.update(
                 {

@@ -7,7 +7,7 @@ import os
 import stat
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 pytestmark = pytest.mark.slow
 

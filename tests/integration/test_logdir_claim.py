@@ -5,7 +5,7 @@ own, and a resume writes (and drops events past its checkpoint) only where its o
 from __future__ import annotations
 
 import pytest
-from conftest import STEPS_PER_EPOCH, TINY_MODEL, assert_one_error_line, run_args, run_cli, scalars
+from helpers import STEPS_PER_EPOCH, TINY_MODEL, assert_one_error_line, run_args, run_cli, scalars
 
 pytestmark = pytest.mark.slow
 

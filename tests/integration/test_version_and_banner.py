@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, load, run_args, run_cli
+from helpers import ROOT, load, run_args, run_cli
 
 from brain_trainer import __version__
 from brain_trainer.config import TrainSettings

@@ -8,12 +8,11 @@ import random
 
 import numpy as np
 import torch
+from checkpoint_helpers import checkpoint_of, small_model, train_briefly
 from torch import nn
 
 from brain_trainer import checkpointing as ck
 from brain_trainer.trainer import TrainState
-
-from .conftest import checkpoint_of, small_model, train_briefly
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):

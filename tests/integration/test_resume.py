@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STEPS_PER_EPOCH, assert_bitwise_equal, finish, run_args, run_to_end, scalars, start, wait_for_step
+from helpers import STEPS_PER_EPOCH, assert_bitwise_equal, finish, run_args, run_to_end, scalars, start, wait_for_step
 
 from brain_trainer import checkpointing as ck
 

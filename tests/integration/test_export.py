@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_error_line, run_cli, split_folder
+from helpers import assert_one_error_line, run_cli, split_folder
 
 from brain_trainer import load_brain
 from brain_trainer.data.augment import normalize_images

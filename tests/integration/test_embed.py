@@ -3,7 +3,6 @@ rebuilding, unreadable images, caption files in every layout, and bad inputs as 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,10 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_error_line, run_cli, split_folder
+from helpers import ROOT, assert_one_error_line, run_cli, split_folder
 
 from brain_trainer import __version__, load_brain
-from brain_trainer.inference.captions import read_captions
 from brain_trainer.inference.index import read_index
 from brain_trainer.inference.load import file_sha256
 
@@ -95,23 +93,6 @@ def test_unreadable_image_is_one_warning_and_left_out(setup, capsys):
     built = read_index(index)
     assert built.manifest["counts"]["unreadable"] == 1 and built.manifest["unreadable"] == ["nested/broken.png"]
     assert built.image_embeddings.dtype == np.float16 and len(built.images) == 4
-
-
-def test_caption_files_in_every_layout(tmp_path):
-    token = tmp_path / "Flickr8k.token.txt"
-    token.write_text("a.jpg#0\tA dog runs .\na.jpg#1\tA brown dog .\n")
-    karpathy = tmp_path / "dataset_flickr8k.json"
-    karpathy.write_text(
-        json.dumps({"images": [{"filename": "b.jpg", "split": "test", "sentences": [{"raw": "Two cats ."}]}]})
-    )
-    kaggle = tmp_path / "captions.txt"
-    kaggle.write_text("image,caption\nc.jpg,A bird , flying .\n")
-    plain = tmp_path / "lines.txt"
-    plain.write_text("a red circle\n\nthree squares\n")
-    assert read_captions(token) == [("A dog runs .", "a.jpg"), ("A brown dog .", "a.jpg")]
-    assert read_captions(karpathy) == [("Two cats .", "b.jpg")]
-    assert read_captions(kaggle) == [("A bird , flying .", "c.jpg")]
-    assert read_captions(plain) == [("a red circle", None), ("three squares", None)]
 
 
 def test_bad_inputs_are_one_line(setup, tmp_path, capsys):

@@ -12,11 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_error_line, run_cli, split_folder
+from helpers import ROOT, assert_one_error_line, run_cli, split_folder
 from PIL import Image
 
 from brain_trainer.inference.grid import GAP, TILE, cell
-from brain_trainer.inference.search import top_k
 
 TABLE_ROW = re.compile(r"^(image -> text|text -> image)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+\d+$")
 
@@ -108,16 +107,6 @@ def test_search_gives_the_recall_eval_prints(retrieval_run, tmp_path, capsys):
     for direction, results in (("t2i", t2i), ("i2t", i2t)):
         assert [f"{recall_at(results, k):.1f}" for k in (1, 5, 10)] == table[direction], direction
     assert len(set(table["i2t"] + table["t2i"])) > 2  # the model ranks some right items high and others low
-
-
-def test_top_k_in_chunks_is_the_exact_top_k():
-    generator = torch.Generator().manual_seed(0)
-    stored = torch.nn.functional.normalize(torch.randn(50, 8, generator=generator), dim=1)
-    queries = torch.nn.functional.normalize(torch.randn(3, 8, generator=generator), dim=1)
-    scores, rows = top_k(queries, stored.numpy(), 7, chunk_rows=6)
-    expected = (queries @ stored.T).topk(7, dim=1)
-    assert torch.equal(rows, expected.indices) and torch.allclose(scores, expected.values)
-    assert top_k(queries, stored.numpy(), 99)[1].shape == (3, 50)  # k beyond the index: every row
 
 
 @pytest.fixture

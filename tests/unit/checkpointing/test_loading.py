@@ -9,11 +9,10 @@ import re
 
 import pytest
 import torch
+from checkpoint_helpers import DATA, a_full_checkpoint, assert_bitwise_equal, small_model
 
 from brain_trainer import checkpointing as ck
 from brain_trainer.trainer import TrainState
-
-from .conftest import DATA, a_full_checkpoint, assert_bitwise_equal, small_model
 
 
 def test_a_missing_file_says_not_found_with_the_ls_hint(tmp_path):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checkpoint_helpers import assert_bitwise_equal, checkpoint_of, restore, small_model, train_briefly
 from torch import nn
 
 from brain_trainer import checkpointing as ck
 from brain_trainer.run_log import RULE, RunLog
 from brain_trainer.trainer import TrainState
-
-from .conftest import assert_bitwise_equal, checkpoint_of, restore, small_model, train_briefly
 
 
 def test_a_round_trip_restores_model_optimizer_scaler_and_position(tmp_path):

@@ -7,9 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from conftest import run_args
+from helpers import check
 
-from brain_trainer import train as cli
 from brain_trainer.brain_model import BrainConfig
 from brain_trainer.build import build_model
 from brain_trainer.config import (
@@ -54,12 +53,6 @@ def test_options_and_settings_are_kept_apart_and_argv_is_recorded():
 def test_a_damaged_config_value_in_a_checkpoint_is_named_with_the_file(field, value, expected):
     with pytest.raises(ConfigError, match=rf"x\.pt: field 'config\.{field}' is .* \(expected a {expected}\)"):
         resolve_settings({}, {field: value}, demo=False, source="x.pt")
-
-
-def check(*argv: str, world_size: int = 1, saved: dict | None = None) -> None:
-    command = parse_args(["--root_dir", "somewhere", *argv])
-    model_config, settings, _, from_checkpoint = resolve_settings(command.given, saved, False, "ckpt.pt")
-    check_settings(command.options, model_config, settings, world_size, from_checkpoint)
 
 
 BAD_VALUES = [
@@ -132,19 +125,6 @@ def test_a_bad_value_from_a_checkpoint_says_where_it_came_from_and_how_to_overri
         r"to override\)",
     ):
         check(saved={"batch_size": 1})
-
-
-@pytest.mark.parametrize(
-    "flag, value",
-    [("lr", "1e308"), ("weight_decay", "1e39"), ("grad_clip", "1e300"), ("lr", "1e-50"), ("min_lr_ratio", "1e-46")],
-)
-def test_a_float_setting_float32_cannot_hold_is_one_line_at_startup(sample_root, tmp_path, capsys, flag, value):
-    status = cli.main(run_args(sample_root, tmp_path, f"--{flag}", value))
-    captured = capsys.readouterr()
-    assert status == 2 and captured.err.count("\n") == 1 and "Train samples" not in captured.out
-    assert captured.err.startswith(
-        f"Error: --{flag} {float(value)}: is out of the float32 range the optimizer computes in"
-    )
 
 
 def test_every_float_setting_is_checked_against_float32():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_args
+from helpers import run_args
 
 from brain_trainer import build
 from brain_trainer.checkpointing import train_state_fields, train_state_of

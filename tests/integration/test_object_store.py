@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_bitwise_equal, finish, run_args, run_to_end, start, wait_for_step
+from helpers import ROOT, assert_bitwise_equal, finish, run_args, run_to_end, start, wait_for_step
 
 from brain_trainer import train as cli
 from brain_trainer.checkpointing import BEST, LAST, CheckpointError, open_storage

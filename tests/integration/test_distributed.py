@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     DATA,
     ROOT,
     STEPS_PER_EPOCH,

@@ -4,17 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import random
-import subprocess
-import sys
 
 import pytest
 import torch
+from checkpoint_helpers import a_full_checkpoint, assert_bitwise_equal, broken_sources, restore, small_model
 
 from brain_trainer.checkpointing import LAST, CheckpointError, load_checkpoint, save_checkpoint
 from brain_trainer.checkpointing.cli import main
-
-from .conftest import ROOT, a_full_checkpoint, assert_bitwise_equal, restore, small_model
 
 
 def test_inspect_prints_format_epoch_step_and_config_and_accepts_a_good_file(tmp_path, capsys):
@@ -111,19 +107,6 @@ def test_convert_trust_unpickles_a_file_safe_loading_refuses(tmp_path, capsys):
     assert_bitwise_equal(load_checkpoint(str(tmp_path / "new.pt"))["model_state_dict"], weights)
 
 
-def broken_sources(folder) -> dict:
-    save_checkpoint({"state_dict": small_model().state_dict()}, str(folder / "whole.pt"))
-    (folder / "truncated.pt").write_bytes((folder / "whole.pt").read_bytes()[:300])
-    (folder / "random.pt").write_bytes(random.Random(0).randbytes(4096))
-    (folder / "a_folder").mkdir()
-    return {
-        "missing": folder / "missing.pt",
-        "truncated": folder / "truncated.pt",
-        "random": folder / "random.pt",
-        "folder": folder / "a_folder",
-    }
-
-
 @pytest.mark.parametrize("kind", ["missing", "truncated", "random", "folder"])
 def test_convert_trust_of_a_file_that_cannot_be_loaded_is_one_error_line(tmp_path, capsys, kind):
     source = broken_sources(tmp_path)[kind]
@@ -134,25 +117,3 @@ def test_convert_trust_of_a_file_that_cannot_be_loaded_is_one_error_line(tmp_pat
     if kind == "missing":
         assert err.startswith(f"Error: Checkpoint file not found: {source}") and "unpickling" not in captured.out
     assert "Traceback" not in err and not (tmp_path / "new.pt").exists()
-
-
-def test_the_installed_command_reports_a_broken_file_without_a_traceback(tmp_path):
-    sources = broken_sources(tmp_path)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "brain_trainer",
-            "ckpt",
-            "convert",
-            "--trust",
-            str(sources["random"]),
-            str(tmp_path / "new.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert done.returncode == 2, done.stderr
-    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(f"Error: {sources['random']}: "), done.stderr

@@ -4,18 +4,18 @@ with chosen modification times, the ckpt CLI and the child programs in tests/wor
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from conftest import DATA, ROOT, assert_bitwise_equal  # noqa: F401  (tests/conftest.py, re-exported for these tests)
+from helpers import DATA, ROOT, WORKERS, assert_bitwise_equal  # noqa: F401  (re-exported for these tests)
 from torch import nn
 
 from brain_trainer import checkpointing as ck
+from brain_trainer.checkpointing import save_checkpoint
 from brain_trainer.trainer import TrainState
-
-WORKERS = Path(__file__).resolve().parents[1] / "workers"
 
 
 def small_model(seed: int = 0) -> nn.Module:
@@ -123,3 +123,17 @@ def run_worker(name: str, *args: str, timeout: float = 300) -> subprocess.Comple
             process.kill()
             process.wait()
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def broken_sources(folder: Path) -> dict:
+    """Files `ckpt inspect` and `--resume` must refuse: missing, truncated, random bytes, a folder."""
+    save_checkpoint({"state_dict": small_model().state_dict()}, str(folder / "whole.pt"))
+    (folder / "truncated.pt").write_bytes((folder / "whole.pt").read_bytes()[:300])
+    (folder / "random.pt").write_bytes(random.Random(0).randbytes(4096))
+    (folder / "a_folder").mkdir()
+    return {
+        "missing": folder / "missing.pt",
+        "truncated": folder / "truncated.pt",
+        "random": folder / "random.pt",
+        "folder": folder / "a_folder",
+    }

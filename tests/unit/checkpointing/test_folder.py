@@ -7,10 +7,9 @@ import os
 
 import pytest
 import torch
+from checkpoint_helpers import full, listing, write_at
 
 from brain_trainer import checkpointing as ck
-
-from .conftest import full, listing, run_worker, write_at
 
 
 def local(folder) -> ck.LocalStorage:
@@ -121,17 +120,6 @@ def test_a_folder_without_a_checkpoint_is_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------- one run per folder
-
-
-def test_a_second_run_on_a_folder_is_refused_naming_the_first(tmp_path):
-    first = ck.claim_savedir(local(tmp_path), resume=None, overwrite=False, unreadable=[])
-    try:
-        second = run_worker("ckpt_claim_savedir.py", tmp_path)
-    finally:
-        first.release()
-    assert second.returncode == 2 and f"another run (PID {os.getpid()} on " in second.stderr
-    assert "Traceback" not in second.stderr
-    assert run_worker("ckpt_claim_savedir.py", tmp_path).returncode == 0, "released: the folder is free again"
 
 
 def test_a_fresh_run_into_a_folder_with_checkpoints_needs_consent(tmp_path):

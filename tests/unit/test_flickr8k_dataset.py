@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA
+from helpers import DATA
 from PIL import Image
 from torch.utils.data import DataLoader
 
