@@ -153,12 +153,13 @@ class _Flags:
     def __init__(self, parser: argparse.ArgumentParser, title: str, skip: frozenset = frozenset()):
         self.parser, self.group, self.skip = parser, parser.add_argument_group(title), skip
 
-    def add_argument(self, flag: str, **options) -> None:
-        if flag.removeprefix("--") in self.skip:
+    def add_argument(self, *flags: str, **options) -> None:
+        name = options.get("dest", flags[-1].lstrip("-").replace("-", "_"))
+        if name in self.skip:
             default = options.get("default", False if options.get("action") == "store_true" else None)
-            self.parser.set_defaults(**{flag.removeprefix("--"): default})
+            self.parser.set_defaults(**{name: default})
         else:
-            self.group.add_argument(flag, **options)
+            self.group.add_argument(*flags, **options)
 
 
 class _Parser(argparse.ArgumentParser):
