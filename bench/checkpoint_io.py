@@ -3,7 +3,7 @@
 The state is a full training checkpoint of the default architecture's size (resnet50 and a 6-layer, 768-wide text
 encoder: ~90M parameters, with AdamW moments), built offline, on --device. Measured, as medians of --repeats
 (alternating order):
-  stall    how long `Checkpointer.save` blocks the caller (the snapshot into reused CPU buffers), against a bare
+  stall    how long `CheckpointWriter.save` blocks the caller (the snapshot into reused CPU buffers), against a bare
            `torch.save` of the same state: what the training loop waits for;
   durable  from the call until the file is durable (`wait()`: temporary file, fsync, rename, folder fsync),
            against a bare `torch.save` + fsync;
@@ -77,7 +77,7 @@ def bare_save_and_fsync(state: dict, path: Path) -> None:
 
 def measure(state: dict, storage, repeats: int, scratch: Path) -> dict[str, float]:
     """Medians of stall, durable and load through `storage`, beside bare torch.save/fsync/load in `scratch`."""
-    checkpointer = checkpointing.Checkpointer(storage=storage, background=True)
+    checkpointer = checkpointing.CheckpointWriter(storage=storage, background=True)
     bare, synced = scratch / "bare.pt", scratch / "synced.pt"
     times = {name: [] for name in ("stall", "bare_save", "durable", "bare_save_fsync", "load", "bare_load")}
     checkpointer.save(state, [checkpointing.LAST])  # allocates the snapshot buffers, as a run's first save does

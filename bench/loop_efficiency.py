@@ -81,13 +81,10 @@ def trainer_for(args: argparse.Namespace, folder: Path) -> Trainer:
     argv += ["--compile"] if args.compile else []
     command = parse_args(argv)
     runtime, log = Runtime.start(args.device), RunLog(enabled=False)
-    resume = build.choose_checkpoint(command.options, runtime, log)
-    run = build.build(command, resume, runtime, log)
-    if args.channels_last:
-        run.model.image_encoder.to(memory_format=torch.channels_last)
-    return build.make_trainer(
-        run, resume, command.options, runtime, log, storage=build.savedir_storage(command.options)
-    )
+    trainer = build.build(command, runtime, log).trainer  # held open for the bench's life
+    if args.channels_last:  # in place: the optimiser and the (unwrapped, one-process) step model see it
+        trainer.model.image_encoder.to(memory_format=torch.channels_last)
+    return trainer
 
 
 def images_to_device(channels_last: bool):

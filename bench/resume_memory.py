@@ -55,7 +55,7 @@ def write_checkpoint(folder: Path, root: Path) -> Path:
     """A checkpoint of the default size, written by the project's own build and save code."""
     command = parse_args(["--root_dir", str(root), "--savedir", str(folder / "ckpt"), *DEFAULT_SIZE])
     runtime, log = Runtime.start("cpu"), RunLog(enabled=False)
-    run = build.build(command, build.Resume(None, None, []), runtime, log)
+    run = build.build_run(command, build.Resume(None, None, []), runtime, log)
     for parameter in run.model.parameters():
         parameter.grad = torch.zeros_like(parameter)
     run.optimizer.step()  # the AdamW moments, as in a real run
@@ -85,7 +85,7 @@ def measure(path: Path, root: Path, keep: bool) -> float:
     runtime, log = Runtime.start("cpu"), RunLog(enabled=False)
     resume = build.choose_checkpoint(command.options, runtime, log)
     held = [resume.checkpoint] if keep else []  # the whole file, referenced for the run, as before
-    build.build(command, resume, runtime, log)
+    build.build_run(command, resume, runtime, log)
     gc.collect()
     assert len(held) == keep
     return resident_mib()

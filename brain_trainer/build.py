@@ -1,25 +1,30 @@
-"""Assembling a run, in one place: which checkpoint to resume, the settings it resolves to, the data, the
-model and its optimiser, where the run stands, the evaluator, the loaders, the checkpointer and the Trainer,
-and the start of training (claiming the folders, the RNG, TensorBoard). Every process runs these; what only
-the main process may do (choose a file, claim a folder) goes through the runtime. Nothing here prints but
-through the run log, and nothing here trains.
+"""Assembling a run, in one place, and closing it: `build` chooses the checkpoint to resume, resolves the
+settings, makes the data, the model and its optimiser, restores where the run stands, and then either the
+evaluator (`eval`) or what training holds (the folder's lock, the loaders, the checkpointer, the Trainer, the
+TensorBoard writer). It returns an `AssembledRun`, a context manager that releases all of it in reverse order
+on every path, the first error winning. Every process runs these; what only the main process may do (choose a
+file, claim a folder) goes through the runtime. Nothing here prints but through the run log, and nothing here
+trains.
 """
 
 from __future__ import annotations
 
 import time
-import urllib.error
 import uuid
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from brain_trainer.brain_model import BrainConfig, BrainModel, UnsupportedEncoder, is_weights_file
+from brain_trainer.brain_model import BrainConfig, BrainModel, is_weights_file
 from brain_trainer.checkpointing import (
     Checkpointer,
     CheckpointError,
     Discovery,
+    RunRecord,
+    SavePolicy,
     checkpoint_in_folder,
     claim_savedir,
     find_latest_checkpoint,
@@ -33,10 +38,9 @@ from brain_trainer.checkpointing import (
     restore_training_state,
     rng_states_of,
 )
-from brain_trainer.checkpointing.storage import Lock, Storage
+from brain_trainer.checkpointing.base import Lock, Storage
 from brain_trainer.config import (
     CommandLine,
-    ConfigError,
     RunOptions,
     TrainSettings,
     check_settings,
@@ -44,11 +48,21 @@ from brain_trainer.config import (
     with_saved_data,
 )
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, derive_seed
-from brain_trainer.data.loaders import Data, build_loaders, check_split_sizes, eval_loader, image_source, load_data
+from brain_trainer.data.loaders import (
+    Data,
+    TrainLoaders,
+    build_loaders,
+    check_split_sizes,
+    end_loader_workers,
+    eval_loader,
+    image_source,
+    load_data,
+)
 from brain_trainer.evaluation import Evaluator
+from brain_trainer.model_factory import build_model
 from brain_trainer.run_log import RunLog, claim_logdir
 from brain_trainer.runtime import Runtime
-from brain_trainer.trainer import RunRecord, Trainer, TrainState, learning_rate
+from brain_trainer.trainer import Trainer, TrainState, learning_rate
 
 DECAY_GROUPS = ("decay", "no_decay")  # AdamW's parameter groups, by name
 
@@ -85,12 +99,44 @@ class Run:
     options: RunOptions  # as given, with the data location the checkpoint named if none was given
 
 
-@dataclass
-class Training:
-    """A started run: its Trainer and the lock that makes the checkpoint folder its own (main process)."""
+Hold = Callable[[Callable[[], None]], None]  # hands a release to the run: called in reverse order when it closes
 
-    trainer: Trainer
-    lock: Lock | None
+
+def releasing(release: Callable[[], None], log: RunLog):
+    """An exit callback for the run's ExitStack: runs `release`; its error goes on when nothing failed before,
+    and is said in a ⚠ line when something did, so the first error is the one the run ends with."""
+
+    def exit_(kind, error, traceback) -> bool:
+        try:
+            release()
+        except Exception as later:
+            if error is None:
+                raise
+            log.error(f"⚠ Also, while closing after that: {later}")
+        return False
+
+    return exit_
+
+
+@dataclass
+class AssembledRun:
+    """What `build` returns: the run and its evaluator (`eval`) or its Trainer (None when there is nothing left
+    to train), holding the lock, loader workers, checkpointer and logging until it closes (`with`)."""
+
+    run: Run
+    held: ExitStack
+    evaluator: Evaluator | None = None
+    trainer: Trainer | None = None
+
+    @property
+    def options(self) -> RunOptions:
+        return self.run.options
+
+    def __enter__(self) -> AssembledRun:
+        return self
+
+    def __exit__(self, *failure) -> bool:
+        return self.held.__exit__(*failure)
 
 
 def savedir_storage(options: RunOptions) -> Storage:
@@ -122,24 +168,6 @@ def choose_checkpoint(options: RunOptions, runtime: Runtime, log: RunLog) -> Res
     return Resume(found.location, checkpoint, found.unreadable)
 
 
-def build_model(model_config: BrainConfig, pretrained: bool) -> BrainModel:
-    """The model, with every way its encoders can fail to load said as one line naming the flag."""
-    try:
-        return BrainModel(model_config, pretrained=pretrained)
-    except UnsupportedEncoder as error:
-        raise ConfigError(str(error)) from None
-    except urllib.error.URLError:  # torchvision downloads weights with urllib
-        raise ConfigError(
-            f"--image_weights {model_config.image_weights}: weights for {model_config.image_encoder} "
-            f"could not be downloaded (no network?); give a local weights file or none"
-        ) from None
-    except (OSError, ValueError) as error:  # transformers reports a failed download or a bad folder so
-        raise ConfigError(
-            f"--text_encoder {model_config.text_encoder}: could not be loaded "
-            f"({str(error).splitlines()[0][:120]}); give a local folder, or use --text_encoder scratch"
-        ) from None
-
-
 def build_optimizer(model: torch.nn.Module, settings: TrainSettings, device: torch.device) -> torch.optim.AdamW:
     """AdamW with CLIP's betas; weight decay on matrices only, never on biases, norms or the temperature."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -158,13 +186,13 @@ def apply_group_settings(optimizer: torch.optim.Optimizer, settings: TrainSettin
         group["weight_decay"] = settings.weight_decay if name == "decay" else 0.0
 
 
-def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -> Run:
+def build_run(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -> Run:
     """Settings (command line > checkpoint > defaults), checks, data, model, optimiser, and the resumed state."""
-    checkpoint = resume.checkpoint
-    command, data_note = with_saved_data(command, (checkpoint or {}).get("data"))
+    checkpoint = resume.checkpoint or {}
+    command, data_note = with_saved_data(command, checkpoint.get("data"))
     options = command.options
     model_config, settings, overridden, from_checkpoint = resolve_settings(
-        command.given, (checkpoint or {}).get("config"), options.demo, str(resume.location)
+        command.given, checkpoint.get("config"), options.demo, str(resume.location)
     )
     check_settings(options, model_config, settings, runtime.world_size, from_checkpoint)
     settings = replace(settings, precision=runtime.resolve_precision(settings.precision))  # the file records it
@@ -177,51 +205,56 @@ def build(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLog) -
         demo=options.demo,
         text_encoder=model_config.text_encoder,
         vocab_size=settings.vocab_size,
-        saved_tokenizer=(checkpoint or {}).get("tokenizer"),
+        saved_tokenizer=checkpoint.get("tokenizer"),
         runtime=runtime,
         log=log,
     )
     check_split_sizes(data.splits, batch_size=settings.batch_size, eval_split=options.eval_only and options.eval_split)
     if model_config.text_encoder == "scratch":
         model_config = replace(model_config, text_vocab_size=len(data.tokenizer))
-    model = runtime.prepare(build_model(model_config, pretrained=checkpoint is None))
-    if checkpoint is None and is_weights_file(model_config.image_weights):
+    model = runtime.prepare(build_model(model_config, pretrained=resume.checkpoint is None))
+    if resume.checkpoint is None and is_weights_file(model_config.image_weights):
         load_image_weights_file(model, model_config.image_weights, log)
     optimizer = build_optimizer(model, settings, runtime.device)
     autocast, scaler = runtime.precision(settings.precision)
-    state = TrainState()
-    if checkpoint is not None and options.eval_only:  # the weights alone: no optimizer, no position to report
-        weights = load_model_weights(model, model_weights(checkpoint, resume.location), resume.location)
-        log.resume_block(location=resume.location, lines=weights.lines, checkpoint=None, overridden=[], fingerprint={})
-    elif checkpoint is not None:
-        lines = restore_training_state(
-            checkpoint=checkpoint,
-            path=resume.location,
-            model=model,
-            optimizer=optimizer,
-            scaler=scaler,
-            precision=settings.precision,
-            architecture=model_config.to_dict(),
-            state=state,
-        )
-        apply_group_settings(optimizer, settings)
-        if state.samples_seen > len(data.splits["train"]):
-            raise CheckpointError(
-                f"{resume.location}: field 'data_state.samples_seen' is {state.samples_seen}, "
-                f"beyond the epoch's {len(data.splits['train'])} samples; the file is damaged "
-                f"(or of other data): resume from another checkpoint"
-            )
-        log.resume_block(
-            location=resume.location,
-            lines=lines,
-            checkpoint=checkpoint,
-            overridden=overridden,
-            fingerprint=data.splits["train"].fingerprint(),
-        )
+    run = Run(model_config, settings, data, model, optimizer, autocast, scaler, TrainState(), options)
+    if resume.checkpoint is not None:
+        restore(run, resume, overridden, log)
     resume.drop_checkpoint()  # the weights and moments now live in the model and optimiser: no second copy
     if note := runtime.batchnorm_note(model):
         log.print(note)
-    return Run(model_config, settings, data, model, optimizer, autocast, scaler, state, options)
+    return run
+
+
+def restore(run: Run, resume: Resume, overridden: list, log: RunLog) -> None:
+    """The checkpoint into the run (`eval`: the weights alone, no optimizer, no position to report), and its
+    resume block."""
+    checkpoint, location = resume.checkpoint, resume.location
+    if run.options.eval_only:
+        weights = load_model_weights(run.model, model_weights(checkpoint, location), location)
+        log.resume_block(location=location, lines=weights.lines, checkpoint=None, overridden=[], fingerprint={})
+        return
+    lines = restore_training_state(
+        checkpoint=checkpoint,
+        path=location,
+        model=run.model,
+        optimizer=run.optimizer,
+        scaler=run.scaler,
+        precision=run.settings.precision,
+        architecture=run.model_config.to_dict(),
+        state=run.state,
+    )
+    apply_group_settings(run.optimizer, run.settings)
+    train = run.data.splits["train"]
+    if run.state.samples_seen > len(train):
+        raise CheckpointError(
+            f"{location}: field 'data_state.samples_seen' is {run.state.samples_seen}, "
+            f"beyond the epoch's {len(train)} samples; the file is damaged "
+            f"(or of other data): resume from another checkpoint"
+        )
+    log.resume_block(
+        location=location, lines=lines, checkpoint=checkpoint, overridden=overridden, fingerprint=train.fingerprint()
+    )
 
 
 def load_image_weights_file(model: BrainModel, path: str, log: RunLog) -> None:
@@ -273,11 +306,23 @@ def build_eval(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> 
     return make_evaluator(run, options.eval_split, images, options, runtime)
 
 
-def make_trainer(
-    run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog, *, storage: Storage
-) -> Trainer:
-    """Image sources and loaders, the run's record for its checkpoints, the checkpointer, the Trainer."""
-    settings, splits = run.settings, run.data.splits
+def run_record(run: Run, resume: Resume, settings: TrainSettings, runtime: Runtime) -> RunRecord:
+    """What every checkpoint of this run carries besides tensors and the train state; the lineage is the main
+    process's, so every process records the same run."""
+    lineage = runtime.broadcast({"id": uuid.uuid4().hex, "parent": resume.parent, "started_ns": time.time_ns()})
+    return RunRecord(
+        config={**run.model_config.to_dict(), **asdict(settings)},
+        tokenizer_json=run.data.tokenizer_json,
+        fingerprint=run.data.splits["train"].fingerprint(),
+        lineage=lineage,
+        data={"root_dir": str(Path(run.options.root_dir).absolute()), "annotations": run.options.annotations},
+    )
+
+
+def start_loaders(run: Run, runtime: Runtime, log: RunLog) -> tuple[TrainLoaders, object, TrainSettings]:
+    """The image sources (the decode-once cache, built on the main process, or the JPEGs) and the training
+    loaders; returns them, the val images, and the settings recording whether the run decodes JPEGs."""
+    settings, splits, options = run.settings, run.data.splits, run.options
     cache = {
         "use_cache": settings.cache_images,
         "image_size": run.model_config.image_size,
@@ -288,10 +333,9 @@ def make_trainer(
     train_images, cached = image_source(splits["train"], log=log, **cache)
     val_images, cached = image_source(splits["val"], log=log, **{**cache, "use_cache": cached})
     settings = replace(settings, cache_images=cached)  # one ⚠ line, and the run records that it decodes JPEGs
-    collator = CaptionCollator(run.data.tokenizer, run.model_config.max_text_len)
     loaders = build_loaders(
         run.data,
-        collator,
+        CaptionCollator(run.data.tokenizer, run.model_config.max_text_len),
         train_images=train_images,
         image_size=run.model_config.image_size,
         hflip=settings.hflip,
@@ -300,17 +344,24 @@ def make_trainer(
         num_workers=options.num_workers,
         runtime=runtime,
     )
-    lineage = runtime.broadcast({"id": uuid.uuid4().hex, "parent": resume.parent, "started_ns": time.time_ns()})
-    record = RunRecord(
-        config={**run.model_config.to_dict(), **asdict(settings)},
-        tokenizer_json=run.data.tokenizer_json,
-        fingerprint=splits["train"].fingerprint(),
-        lineage=lineage,
-        data={"root_dir": str(Path(options.root_dir).absolute()), "annotations": options.annotations},
-    )
+    return loaders, val_images, settings
+
+
+def make_trainer(run: Run, resume: Resume, runtime: Runtime, log: RunLog, *, storage: Storage, hold: Hold) -> Trainer:
+    """The loaders, the run's record, the checkpointer (held: closed with the run), the Trainer."""
+    loaders, val_images, settings = start_loaders(run, runtime, log)
+    options = run.options
     checkpointer = Checkpointer(
-        storage=storage, keep_last=settings.keep_last, background=not options.sync_saves, enabled=runtime.is_main
+        storage=storage,
+        runtime=runtime,
+        model=run.model,
+        optimizer=run.optimizer,
+        scaler=run.scaler,
+        state=run.state,
+        record=run_record(run, resume, settings, runtime),
+        policy=SavePolicy(settings.save_every_steps, settings.keep_last, background=not options.sync_saves),
     )
+    hold(checkpointer.close)
     return Trainer(
         runtime=runtime,
         model=run.model,
@@ -321,7 +372,6 @@ def make_trainer(
         loaders=loaders,
         evaluator=make_evaluator(run, "val", val_images, options, runtime),
         checkpointer=checkpointer,
-        record=record,
         state=run.state,
         log=log,
         log_every=options.log_every,
@@ -329,7 +379,7 @@ def make_trainer(
     )
 
 
-def restore_rng(resume: Resume, run: Run, runtime: Runtime, log: RunLog, deterministic: bool) -> None:
+def restore_rng(resume: Resume, run: Run, runtime: Runtime, log: RunLog) -> None:
     """Last, so nothing built before draws from it: each process's own state at the same world size; at another,
     one derived from (seed, global step, rank), with a ⚠ line."""
     states = resume.rng_states or []
@@ -337,59 +387,75 @@ def restore_rng(resume: Resume, run: Run, runtime: Runtime, log: RunLog, determi
         restore_rng_state(states[runtime.rank])
     elif states:
         log.print(runtime.rng_state_note(len(states)))
-        runtime.seed(derive_seed(run.settings.seed, run.state.global_step, runtime.rank), deterministic)
+        runtime.seed(derive_seed(run.settings.seed, run.state.global_step, runtime.rank), run.options.deterministic)
 
 
-def claim_folders(options: RunOptions, storage: Storage, resume: Resume, log: RunLog) -> Lock:
-    """Both folders writable, and the checkpoint folder this run's (locked; see `claim_savedir`)."""
+def claim_folders(options: RunOptions, storage: Storage, resume: Resume, log: RunLog, hold: Hold) -> Lock:
+    """Both folders writable, and the checkpoint folder this run's (locked, held until the run closes; see
+    `claim_savedir`)."""
     logdir = open_storage(options.logdir)
     logdir.check_writable("logdir")
     lock = claim_savedir(
         storage, resume=resume.location, overwrite=options.overwrite, unreadable=resume.unreadable, log=log.print
     )
-    try:
-        logdir.prepare("logdir")
-        claim_logdir(
-            Path(logdir.url), savedir=options.savedir, resuming=bool(resume.location), overwrite=options.overwrite
-        )
-    except BaseException:
-        lock.release()
-        raise
+    hold(lock.release)
+    logdir.prepare("logdir")
+    claim_logdir(Path(logdir.url), savedir=options.savedir, resuming=bool(resume.location), overwrite=options.overwrite)
     return lock
 
 
-def start_training(run: Run, resume: Resume, options: RunOptions, runtime: Runtime, log: RunLog) -> Training:
-    """Claim the folders (main process), make the Trainer, print the banner, restore the RNG last, open
-    TensorBoard. On a failure after the claim, the lock is released before the error goes on."""
-    storage = savedir_storage(options)  # one object: the lock it holds is checked at every write
-    lock = runtime.main_only(lambda: claim_folders(options, storage, resume, log))
-    try:
-        trainer = make_trainer(run, resume, options, runtime, log, storage=storage)
-        log.banner(
-            train_samples=len(run.data.splits["train"]),
-            val_samples=len(run.data.splits["val"]),
-            device=runtime.device,
-            precision=run.settings.precision,
-            batch_size=run.settings.batch_size,
-            per_process=runtime.per_process(run.settings.batch_size),
-            lr=run.settings.lr,
-            start_epoch=run.state.epoch,
-            epochs=run.settings.epochs,
-            world_size=runtime.world_size,
-            resumed_lr=learning_rate(run.state.global_step, run.settings, trainer.total_steps)
-            if resume.location
-            else None,
-        )
-        log.small_split("val", len(run.data.splits["val"].images))
-        restore_rng(resume, run, runtime, log, options.deterministic)
-        log.open_tensorboard(
-            options.logdir,
-            purge_step=run.state.global_step + 1 if resume.location else 0,
-            config=trainer.record.config,
-            step=run.state.global_step,
-        )
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    return Training(trainer, lock)
+def open_logging(run: Run, resume: Resume, trainer: Trainer, log: RunLog, hold: Hold) -> None:
+    """What the run logs to, held until it closes: TensorBoard (main process). A tracker goes here too."""
+    log.open_tensorboard(
+        run.options.logdir,
+        purge_step=run.state.global_step + 1 if resume.location else 0,
+        config=trainer.checkpointer.record.config,
+        step=run.state.global_step,
+    )
+    hold(log.close)
+
+
+def start_training(run: Run, resume: Resume, runtime: Runtime, log: RunLog, hold: Hold) -> Trainer:
+    """Claim the folders (main process), start the loaders and make the Trainer, print the banner, restore the
+    RNG last, open the logging; everything opened is held, so a failure on the way releases it."""
+    storage = savedir_storage(run.options)  # one object: the lock it holds is checked at every write
+    runtime.main_only(lambda: claim_folders(run.options, storage, resume, log, hold))
+    hold(end_loader_workers)
+    trainer = make_trainer(run, resume, runtime, log, storage=storage, hold=hold)
+    log.banner(
+        train_samples=len(run.data.splits["train"]),
+        val_samples=len(run.data.splits["val"]),
+        device=runtime.device,
+        precision=run.settings.precision,
+        batch_size=run.settings.batch_size,
+        per_process=runtime.per_process(run.settings.batch_size),
+        lr=run.settings.lr,
+        start_epoch=run.state.epoch,
+        epochs=run.settings.epochs,
+        world_size=runtime.world_size,
+        resumed_lr=learning_rate(run.state.global_step, run.settings, trainer.total_steps) if resume.location else None,
+    )
+    log.small_split("val", len(run.data.splits["val"].images))
+    restore_rng(resume, run, runtime, log)
+    open_logging(run, resume, trainer, log, hold)
+    return trainer
+
+
+def build(command: CommandLine, runtime: Runtime, log: RunLog) -> AssembledRun:
+    """The run, assembled: the checkpoint chosen and restored, then the evaluator (`eval`), nothing more (the
+    checkpoint has finished --epochs), or training's parts. What it opens is released if assembling fails."""
+    with ExitStack() as held:
+
+        def hold(release: Callable[[], None]) -> None:
+            held.push(releasing(release, log))
+
+        resume = choose_checkpoint(command.options, runtime, log)
+        run = build_run(command, resume, runtime, log)
+        assembled = AssembledRun(run, held)
+        if run.options.eval_only:
+            hold(end_loader_workers)
+            assembled.evaluator = build_eval(run, run.options, runtime, log)
+        elif run.state.epoch < run.settings.epochs:
+            assembled.trainer = start_training(run, resume, runtime, log, hold)
+        assembled.held = held.pop_all()  # assembled: from here the run releases what it holds
+    return assembled

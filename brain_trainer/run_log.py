@@ -10,14 +10,17 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from brain_trainer.checkpointing.storage import is_url
 from brain_trainer.config import ConfigError
 from brain_trainer.evaluation import RECALL_AT, chance_recall_at
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 RULE = "=" * 60
 SCRIPT = "train_multimodal_brain_flickr8k.py"
@@ -51,6 +54,8 @@ class RunLog:
     def open_tensorboard(self, logdir: str, purge_step: int, config: dict, step: int) -> None:
         """purge_step drops events a previous run logged after this checkpoint, so curves never overlap."""
         if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F811 (here: inference never loads TensorBoard)
+
             self.writer = SummaryWriter(logdir, purge_step=purge_step)
             self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())), step)
 
@@ -136,43 +141,12 @@ class RunLog:
     def resume_block(
         self, *, location: str, lines: list[str], checkpoint: dict | None, overridden: list[str], fingerprint: dict
     ) -> None:
-        """The resume guide's block: the file, what was restored (✓) or not (⚠), and the plan (`checkpoint`
-        None: evaluation, which restores the weights alone and has no plan)."""
-        self.print(RULE)
-        self.print(f"Resuming from checkpoint: {location}")
-        self.print(RULE)
-        for line in lines:
+        for line in resume_lines(location, lines, checkpoint, overridden, fingerprint):
             self.print(line)
-        if checkpoint is None:
-            self.print(RULE)
-            return
-        restored = [
-            "settings" if checkpoint.get("config") else "",
-            "RNG" if checkpoint.get("rng_state") else "",
-            "data position" if checkpoint.get("data_state") else "",
-        ]
-        self.print(RULE)
-        self.print(
-            f"Plan: restored {', '.join(item for item in restored if item) or 'weights only'} from the checkpoint"
-        )
-        self.print(f"      overridden on the command line: {'; '.join(overridden) or 'nothing'}")
-        saved = (checkpoint.get("data_state") or {}).get("fingerprint")
-        if isinstance(saved, dict) and saved != fingerprint:
-            self.print(
-                f"⚠ Training data differs from the checkpoint's: {saved.get('samples')} samples "
-                f"({saved.get('sha256')}) -> {fingerprint['samples']} samples ({fingerprint['sha256']})"
-            )
 
     def metrics_table(self, metrics: dict, split: str, *, images: int, captions: int) -> None:
-        self.print(f"Scored {images} {split} images against {captions} captions")
-        self.print(f"{split} loss {metrics['loss']:.4f}")
-        self.print(f"{'':16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median rank':>14}")
-        for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
-            self.print(
-                f"{label:16}"
-                + "".join(f"{metrics[f'{direction}_R@{k}']:8.1f}" for k in (1, 5, 10))
-                + f"{metrics[f'{direction}_median_rank']:14.0f}"
-            )
+        for line in metrics_lines(metrics, split, images=images, captions=captions):
+            self.print(line)
 
     def demo_report(self, metrics: dict, num_images: int, num_captions: int) -> None:
         chance_i2t, chance_t2i = chance_recall_at(5, num_images, round(num_captions / num_images))
@@ -207,6 +181,49 @@ class RunLog:
             if path
             else f"Run the same command again: {resume_command(argv, None, world_size, program)}"
         )
+
+
+def resume_lines(
+    location: str, lines: list[str], checkpoint: dict | None, overridden: list[str], fingerprint: dict
+) -> list[str]:
+    """The resume guide's block: the file, what was restored (✓) or not (⚠), and the plan (`checkpoint`
+    None: evaluation, which restores the weights alone and has no plan)."""
+    block = [RULE, f"Resuming from checkpoint: {location}", RULE, *lines]
+    if checkpoint is None:
+        return [*block, RULE]
+    restored = [
+        "settings" if checkpoint.get("config") else "",
+        "RNG" if checkpoint.get("rng_state") else "",
+        "data position" if checkpoint.get("data_state") else "",
+    ]
+    block += [
+        RULE,
+        f"Plan: restored {', '.join(item for item in restored if item) or 'weights only'} from the checkpoint",
+        f"      overridden on the command line: {'; '.join(overridden) or 'nothing'}",
+    ]
+    saved = (checkpoint.get("data_state") or {}).get("fingerprint")
+    if isinstance(saved, dict) and saved != fingerprint:
+        block.append(
+            f"⚠ Training data differs from the checkpoint's: {saved.get('samples')} samples "
+            f"({saved.get('sha256')}) -> {fingerprint['samples']} samples ({fingerprint['sha256']})"
+        )
+    return block
+
+
+def metrics_lines(metrics: dict, split: str, *, images: int, captions: int) -> list[str]:
+    """`eval`'s table: loss, recall at 1/5/10 and the median rank, both directions."""
+    table = [
+        f"Scored {images} {split} images against {captions} captions",
+        f"{split} loss {metrics['loss']:.4f}",
+        f"{'':16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median rank':>14}",
+    ]
+    for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
+        table.append(
+            f"{label:16}"
+            + "".join(f"{metrics[f'{direction}_R@{k}']:8.1f}" for k in (1, 5, 10))
+            + f"{metrics[f'{direction}_median_rank']:14.0f}"
+        )
+    return table
 
 
 def launcher(world_size: int, program: tuple[str, ...]) -> list[str]:

@@ -17,52 +17,43 @@ import signal
 import sys
 import time
 
-from brain_trainer.build import Resume, Run, Training, build, build_eval, choose_checkpoint, start_training
-from brain_trainer.checkpointing import LAST, CheckpointError, checkpoint_names
+from brain_trainer.build import AssembledRun, build
+from brain_trainer.checkpointing import CheckpointError
 from brain_trainer.config import ConfigError, RunOptions, parse_args
 from brain_trainer.data.flickr8k_dataset import DatasetError, Interrupted
-from brain_trainer.data.loaders import end_loader_workers
+from brain_trainer.evaluation import Evaluator
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import LaunchError, Runtime
 from brain_trainer.trainer import TrainingError
 
 
-def fit(training: Training, run: Run, options: RunOptions, runtime: Runtime, log: RunLog, *, started: float) -> int:
-    """Train to the end or to a stop, report, and close: the save in flight becomes durable, also on an error.
+def fit(assembled: AssembledRun, runtime: Runtime, log: RunLog, *, started: float) -> int:
+    """Train to the end or to a stop, and report (the run closes after: the save in flight becomes durable).
     `started` (time.monotonic() at the program's start) times the run for the closing summary."""
-    trainer = training.trainer
-    runtime.stop.last_good = trainer.checkpointer.location(LAST)  # what a second Ctrl-C names
-    try:
-        status = trainer.fit()
-        if status:
-            log.stopped(
-                signum=status - 128,
-                where=trainer.position(),
-                path=trainer.last_saved,
-                argv=options.argv,
-                world_size=runtime.world_size,
-                program=options.program,
-            )
-        elif options.demo:
-            split = trainer.evaluator.split
-            log.demo_report(trainer.last_metrics, len(split.images), len(split))
-        if not status:
-            log.summary(
-                savedir=options.savedir,
-                logdir=options.logdir,
-                seconds=time.monotonic() - started,
-                files=checkpoint_names(trainer.checkpointer.storage),
-            )
+    trainer, options = assembled.trainer, assembled.options
+    checkpointer = trainer.checkpointer
+    runtime.stop.last_good = checkpointer.last  # what a second Ctrl-C names
+    status = trainer.fit()
+    if status:
+        log.stopped(
+            signum=status - 128,
+            where=trainer.position(),
+            path=checkpointer.last_saved,
+            argv=options.argv,
+            world_size=runtime.world_size,
+            program=options.program,
+        )
         return status
-    finally:
-        log.close()
-        trainer.checkpointer.close()
-        if training.lock is not None:
-            training.lock.release()
+    if options.demo:
+        split = trainer.evaluator.split
+        log.demo_report(trainer.last_metrics, len(split.images), len(split))
+    log.summary(
+        savedir=options.savedir, logdir=options.logdir, seconds=time.monotonic() - started, files=checkpointer.files()
+    )
+    return 0
 
 
-def evaluate_only(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
-    evaluator = build_eval(run, options, runtime, log)
+def evaluate_only(evaluator: Evaluator, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
     log.small_split(options.eval_split, len(evaluator.split.images))
     metrics = evaluator()
     if metrics is None:
@@ -79,10 +70,24 @@ def stopped_early(runtime: Runtime, log: RunLog, where: str, options: RunOptions
     return 128 + signum
 
 
+def run(assembled: AssembledRun, runtime: Runtime, log: RunLog, started: float) -> int:
+    """Evaluate, say there is nothing left to train, or train."""
+    if assembled.evaluator is not None:
+        return evaluate_only(assembled.evaluator, assembled.options, runtime, log)
+    if assembled.trainer is None:
+        state, epochs = assembled.run.state, assembled.run.settings.epochs
+        log.print(
+            f"Nothing left to train: the checkpoint has finished epoch {state.epoch - 1} and --epochs "
+            f"is {epochs}; pass a larger --epochs to train on."
+        )
+        return 0
+    return fit(assembled, runtime, log, started=started)
+
+
 def main(
     argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer", "train"), eval_only: bool = False
 ) -> int:
-    """parse -> runtime -> build -> fit -> close; returns the exit status."""
+    """parse -> runtime -> build -> fit or eval -> close; returns the exit status."""
     started, options = time.monotonic(), None
     runtime, log = None, RunLog()
     try:
@@ -90,18 +95,9 @@ def main(
         options = command.options
         runtime = Runtime.start(options.device)  # the process group, the device, the stop flag
         log = RunLog(enabled=runtime.is_main)
-        resume: Resume = choose_checkpoint(options, runtime, log)
-        run = build(command, resume, runtime, log)
-        options = run.options
-        if options.eval_only:
-            return evaluate_only(run, options, runtime, log)
-        if run.state.epoch >= run.settings.epochs:
-            log.print(
-                f"Nothing left to train: the checkpoint has finished epoch {run.state.epoch - 1} and --epochs "
-                f"is {run.settings.epochs}; pass a larger --epochs to train on."
-            )
-            return 0
-        return fit(start_training(run, resume, options, runtime, log), run, options, runtime, log, started=started)
+        with build(command, runtime, log) as assembled:  # closes in reverse order, whatever happens
+            options = assembled.options
+            return run(assembled, runtime, log, started)
     except (ConfigError, DatasetError, CheckpointError, LaunchError) as error:
         log.error(f"Error: {error}")
         return 2
@@ -121,12 +117,4 @@ def main(
             runtime.close()
 
 
-def run_program(
-    argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer", "train"), eval_only: bool = False
-) -> int:
-    """`main` as a program runs it: whatever way it ends (an unexpected error included), it ends the process's
-    loader workers, so the process itself ends."""
-    try:
-        return main(argv, program, eval_only)
-    finally:
-        end_loader_workers()
+run_program = main  # the name the command and the root script call: the run ends its loader workers itself

@@ -1,8 +1,8 @@
 """The training loop: where the run is (`TrainState`), the optimiser and its schedule, one optimisation
-step, the epoch, evaluation and save policy at its end, and stopping at a step boundary.
+step, the epoch, evaluation at its end, when the run stands at a step boundary (saves), and stopping there.
 
 Nothing here asks which process it runs in: collectives go through the runtime, output through the run
-log, files through the checkpointer (silent on all but the main process).
+log, saves through the checkpointer (which decides names, contents and who writes).
 """
 
 from __future__ import annotations
@@ -16,15 +16,7 @@ import torch
 
 from brain_trainer.accumulation import GradientCache, accumulation_note
 from brain_trainer.brain_model import BrainModel, ContrastiveLoss
-from brain_trainer.checkpointing import (
-    BEST,
-    LAST,
-    Checkpointer,
-    CheckpointError,
-    capture_rng_state,
-    make_checkpoint,
-    snapshot_name,
-)
+from brain_trainer.checkpointing import Checkpointer, Saved
 from brain_trainer.config import TrainSettings
 from brain_trainer.data.augment import images_to_device
 from brain_trainer.data.loaders import TrainLoaders
@@ -71,17 +63,6 @@ def learning_rate(step: int, settings: TrainSettings, total_steps: int) -> float
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (settings.lr - floor)
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """What every checkpoint of this run carries besides tensors and the train state."""
-
-    config: dict  # every setting of the run
-    tokenizer_json: str | None
-    fingerprint: dict  # of the training data
-    lineage: dict  # this run's id, its parent's, when it started
-    data: dict  # where the data is (root_dir, annotations): eval and a resume find it without --root_dir
-
-
 class StepLosses:
     """The losses of the steps since the last read, left on the device. `read` (at log steps, saves, stops and
     epoch ends: a collective, called where all processes are) waits for the device once, means them over the
@@ -112,8 +93,75 @@ class StepLosses:
         return value
 
 
-class Trainer:
-    """The loop, evaluation, logging and saving of one run; `fit` is the whole of training."""
+class Progress:
+    """What the loop reports: the substituted images (summed over the processes where all are), each log step's
+    scalars and line (timed over the window since the previous one), and each epoch's evaluation."""
+
+    def __init__(self, *, runtime: Runtime, state: TrainState, log: RunLog, scaler: torch.amp.GradScaler):
+        self.runtime, self.state, self.log, self.scaler = runtime, state, log, scaler
+        self.unsummed_skips = 0  # images this process substituted since the last sum over processes
+        self.start_window()
+
+    def start_window(self) -> None:
+        self.window_start, self.window_samples, self.window_wait = time.perf_counter(), 0, 0.0
+
+    def note_bad_files(self, batch: dict) -> None:
+        for name in batch["bad_files"]:  # the process that read the file says so: once over all processes
+            self.log.warn_once(
+                name, f"⚠ Could not read image {name}: substituting the next sample (counted in train/skipped_images)"
+            )
+        self.unsummed_skips += len(batch["bad_files"])
+
+    def sum_skips(self) -> None:
+        """Add every process's substituted images to the state (a collective: called where all processes are)."""
+        self.state.skipped_images += int(self.runtime.sum(self.unsummed_skips))
+        self.unsummed_skips = 0
+
+    def log_step(self, bar, loss: float, grad_norm: torch.Tensor, lr: float) -> None:
+        self.sum_skips()
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        scalars = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm.item(),
+            "train/samples_per_sec": self.window_samples / elapsed,
+            "train/data_wait": self.window_wait / elapsed,
+            "train/skipped_images": self.state.skipped_images,
+        }
+        if self.scaler.is_enabled():
+            scalars["train/amp_scale"] = self.scaler.get_scale()
+        self.log.scalars(scalars, self.state.global_step)
+        self.log.step(
+            bar,
+            epoch=self.state.epoch,
+            step=self.state.global_step,
+            loss=loss,
+            lr=lr,
+            samples_per_sec=scalars["train/samples_per_sec"],
+            data_wait=scalars["train/data_wait"],
+        )
+        self.start_window()
+
+    def evaluated(self, metrics: dict | None) -> dict | None:
+        if metrics and metrics["unreadable_images"]:
+            self.log.warn_once(
+                "val-unreadable",
+                f"⚠ {metrics['unreadable_images']} val images could not be read: "
+                f"they are scored as black squares (counted as misses)",
+            )
+        return metrics
+
+    def validation(self, evaluator: Evaluator, metrics: dict) -> None:
+        """The epoch's validation scalars and retrieval picture."""
+        self.log.scalars({f"val/{name}": metrics[name] for name in METRICS}, self.state.global_step)
+        if self.log.enabled:
+            picture = retrieval_picture(metrics["similarity"], evaluator.split, evaluator.images)
+            self.log.image("val/retrieval", picture, self.state.global_step)
+
+
+class OptimizationStep:
+    """One optimisation step of the model as the run wraps it (DDP, torch.compile), with the lr schedule, the
+    global-batch loss, gradient accumulation, clipping and the scaler. The Trainer is one, with the loop around."""
 
     def __init__(
         self,
@@ -124,14 +172,9 @@ class Trainer:
         autocast: Callable,
         scaler: torch.amp.GradScaler,
         settings: TrainSettings,
-        loaders: TrainLoaders,
-        evaluator: Evaluator,
-        checkpointer: Checkpointer,
-        record: RunRecord,
         state: TrainState,
-        log: RunLog,
-        log_every: int,
-        compile: bool = False,
+        total_steps: int,
+        compile: bool,
     ):
         self.runtime, self.model, self.optimizer, self.autocast, self.scaler = (
             runtime,
@@ -140,20 +183,9 @@ class Trainer:
             autocast,
             scaler,
         )
-        self.settings, self.loaders, self.evaluator, self.checkpointer = settings, loaders, evaluator, checkpointer
-        self.record, self.state, self.log, self.log_every = record, state, log, log_every
+        self.settings, self.state, self.total_steps = settings, state, total_steps
         self.step_model = runtime.wrap(model, compile)  # saves always use the plain model
         self.loss = ContrastiveLoss(gather=runtime.all_gather, rank=runtime.rank)
-        self.total_steps = loaders.steps_per_epoch * settings.epochs
-        self.last_metrics: dict | None = None  # the latest epoch's evaluation
-        self.last_saved: str | None = None  # the path or URL of the latest save
-        self.unsummed_skips = 0  # images this process substituted since the last sum over processes
-        self.losses = StepLosses(
-            runtime=runtime,
-            state=state,
-            check_finite=not scaler.is_enabled(),  # fp16: the scaler's job
-            precision=settings.precision,
-        )
         self.accumulation = GradientCache(
             forward=self.step_model,
             plain=model,
@@ -162,10 +194,7 @@ class Trainer:
             no_sync=runtime.no_sync(self.step_model),
             device=runtime.device,
         )
-        if note := accumulation_note(model, settings.accum_steps):
-            log.print(note)
 
-    # -- one optimisation step
     def step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step; returns this process's loss and the (unclipped) gradient norm, both left on the
         device: nothing here waits for the device (`StepLosses.read` at log steps and saves)."""
@@ -192,21 +221,52 @@ class Trainer:
         self.scaler.update()
         return loss.detach(), grad_norm
 
-    def note_bad_files(self, batch: dict) -> None:
-        for name in batch["bad_files"]:  # the process that read the file says so: once over all processes
-            self.log.warn_once(
-                name, f"⚠ Could not read image {name}: substituting the next sample (counted in train/skipped_images)"
-            )
-        self.unsummed_skips += len(batch["bad_files"])
 
-    def sum_skips(self) -> None:
-        """Add every process's substituted images to the state (a collective: called where all processes are)."""
-        self.state.skipped_images += int(self.runtime.sum(self.unsummed_skips))
-        self.unsummed_skips = 0
+class Trainer(OptimizationStep):
+    """The loop and evaluation of one run; `fit` is the whole of training. Saves are the checkpointer's: the
+    loop says when the run stands at a step boundary, never which file or what goes in it."""
+
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        model: BrainModel,
+        optimizer: torch.optim.Optimizer,
+        autocast: Callable,
+        scaler: torch.amp.GradScaler,
+        settings: TrainSettings,
+        loaders: TrainLoaders,
+        evaluator: Evaluator,
+        checkpointer: Checkpointer,
+        state: TrainState,
+        log: RunLog,
+        log_every: int,
+        compile: bool = False,
+    ):
+        super().__init__(
+            runtime=runtime,
+            model=model,
+            optimizer=optimizer,
+            autocast=autocast,
+            scaler=scaler,
+            settings=settings,
+            state=state,
+            total_steps=loaders.steps_per_epoch * settings.epochs,
+            compile=compile,
+        )
+        self.loaders, self.evaluator, self.checkpointer = loaders, evaluator, checkpointer
+        self.log, self.log_every = log, log_every
+        self.last_metrics: dict | None = None  # the latest epoch's evaluation
+        self.progress = Progress(runtime=runtime, state=state, log=log, scaler=scaler)
+        self.losses = StepLosses(
+            runtime=runtime, state=state, check_finite=not scaler.is_enabled(), precision=settings.precision
+        )  # fp16's non-finite losses are the scaler's
+        if note := accumulation_note(model, settings.accum_steps):
+            log.print(note)
 
     def train_epoch(self) -> int | None:
         """Train the rest of the current epoch; returns the stop signal when one came, else None."""
-        state, loaders = self.state, self.loaders
+        state, loaders, progress = self.state, self.loaders, self.progress
         loaders.sampler.set_position(state.epoch, state.samples_seen)
         self.model.train()
         bar = self.log.progress_bar(
@@ -214,30 +274,26 @@ class Trainer:
             initial=state.samples_seen // self.settings.batch_size,
             desc=f"epoch {state.epoch}",
         )
-        window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+        progress.start_window()
         fetch_start = time.perf_counter()
         for batch in loaders.train:
-            window_wait += time.perf_counter() - fetch_start  # time the step waited for data
+            progress.window_wait += time.perf_counter() - fetch_start  # time the step waited for data
             signum = self.agree_to_stop()
             if signum:
                 bar.close()
                 self.losses.read()
                 return signum
-            self.note_bad_files(batch)
+            progress.note_bad_files(batch)
             loss, grad_norm = self.step(batch)
             state.samples_seen += self.settings.batch_size
             state.global_step += 1
             self.losses.add(state.global_step, loss)
-            window_samples += self.settings.batch_size
+            progress.window_samples += self.settings.batch_size
             bar.update()
-            if state.global_step % self.log_every == 0:
-                loss_value = self.losses.read()  # waits for the device: the window's time is the steps' time
-                self.log_step(
-                    bar, loss_value, grad_norm, window_samples, window_wait, time.perf_counter() - window_start
-                )
-                window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
-            if self.settings.save_every_steps and state.global_step % self.settings.save_every_steps == 0:
-                self.save([LAST])
+            if state.global_step % self.log_every == 0:  # the read waits for the device: the window is the steps'
+                progress.log_step(bar, self.losses.read(), grad_norm, self.optimizer.param_groups[0]["lr"])
+            if self.checkpointer.due(state.global_step):
+                self.save()
             fetch_start = time.perf_counter()
         bar.close()
         self.losses.read()  # the epoch's loss is complete before the epoch line
@@ -245,81 +301,30 @@ class Trainer:
 
     def agree_to_stop(self) -> int | None:
         """The step boundary: a signal on any process stops every process here; a failed background save
-        stops the run with its error (the previous checkpoint is intact)."""
+        stops the run with its error on every process (the previous checkpoint is intact)."""
         signum, failed = self.runtime.agree_to_stop(self.checkpointer.failed())
         if failed:
-            self.wait_for_save()  # raises the writer's CheckpointError on every process
-            raise CheckpointError("the main process could not write a checkpoint (it says which and why)")
+            self.checkpointer.raise_failure()
         return signum
 
-    def wait_for_save(self) -> None:
-        """Wait until the save in flight is durable. Only the main process writes, so only it can fail: its
-        CheckpointError is handed to every process, which all leave here together (none waits in a collective
-        for a process that has gone)."""
-        self.runtime.on_main(self.checkpointer.wait)
-
-    def log_step(self, bar, loss: float, grad_norm: torch.Tensor, samples: int, wait: float, elapsed: float) -> None:
-        self.sum_skips()
-        lr = self.optimizer.param_groups[0]["lr"]
-        scalars = {
-            "train/loss": loss,
-            "train/lr": lr,
-            "train/grad_norm": grad_norm.item(),
-            "train/samples_per_sec": samples / max(elapsed, 1e-9),
-            "train/data_wait": wait / max(elapsed, 1e-9),
-            "train/skipped_images": self.state.skipped_images,
-        }
-        if self.scaler.is_enabled():
-            scalars["train/amp_scale"] = self.scaler.get_scale()
-        self.log.scalars(scalars, self.state.global_step)
-        self.log.step(
-            bar,
-            epoch=self.state.epoch,
-            step=self.state.global_step,
-            loss=loss,
-            lr=lr,
-            samples_per_sec=scalars["train/samples_per_sec"],
-            data_wait=scalars["train/data_wait"],
-        )
-
-    # -- evaluation
-    def evaluate(self) -> dict | None:
-        metrics = self.evaluator()
-        if metrics and metrics["unreadable_images"]:
-            self.log.warn_once(
-                "val-unreadable",
-                f"⚠ {metrics['unreadable_images']} val images could not be read: "
-                f"they are scored as black squares (counted as misses)",
-            )
-        return metrics
-
-    # -- checkpoints
-    def save(self, names: list[str]) -> str:
-        """Save the run under `names` (the first written, the others linked to it). Every process takes part:
-        the RNG states are gathered; only the main process writes."""
-        self.losses.read()  # a non-finite loss since the last read stops the run before this save
-        self.sum_skips()
+    # -- saves: the checkpointer's, at a step boundary, once the state is whole and finite
+    def ready_to_save(self) -> None:
+        """Every process: the losses and skips read into the state (a non-finite loss since the last read stops
+        the run before this save), and weights that turned NaN or inf are never saved."""
+        self.losses.read()
+        self.progress.sum_skips()
         if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():  # one device sync
             raise TrainingError(
                 f"the weights hold NaN or inf at step {self.state.global_step}; not saved, so the "
                 f"last good checkpoint is kept; lower --lr or use --precision bf16"
             )
-        checkpoint = make_checkpoint(
-            model=self.model,
-            optimizer=self.optimizer,
-            scaler=self.scaler,
-            train_state=self.state.state_dict(),
-            fingerprint=self.record.fingerprint,
-            config=self.record.config,
-            tokenizer=self.record.tokenizer_json,
-            data=self.record.data,
-            rng_states=self.runtime.gather_objects(capture_rng_state()),
-            run=self.record.lineage,
-        )
-        stall = self.runtime.on_main(lambda: self.checkpointer.save(checkpoint, names))  # its error on every process
-        self.log.scalars({"train/ckpt_stall_ms": 1000 * stall}, self.state.global_step)
-        self.last_saved = self.checkpointer.location(names[0])
-        return self.last_saved
+
+    def save(self, epoch_end: tuple[int, float] | None = None) -> Saved:
+        """Save where the run stands (at an epoch end: the finished epoch and its val loss, for the best)."""
+        self.ready_to_save()
+        saved = self.checkpointer.save_epoch_end(*epoch_end) if epoch_end else self.checkpointer.save()
+        self.log.scalars({"train/ckpt_stall_ms": 1000 * saved.stall}, self.state.global_step)
+        return saved
 
     # -- the whole run
     def fit(self) -> int:
@@ -328,35 +333,28 @@ class Trainer:
         while state.epoch < self.settings.epochs:
             started = time.perf_counter()
             signum = self.train_epoch()
-            metrics = None if signum else self.evaluate()
+            metrics = None if signum else self.progress.evaluated(self.evaluator())
             signum = signum or self.agree_to_stop()
             if signum or metrics is None:
                 return self.stop(signum)
             self.end_epoch(metrics, time.perf_counter() - started)
-        self.wait_for_save()
+        self.checkpointer.wait()
         return 0
 
     def end_epoch(self, metrics: dict, seconds: float) -> None:
         state = self.state
         state.val_loss = metrics["loss"]
-        self.log.scalars({f"val/{name}": metrics[name] for name in METRICS}, state.global_step)
-        if self.log.enabled:
-            picture = retrieval_picture(metrics["similarity"], self.evaluator.split, self.evaluator.images)
-            self.log.image("val/retrieval", picture, state.global_step)
-        improved = state.best_val is None or metrics["loss"] < state.best_val
-        state.best_val = metrics["loss"] if improved else state.best_val
+        self.progress.validation(self.evaluator, metrics)
         finished_epoch, train_loss = state.epoch, state.epoch_loss()
         state.epoch, state.samples_seen, state.epoch_loss_sum, state.epoch_loss_steps = state.epoch + 1, 0, 0.0, 0
-        self.save(
-            [LAST] + ([BEST] if improved else []) + ([snapshot_name(finished_epoch)] if self.settings.keep_last else [])
-        )
+        saved = self.save(epoch_end=(finished_epoch, metrics["loss"]))
         self.log.flush()
         self.log.epoch_end(
             epoch=finished_epoch,
             epochs=self.settings.epochs,
             train_loss=train_loss,
             metrics=metrics,
-            improved=improved,
+            improved=saved.improved,
             seconds=seconds,
         )
         self.last_metrics = metrics
@@ -364,15 +362,12 @@ class Trainer:
     def stop(self, signum: int) -> int:
         """Save where the run stands and wait until the file is durable; every process waits for it, so no
         launcher kills the writer. Returns the exit status, 128 + the signal."""
-        self.save([LAST])
-        self.wait_for_save()
+        self.save()
+        self.checkpointer.wait()
         self.runtime.barrier()
         self.log.flush()
         return 128 + signum
 
     def position(self) -> str:
-        state = self.state
-        return (
-            f"at epoch {state.epoch}, step {state.global_step} "
-            f"(sample {state.samples_seen} of {self.loaders.train_samples})"
-        )
+        s = self.state
+        return f"at epoch {s.epoch}, step {s.global_step} (sample {s.samples_seen} of {self.loaders.train_samples})"

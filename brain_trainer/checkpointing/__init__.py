@@ -2,15 +2,19 @@
 loading, restoring a run, and the `ckpt` command. Its public names are re-exported here.
 
     format.py       schema (format 3), names, field checks, RNG, key normalisation, TrainState <-> fields
-    storage.py      the Storage interface; LocalStorage (the only caller of rename, link, fsync, flock)
-    object_store.py ObjectStorage: S3 and other fsspec stores
-    writer.py       Checkpointer: snapshot at the step boundary, persist in the background
+    base.py         the Storage and Lock protocols, is_url (imports no storage)
+    local.py        LocalStorage (the checkpoint code's only caller of rename, link, fsync, flock)
+    object_store.py ObjectStorage: S3 and S3-compatible stores (other fsspec stores are refused at startup)
+    storage.py      open_storage / locate: which storage a path or URL names
+    checkpointer.py Checkpointer: the run's saves (when, names, RNG gather, the dict, main-only writing)
+    writer.py       CheckpointWriter: snapshot at the step boundary, persist in the background
     folder.py       lock and consent, lineage-aware discovery, set-aside, rotation
     loading.py      weights-only loading from any storage, startup checks
     restore.py      weights, optimizer, scaler and position into a run; returns the ✓/⚠ lines
     cli.py          brain-trainer ckpt inspect | convert
 """
 
+from brain_trainer.checkpointing.checkpointer import Checkpointer, RunRecord, Saved, SavePolicy
 from brain_trainer.checkpointing.folder import (
     Discovery,
     check_names,
@@ -40,7 +44,7 @@ from brain_trainer.checkpointing.format import (
     train_state_fields,
     train_state_of,
 )
-from brain_trainer.checkpointing.loading import load_checkpoint, load_for_resume, read_checkpoint
+from brain_trainer.checkpointing.loading import ReadError, load_checkpoint, load_for_resume, read_checkpoint
 from brain_trainer.checkpointing.restore import (
     WeightsReport,
     load_model_weights,
@@ -48,7 +52,7 @@ from brain_trainer.checkpointing.restore import (
     restore_training_state,
 )
 from brain_trainer.checkpointing.storage import LOCK_NAME, LocalStorage, Storage, is_url, locate, open_storage
-from brain_trainer.checkpointing.writer import Checkpointer, save_checkpoint
+from brain_trainer.checkpointing.writer import CheckpointWriter, save_checkpoint
 
 __all__ = [
     "BEST",
@@ -57,9 +61,14 @@ __all__ = [
     "LOCK_NAME",
     "SNAPSHOT",
     "CheckpointError",
+    "CheckpointWriter",
     "Checkpointer",
     "Discovery",
     "LocalStorage",
+    "ReadError",
+    "RunRecord",
+    "SavePolicy",
+    "Saved",
     "Storage",
     "WeightsReport",
     "capture_rng_state",

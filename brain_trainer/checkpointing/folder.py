@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from brain_trainer.checkpointing.base import Lock, Storage, is_url
 from brain_trainer.checkpointing.format import (
     BEST,
     LAST,
@@ -19,8 +21,8 @@ from brain_trainer.checkpointing.format import (
     recency,
     summary_recency,
 )
-from brain_trainer.checkpointing.loading import read_checkpoint
-from brain_trainer.checkpointing.storage import Lock, Storage, is_url, locate
+from brain_trainer.checkpointing.loading import ReadError, read_checkpoint
+from brain_trainer.checkpointing.storage import locate
 
 Log = Callable[[str], None]
 
@@ -60,6 +62,8 @@ def find_latest_checkpoint(storage: Storage, log: Log = print) -> Discovery:
             key = summary_recency(storage.summary(name) or {}, name) or recency(
                 read_checkpoint(storage, name, mmap=True), name
             )
+        except ReadError:
+            raise  # the reading failed, not the file: nothing is moved aside, the run stops with the line
         except CheckpointError as error:
             log(f"⚠ Skipping {error}")
             unreadable.append((name, str(error).removeprefix(f"{storage.location(name)}: ")))
@@ -107,40 +111,46 @@ def _newest_step(storage: Storage, names: list[str]) -> str:
     return str(max(steps)) if steps else "unknown"
 
 
+def _check_consent(storage: Storage, resume: str | None, overwrite: bool) -> None:
+    """Another run's checkpoints are replaced only with consent: --resume from this folder, or --overwrite."""
+    existing = checkpoint_names(storage)
+    foreign = resume is None or not _same_folder(resume, storage)
+    if not existing or not foreign or overwrite:
+        return
+    names = ", ".join(existing)
+    if resume is None:
+        raise CheckpointError(
+            f"--savedir {storage.url} already holds a run's checkpoints ({names}; newest "
+            f"at step {_newest_step(storage, existing)}); continue it with --resume auto "
+            f"(and a larger --epochs if it has finished), or pass --overwrite to replace "
+            f"them, or choose another --savedir"
+        )
+    raise CheckpointError(
+        f"--savedir {storage.url} holds another run's checkpoints ({names}), which this "
+        f"run would replace as it saves; pass --overwrite to allow it, or choose another "
+        f"--savedir"
+    )
+
+
 def claim_savedir(
     storage: Storage, *, resume: str | None, overwrite: bool, unreadable: list[tuple[str, str]], log: Log = print
 ) -> Lock:
     """Make the folder this run's: writable, locked, unreadable files set aside, stale temporaries removed, and
-    another run's checkpoints replaced only with consent (--resume from this folder, or --overwrite)."""
+    another run's checkpoints replaced only with consent (--resume from this folder, or --overwrite). The lock
+    is released if any of that fails."""
     storage.prepare("savedir")
     lock = storage.lock(f"{os.getpid()} on {socket.gethostname()}")
-    for note in storage.notes:
-        log(note)
-    try:
+    with ExitStack() as until_claimed:
+        until_claimed.callback(lock.release)
+        for note in storage.notes:
+            log(note)
         check_names(storage)
         for name, reason in unreadable:
             if storage.kind(name) == "file":
                 set_aside(storage, name, reason, log)
-        existing = checkpoint_names(storage)
-        foreign = resume is None or not _same_folder(resume, storage)
-        if existing and foreign and not overwrite:
-            names = ", ".join(existing)
-            if resume is None:
-                raise CheckpointError(
-                    f"--savedir {storage.url} already holds a run's checkpoints ({names}; newest "
-                    f"at step {_newest_step(storage, existing)}); continue it with --resume auto "
-                    f"(and a larger --epochs if it has finished), or pass --overwrite to replace "
-                    f"them, or choose another --savedir"
-                )
-            raise CheckpointError(
-                f"--savedir {storage.url} holds another run's checkpoints ({names}), which this "
-                f"run would replace as it saves; pass --overwrite to allow it, or choose another "
-                f"--savedir"
-            )
+        _check_consent(storage, resume, overwrite)
         storage.clean_up()
-    except BaseException:
-        lock.release()
-        raise
+        until_claimed.pop_all()  # claimed: the run holds the lock from here
     return lock
 
 

@@ -3,14 +3,17 @@ startup checks a file must pass before a run resumes from it."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 
 import torch
 
+from brain_trainer.checkpointing.base import Storage
 from brain_trainer.checkpointing.format import (
     CheckpointError,
     check_fields,
@@ -19,7 +22,7 @@ from brain_trainer.checkpointing.format import (
     model_weights,
     nonfinite_tensors,
 )
-from brain_trainer.checkpointing.storage import Storage, locate
+from brain_trainer.checkpointing.storage import locate
 
 # Globals that old checkpoints commonly hold and that build plain values when unpickled: only for files asking for
 # these alone does a refusal suggest `convert --trust`. Anything else (os.system, builtins.eval, ...) runs code.
@@ -47,34 +50,65 @@ def _unsafe_globals(path: str, error: Exception) -> list[str]:
         return re.findall(r"GLOBAL (\S+)", str(error))
 
 
+class ReadError(CheckpointError):
+    """The storage could not read a file (an I/O error, or no memory for it): nothing is known about the file
+    itself, so `--resume auto` never moves it aside for this; the run stops with the line (exit 2)."""
+
+
+# What torch's loader and the zip reader raise for a truncated or foreign file (a text file is a KeyError on the
+# legacy format's magic number, a truncated zip an OSError EINVAL from its seek); any other OSError, and a
+# MemoryError, is the reading's failure, not the file's.
+DAMAGED = (RuntimeError, EOFError, ValueError, KeyError, IndexError, struct.error, zipfile.BadZipFile)
+
+
+def _refusal(path: str, location: str, error: pickle.UnpicklingError) -> CheckpointError:
+    """Why `weights_only` refused the file: benign old globals (convertible), code-running ones, or none."""
+    unsafe = _unsafe_globals(path, error)
+    if unsafe and all(name.split(".dtype[")[0] in BENIGN_GLOBALS for name in unsafe):
+        return CheckpointError(
+            f"{location}: refused: loading it would need unsafe unpickling of "
+            f"{', '.join(unsafe)}; if you trust where the file comes from, `brain-trainer ckpt "
+            f"convert --trust {location} NEW.pt` makes a safe copy (unpickling runs its code)"
+        )
+    if unsafe:
+        return CheckpointError(
+            f"{location}: refused: loading it would need unsafe unpickling of "
+            f"{', '.join(unsafe)}, which can run any code; do not load it (there is no safe way "
+            f"to); point --resume at another file"
+        )
+    return CheckpointError(
+        f"{location}: not a PyTorch checkpoint that loads safely (a plain pickle or a foreign "
+        f"file); point --resume at another file"
+    )
+
+
+def _damaged(location: str, error: Exception) -> CheckpointError:
+    reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]
+    return CheckpointError(
+        f"{location}: truncated or not a PyTorch checkpoint ({reason}); point --resume at another file"
+    )
+
+
 def _load_file(path: str, location: str, mmap: bool) -> dict:
     try:
+        if os.stat(path).st_size == 0:
+            raise CheckpointError(f"{location}: empty file (0 bytes), not a checkpoint; point --resume at another file")
         with warnings.catch_warnings():  # torch's remarks on foreign pickles: the refusal below says what matters
             warnings.simplefilter("ignore", UserWarning)
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
-        unsafe = _unsafe_globals(path, error)
-        if unsafe and all(name.split(".dtype[")[0] in BENIGN_GLOBALS for name in unsafe):
-            raise CheckpointError(
-                f"{location}: refused: loading it would need unsafe unpickling of "
-                f"{', '.join(unsafe)}; if you trust where the file comes from, `brain-trainer ckpt "
-                f"convert --trust {location} NEW.pt` makes a safe copy (unpickling runs its code)"
-            ) from None
-        if unsafe:
-            raise CheckpointError(
-                f"{location}: refused: loading it would need unsafe unpickling of "
-                f"{', '.join(unsafe)}, which can run any code; do not load it (there is no safe way "
-                f"to); point --resume at another file"
-            ) from None
-        raise CheckpointError(
-            f"{location}: not a PyTorch checkpoint that loads safely (a plain pickle or a foreign "
-            f"file); point --resume at another file"
+        raise _refusal(path, location, error) from None
+    except MemoryError:
+        raise ReadError(f"{location}: not enough memory to load it; the file is left as it is; free memory") from None
+    except OSError as error:
+        if error.errno == errno.EINVAL:  # torch's zip reader seeking before the start of a truncated file
+            raise _damaged(location, error) from None
+        raise ReadError(
+            f"{location}: could not be read ({error.strerror or error}): an I/O error, not a verdict on the file, "
+            f"which is left as it is; check the disk or the mount and run again"
         ) from None
-    except Exception as error:  # torch reports truncation and foreign files as RuntimeError, EOFError, ...
-        reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]
-        raise CheckpointError(
-            f"{location}: truncated or not a PyTorch checkpoint ({reason}); point --resume at another file"
-        ) from None
+    except DAMAGED as error:
+        raise _damaged(location, error) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{location}: holds a {type(checkpoint).__name__}, not a checkpoint dict or state_dict")
     return checkpoint
@@ -95,8 +129,6 @@ def read_checkpoint(storage: Storage, name: str, mmap: bool = False) -> dict:
     if kind == "folder":
         raise CheckpointError(f"{location}: is a folder; pass a checkpoint file")
     with storage.local_copy(name) as path:
-        if os.stat(path).st_size == 0:
-            raise CheckpointError(f"{location}: empty file (0 bytes), not a checkpoint; point --resume at another file")
         return _load_file(path, location, mmap)
 
 

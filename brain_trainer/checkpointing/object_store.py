@@ -26,8 +26,8 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from brain_trainer.checkpointing.base import LOCK_NAME, Save
 from brain_trainer.checkpointing.format import CheckpointError
-from brain_trainer.checkpointing.storage import LOCK_NAME, Save
 
 LOCK_EXPIRY_S = 120.0  # a killed run's prefix is free again this long after its last renewal
 UPLOAD_BLOCK = 64 * 2**20  # multipart part size: memory per upload, and the unit a retry resends
@@ -71,6 +71,18 @@ def _filesystem(url: str, storage_options: dict):
         ) from None
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{url}: {error}; check the URL and --storage_options") from None
+
+
+def _require_s3(url: str, fs) -> None:
+    """The lock (conditional writes), the summaries (object metadata) and the bucket checks use S3's API, which
+    fsspec's generic interface does not carry: another store is refused here, at startup, in one line."""
+    if not hasattr(fs, "call_s3"):
+        scheme = url.partition("://")[0]
+        raise CheckpointError(
+            f"{url}: {scheme}:// is not supported for checkpoints: the run's lock needs S3's conditional writes "
+            f"(If-None-Match/If-Match), which {type(fs).__name__} lacks; use an s3:// URL (any S3-compatible "
+            f"service, its endpoint in --storage_options) or a local folder"
+        )
 
 
 class ObjectLock:
@@ -159,6 +171,7 @@ class ObjectStorage:
     def __init__(self, url: str, storage_options: dict, lock_expiry: float = LOCK_EXPIRY_S):
         self.url = url.rstrip("/")
         self.fs, self.root = _filesystem(self.url, storage_options)
+        _require_s3(self.url, self.fs)
         self.lock_expiry = lock_expiry
         self.notes: list[str] = []  # lines for the run log (a lock taken over)
         self._lock: ObjectLock | None = None

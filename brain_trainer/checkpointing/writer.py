@@ -1,4 +1,4 @@
-"""Saves that do not stall training: `Checkpointer.save` snapshots the state into CPU buffers at the step
+"""Saves that do not stall training: `CheckpointWriter.save` snapshots the state into CPU buffers at the step
 boundary and a background thread persists it through the storage (write once, publish the other names,
 rotate), whatever the storage is."""
 
@@ -9,35 +9,32 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from brain_trainer.checkpointing.base import Storage
 from brain_trainer.checkpointing.folder import rotate_snapshots
 from brain_trainer.checkpointing.format import SNAPSHOT, CheckpointError, summary_of
-from brain_trainer.checkpointing.storage import Storage, locate
+from brain_trainer.checkpointing.storage import locate
 
 
-class Checkpointer:
-    """The save policy of a run: which names, a snapshot at the step boundary, the persist behind it.
+class CheckpointWriter:
+    """A snapshot at the step boundary and the persist behind it (the run's `Checkpointer` decides what and when).
 
     `save` copies the whole state into CPU memory (buffers reused across saves; pinned when it lives on a
     GPU) and returns; a background writer then persists it with `storage.write` (whole or not at all), so
     training goes on while the bytes reach the disk or the store. At most one persist is in flight: the next
     save waits for it. The first name is written once; the others (best, a kept epoch snapshot) are
     published from it, and rotation runs only after the new file is durable. A persist that fails is
-    reported by `failed()` and raised by `wait()`. A silent Checkpointer (`enabled=False`) is what processes
-    other than the main one hold.
+    reported by `failed()` and raised by `wait()`. Its thread starts at the first background save, so a
+    writer that is never asked to save (on processes other than the main one) holds none.
     """
 
-    def __init__(self, *, storage: Storage, keep_last: int = 0, background: bool = True, enabled: bool = True):
-        self.storage, self.keep_last, self.enabled = storage, keep_last, enabled
-        self._executor = (
-            ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if background and enabled else None
-        )
+    def __init__(self, *, storage: Storage, keep_last: int = 0, background: bool = True):
+        self.storage, self.keep_last = storage, keep_last
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if background else None
         self._pending: Future | None = None
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def save(self, checkpoint: dict, names: list[str]) -> float:
         """Snapshot `checkpoint` and persist it under `names`; returns how long the caller was blocked (s)."""
-        if not self.enabled:
-            return 0.0
         started = time.perf_counter()
         self.wait()
         snapshot = self._snapshot(checkpoint, ())

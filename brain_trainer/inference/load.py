@@ -21,10 +21,10 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from brain_trainer.brain_model import BrainConfig, BrainModel
-from brain_trainer.build import build_model
 from brain_trainer.checkpointing import CheckpointError, is_full_checkpoint, load_for_resume, model_weights
 from brain_trainer.data.augment import eval_transform, images_to_device
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, decode_image, tokenizer_from_json
+from brain_trainer.model_factory import build_model
 
 EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 EXPORT_TOKENIZER_DIR = "tokenizer"  # a pretrained text encoder's tokenizer, as save_pretrained writes it

@@ -3,6 +3,7 @@ assembled as the CLI assembles it, in each precision."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
@@ -59,22 +60,22 @@ def runtime():
     runtime.close()
 
 
-def assembled_trainer(runtime: Runtime, *argv: str):
-    """A Trainer built by the CLI's own build steps, nothing re-implemented."""
-    command = parse_args(list(argv))
-    log = RunLog(enabled=False)
-    resume = build.choose_checkpoint(command.options, runtime, log)
-    run = build.build(command, resume, runtime, log)
-    return build.make_trainer(
-        run, resume, command.options, runtime, log, storage=build.savedir_storage(command.options)
-    )
+@pytest.fixture
+def assembled_trainer():
+    """Makes a Trainer by the CLI's own build (nothing re-implemented), closed with the test."""
+    with contextlib.ExitStack() as held:
+
+        def assemble(runtime: Runtime, *argv: str):
+            return held.enter_context(build.build(parse_args(list(argv)), runtime, RunLog(enabled=False))).trainer
+
+        yield assemble
 
 
 @pytest.mark.parametrize(
     "precision, computed_in", [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]
 )
 def test_the_real_step_computes_in_its_precision_and_updates_the_weights(
-    sample_root, tmp_path, runtime, precision, computed_in
+    sample_root, tmp_path, runtime, precision, computed_in, assembled_trainer
 ):
     """On the CPU too, fp16 is real: the layers compute in float16 and the GradScaler is on. A step whose scaled
     gradients overflow changes no weight and halves the scale; a step that does not overflow updates the weights."""
@@ -106,12 +107,12 @@ def test_the_real_step_computes_in_its_precision_and_updates_the_weights(
     )
 
 
-def test_weights_that_turned_nan_are_never_saved(sample_root, tmp_path, runtime):
+def test_weights_that_turned_nan_are_never_saved(sample_root, tmp_path, runtime, assembled_trainer):
     trainer = assembled_trainer(runtime, *run_args(sample_root, tmp_path))
     with torch.no_grad():
         trainer.model.logit_scale.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"the weights hold NaN or inf at step 0; not saved"):
-        trainer.save(["last_brain_v2.pt"])
+        trainer.save()
     trainer.checkpointer.close()
     assert not (tmp_path / "ckpt" / "last_brain_v2.pt").exists()
 
@@ -120,7 +121,9 @@ DEVICE_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "nu
 
 
 @pytest.mark.parametrize("accum_steps", ["1", "2"])
-def test_the_step_reads_nothing_back_from_the_device(sample_root, tmp_path, runtime, monkeypatch, accum_steps):
+def test_the_step_reads_nothing_back_from_the_device(
+    sample_root, tmp_path, runtime, monkeypatch, accum_steps, assembled_trainer
+):
     """Every read of a tensor's value by the project's code is a host-device sync on a GPU: none in a step."""
     trainer = assembled_trainer(runtime, *run_args(sample_root, tmp_path, "--accum_steps", accum_steps))
     batch = next(iter(trainer.loaders.train))
@@ -141,7 +144,9 @@ def test_the_step_reads_nothing_back_from_the_device(sample_root, tmp_path, runt
     assert loss.dim() == 0 and math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
 
 
-def test_a_non_finite_loss_is_read_at_the_next_log_step_and_named_by_its_step(sample_root, tmp_path, runtime):
+def test_a_non_finite_loss_is_read_at_the_next_log_step_and_named_by_its_step(
+    sample_root, tmp_path, runtime, assembled_trainer
+):
     trainer = assembled_trainer(runtime, *run_args(sample_root, tmp_path, "--log_every", "4"))
     loss, calls = trainer.loss, []
 

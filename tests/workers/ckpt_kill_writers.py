@@ -5,7 +5,7 @@ temporaries. Prints one JSON line: trials, all_loadable_and_whole, what is left 
     python tests/workers/ckpt_kill_writers.py MODE FOLDER TRIALS
 
 MODE `save`: `save_checkpoint` of last in the writer's own thread (16 MB a file);
-MODE `background`: a Checkpointer persisting last and best in its background thread (4 MB a file).
+MODE `background`: a CheckpointWriter persisting last and best in its background thread (4 MB a file).
 """
 
 import json
@@ -26,7 +26,7 @@ names = [ck.LAST] if mode == "save" else [ck.LAST, ck.BEST]
 
 
 def write_forever() -> None:
-    checkpointer = ck.Checkpointer(storage=storage, background=True)
+    checkpointer = ck.CheckpointWriter(storage=storage, background=True)
     step = 0
     while True:
         step += 1

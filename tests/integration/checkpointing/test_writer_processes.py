@@ -1,4 +1,4 @@
-"""The Checkpointer: a snapshot at the step boundary, the persist behind it (write once, publish the other
+"""The CheckpointWriter: a snapshot at the step boundary, the persist behind it (write once, publish the other
 names, rotate), failures reported, and SIGKILL at any instant of a background persist."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Checkpointer: a snapshot at the step boundary, the persist behind it (write once, publish the other
+"""The CheckpointWriter: a snapshot at the step boundary, the persist behind it (write once, publish the other
 names, rotate), failures reported, and SIGKILL at any instant of a background persist."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_changes_after_the_snapshot_never_reach_the_file(tmp_path):
     expected_model = {k: v.clone() for k, v in model.state_dict().items()}
     expected_moments = optimizer.state_dict()["state"][0]["exp_avg"].clone()
     storage, release = held_storage(tmp_path)
-    checkpointer = ck.Checkpointer(storage=storage, background=True)
+    checkpointer = ck.CheckpointWriter(storage=storage, background=True)
     try:
         blocked = checkpointer.save(checkpoint, [ck.LAST])
         assert blocked < 25 and not (tmp_path / ck.LAST).exists(), "save returned before the write"
@@ -54,7 +54,7 @@ def test_changes_after_the_snapshot_never_reach_the_file(tmp_path):
 def test_an_epoch_end_is_written_once_and_the_other_names_are_links_to_it(tmp_path):
     model = small_model()
     optimizer, scaler = train_briefly(model)
-    checkpointer = ck.Checkpointer(storage=ck.LocalStorage(str(tmp_path)), keep_last=1, background=True)
+    checkpointer = ck.CheckpointWriter(storage=ck.LocalStorage(str(tmp_path)), keep_last=1, background=True)
     try:
         checkpointer.save(checkpoint_of(model, optimizer, scaler, epoch=0), [ck.LAST, ck.BEST, ck.snapshot_name(0)])
         checkpointer.save(checkpoint_of(model, optimizer, scaler, epoch=1), [ck.LAST, ck.snapshot_name(1)])
@@ -68,7 +68,7 @@ def test_an_epoch_end_is_written_once_and_the_other_names_are_links_to_it(tmp_pa
 
 
 def test_a_failed_background_write_is_reported_and_the_previous_file_stays(tmp_path, monkeypatch):
-    checkpointer = ck.Checkpointer(storage=ck.LocalStorage(str(tmp_path)), background=True)
+    checkpointer = ck.CheckpointWriter(storage=ck.LocalStorage(str(tmp_path)), background=True)
     try:
         checkpointer.save({"global_step": 1, "w": torch.ones(3)}, [ck.LAST])
         checkpointer.wait()
@@ -99,22 +99,15 @@ def test_a_failed_background_write_is_reported_and_the_previous_file_stays(tmp_p
 
 
 def test_a_foreground_checkpointer_has_written_the_file_when_save_returns(tmp_path):
-    checkpointer = ck.Checkpointer(storage=ck.LocalStorage(str(tmp_path)), background=False)
+    checkpointer = ck.CheckpointWriter(storage=ck.LocalStorage(str(tmp_path)), background=False)
     checkpointer.save({"global_step": 4}, [ck.LAST, ck.BEST])
     assert ck.load_checkpoint(str(tmp_path / ck.BEST))["global_step"] == 4
     checkpointer.close()
 
 
-def test_a_silent_checkpointer_writes_nothing(tmp_path):
-    checkpointer = ck.Checkpointer(storage=ck.LocalStorage(str(tmp_path)), enabled=False)
-    assert checkpointer.save({"global_step": 1}, [ck.LAST]) == 0.0
-    checkpointer.close()
-    assert listing(tmp_path) == []
-
-
 def test_a_snapshot_keeps_the_strides_of_channels_last_tensors(tmp_path):
     weight = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
-    checkpointer = ck.Checkpointer(storage=ck.LocalStorage(str(tmp_path)), background=True)
+    checkpointer = ck.CheckpointWriter(storage=ck.LocalStorage(str(tmp_path)), background=True)
     try:
         checkpointer.save({"w": weight}, [ck.LAST])
     finally:
