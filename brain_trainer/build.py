@@ -77,10 +77,12 @@ class Resume:
     unreadable: list[tuple[str, str]]  # names `--resume auto` could not read: set aside before the run writes
     parent: str | None = None  # the lineage id of the run it continues
     rng_states: list[dict] | None = None  # one per process that wrote it
+    threads: int | None = None  # the intra-op threads per process it was written with (older files: None)
 
     def drop_checkpoint(self) -> None:
         checkpoint, self.checkpoint = self.checkpoint or {}, None
-        self.parent = (checkpoint.get("run") or {}).get("id") if isinstance(checkpoint.get("run"), dict) else None
+        run = checkpoint.get("run") if isinstance(checkpoint.get("run"), dict) else {}
+        self.parent, self.threads = run.get("id"), run.get("threads")
         self.rng_states = rng_states_of(checkpoint)
 
 
@@ -195,6 +197,7 @@ def build_run(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLo
         command.given, checkpoint.get("config"), options.demo, str(resume.location)
     )
     check_settings(options, model_config, settings, runtime.world_size, from_checkpoint)
+    runtime.set_threads(given=options.threads, workers=options.num_workers)  # before anything computes
     settings = replace(settings, precision=runtime.resolve_precision(settings.precision))  # the file records it
     runtime.seed(settings.seed, options.deterministic)
     if data_note:
@@ -309,7 +312,8 @@ def build_eval(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> 
 def run_record(run: Run, resume: Resume, settings: TrainSettings, runtime: Runtime) -> RunRecord:
     """What every checkpoint of this run carries besides tensors and the train state; the lineage is the main
     process's, so every process records the same run."""
-    lineage = runtime.broadcast({"id": uuid.uuid4().hex, "parent": resume.parent, "started_ns": time.time_ns()})
+    lineage = {"id": uuid.uuid4().hex, "parent": resume.parent, "started_ns": time.time_ns()}
+    lineage = runtime.broadcast({**lineage, "threads": runtime.threads.count})  # bitwise resume needs the count
     return RunRecord(
         config={**run.model_config.to_dict(), **asdict(settings)},
         tokenizer_json=run.data.tokenizer_json,
@@ -381,7 +385,10 @@ def make_trainer(run: Run, resume: Resume, runtime: Runtime, log: RunLog, *, sto
 
 def restore_rng(resume: Resume, run: Run, runtime: Runtime, log: RunLog) -> None:
     """Last, so nothing built before draws from it: each process's own state at the same world size; at another,
-    one derived from (seed, global step, rank), with a ⚠ line."""
+    one derived from (seed, global step, rank), with a ⚠ line (and one for another thread count: neither resume
+    is bitwise exact)."""
+    if note := runtime.threads_note(resume.threads):
+        log.print(note)
     states = resume.rng_states or []
     if len(states) == runtime.world_size:
         restore_rng_state(states[runtime.rank])
@@ -434,6 +441,7 @@ def start_training(run: Run, resume: Resume, runtime: Runtime, log: RunLog, hold
         epochs=run.settings.epochs,
         world_size=runtime.world_size,
         resumed_lr=learning_rate(run.state.global_step, run.settings, trainer.total_steps) if resume.location else None,
+        threads=runtime.threads.line(),
     )
     log.small_split("val", len(run.data.splits["val"].images))
     restore_rng(resume, run, runtime, log)

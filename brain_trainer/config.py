@@ -20,10 +20,10 @@ import torch
 import torchvision
 
 from brain_trainer.brain_model import BrainConfig, is_weights_file
+from brain_trainer.runtime.precision import PRECISIONS
 
 DEMO_ROOT = Path("data/flickr8k_sample")
 LOGDIR_ROOT = "runs_brain_v2"  # TensorBoard's folder of every run's curves, each in a folder of its own
-PRECISIONS = ("fp32", "fp16", "bf16")
 ANNOTATIONS = ("auto", "token", "karpathy", "kaggle")
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
@@ -62,6 +62,7 @@ class RunOptions:
     num_workers: int
     cache_dir: Path | None
     device: str
+    threads: int | None  # intra-op threads per process; None: OMP_NUM_THREADS, else the runtime's rule
     deterministic: bool
     compile: bool
     savedir: str  # a folder or an fsspec URL (s3://bucket/run): resolved by a storage, never parsed as a Path
@@ -251,6 +252,13 @@ def parse_args(
         choices=("auto", "cpu", "cuda"),
         default="auto",
         help="default: cuda if available (cuda:LOCAL_RANK under torchrun)",
+    )
+    device.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads of each process (default: OMP_NUM_THREADS if set, else the cores this process "
+        "may use, shared by the processes on its node, less one per loader worker; at least 1). A resume "
+        "is bitwise exact only at the checkpoint's count",
     )
     device.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (slower)")
     device.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
@@ -497,6 +505,7 @@ def check_settings(
         f"use one of {', '.join(PRECISIONS)}",
     )
     need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
+    need(options.threads is None or options.threads >= 1, "threads", options.threads, "must be at least 1")
     need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
     need(
         options.lock_expiry >= 3 and math.isfinite(options.lock_expiry),
@@ -516,6 +525,7 @@ def check_settings(
         "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
     )
     _check_image_encoder(model_config, need)
+    _check_micro_batch(model_config, settings, world_size, need)
     need(
         options.device != "cuda" or torch.cuda.is_available(),
         "device",
@@ -523,6 +533,41 @@ def check_settings(
         "CUDA is not available on this machine; use --device cpu",
     )
     need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
+
+
+def _check_micro_batch(model_config: BrainConfig, settings: TrainSettings, world_size: int, need) -> None:
+    """BatchNorm cannot train on one value per channel: a micro-batch of one image whose map is 1x1 somewhere."""
+    per_process = settings.batch_size // world_size
+    if settings.accum_steps == 1 or per_process // settings.accum_steps >= 2:
+        return
+    if _batchnorm_values_per_image(model_config) == 1:
+        largest = max(
+            steps for steps in range(1, per_process + 1) if per_process % steps == 0 and per_process // steps >= 2
+        )
+        need(
+            False,
+            "accum_steps",
+            settings.accum_steps,
+            f"micro-batches of 1 per process, and a BatchNorm in --image_encoder {model_config.image_encoder} "
+            f"sees a 1x1 map at --image_size {model_config.image_size}, which it cannot train on; the smallest "
+            f"micro-batch it accepts is 2: use --accum_steps {largest} or a larger --batch_size",
+        )
+
+
+def _batchnorm_values_per_image(model_config: BrainConfig) -> int | None:
+    """The fewest values per channel a BatchNorm of the encoder sees for one image (None: it has no BatchNorm, or
+    cannot take this image size, which building the model then says)."""
+    classifier = torchvision.models.get_model(model_config.image_encoder, weights=None).eval()
+    seen: list[int] = []
+    for module in classifier.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.register_forward_hook(lambda _, inputs, __: seen.append(inputs[0][0, 0].numel()))
+    try:
+        with torch.no_grad():
+            classifier(torch.zeros(1, 3, model_config.image_size, model_config.image_size))
+    except (RuntimeError, AssertionError, ValueError):
+        return None
+    return min(seen, default=None)
 
 
 def fits_float32(value: float) -> bool:

@@ -9,6 +9,8 @@ import os
 import shlex
 import signal
 import sys
+import threading
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,22 +20,75 @@ from tqdm import tqdm
 from brain_trainer.checkpointing.storage import is_url
 from brain_trainer.config import ConfigError
 from brain_trainer.evaluation import RECALL_AT, chance_recall_at
+from brain_trainer.safe_files import OutputError, describe, refuse_link
 
 if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
+    pass
 
 RULE = "=" * 60
+
+
+def _quiet_event_thread_errors() -> None:
+    """TensorBoard's writer thread dies on a write error (a full disk) and re-raises it at the next event call,
+    where the run log turns it into one line; the thread's own traceback on stderr would only repeat it."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_event_writer", False):
+        return
+
+    def hook(args) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    hook.quiets_event_writer = True
+    threading.excepthook = hook
+
+
 SCRIPT = "train_multimodal_brain_flickr8k.py"
 EVENTS = "events.out.tfevents."  # how TensorBoard's event files are named
 OWNER = ".brain_savedir"  # in --logdir: the checkpoint folder of the run whose curves the events are
 
 
+class EventFiles:
+    """TensorBoard's writer, opened only in a folder that is not a link and under a name nobody can guess; a
+    write error (a full disk, a lost folder) ends the events with one line (`failure`) and asks the run to stop
+    at the next step boundary (`stop`, the run's StopFlag), where it saves its checkpoint (train exits 2)."""
+
+    def __init__(self, *, stop=None):
+        self.stop, self.writer, self.failure, self.logdir = stop, None, None, ""
+
+    def open(self, logdir: str, purge_step: int) -> None:
+        self.logdir = logdir
+        refuse_link(logdir, "--logdir")  # TensorBoard opens its own files: never in a folder a link redirects
+        _quiet_event_thread_errors()
+        from torch.utils.tensorboard import SummaryWriter  # here: inference never loads TensorBoard
+
+        try:  # a random suffix: nobody can plant a link at the event file's name beforehand
+            self.writer = SummaryWriter(logdir, purge_step=purge_step, filename_suffix=f".{uuid.uuid4().hex[:12]}")
+        except OSError as error:
+            raise OutputError(f"--logdir {describe(error, logdir)}") from None
+
+    def write(self, action) -> None:
+        if self.writer is None:
+            return
+        try:
+            action(self.writer)
+        except OSError as error:
+            self.failure = f"--logdir {describe(error, error.filename or self.logdir)}"
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except OSError:
+                pass  # the same error again: `failure` says it
+            if self.stop is not None:
+                self.stop.signum = self.stop.signum or signal.SIGTERM
+
+
 class RunLog:
-    def __init__(self, *, enabled: bool = True):
+    def __init__(self, *, enabled: bool = True, stop=None):
         self.enabled = enabled
         self.interactive = enabled and sys.stdout.isatty()
-        self.writer: SummaryWriter | None = None
         self.warned: set[str] = set()
+        self.events = EventFiles(stop=stop)
 
     # -- plain lines
     def print(self, line: str = "") -> None:
@@ -54,28 +109,29 @@ class RunLog:
     def open_tensorboard(self, logdir: str, purge_step: int, config: dict, step: int) -> None:
         """purge_step drops events a previous run logged after this checkpoint, so curves never overlap."""
         if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F811 (here: inference never loads TensorBoard)
+            self.events.open(logdir, purge_step)
+            self.events.write(
+                lambda writer: writer.add_text(
+                    "config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())), step
+                )
+            )
 
-            self.writer = SummaryWriter(logdir, purge_step=purge_step)
-            self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())), step)
+    @property
+    def failure(self) -> str | None:
+        return self.events.failure
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+        self.events.write(lambda writer: [writer.add_scalar(tag, value, step) for tag, value in values.items()])
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        if self.writer:
-            self.writer.add_image(tag, image, step)
+        self.events.write(lambda writer: writer.add_image(tag, image, step))
 
     def flush(self) -> None:
-        if self.writer:
-            self.writer.flush()
+        self.events.write(lambda writer: writer.flush())
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-            self.writer = None
+        self.events.write(lambda writer: writer.close())
+        self.events.writer = None
 
     # -- the loop
     def progress_bar(self, *, total: int, initial: int, desc: str) -> tqdm:
@@ -117,11 +173,14 @@ class RunLog:
         epochs: int,
         world_size: int,
         resumed_lr: float | None = None,
+        threads: str | None = None,
     ) -> None:
         """`resumed_lr`: the schedule's lr at the step a resumed run starts from (a fresh run starts in warmup)."""
         self.print(f"\nTrain samples: {train_samples}")
         self.print(f"Val samples:   {val_samples}")
         self.print(f"Device: {device.type}" + (f" ({world_size} processes)" if world_size > 1 else ""))
+        if threads:
+            self.print(threads)
         self.print(f"Precision: {precision}")
         self.print(f"Batch size: {batch_size}" + (f" ({per_process} per process)" if world_size > 1 else ""))
         self.print(

@@ -24,6 +24,7 @@ from brain_trainer.data.flickr8k_dataset import DatasetError, Interrupted
 from brain_trainer.evaluation import Evaluator
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import LaunchError, Runtime
+from brain_trainer.safe_files import OutputError
 from brain_trainer.trainer import TrainingError
 
 
@@ -34,6 +35,11 @@ def fit(assembled: AssembledRun, runtime: Runtime, log: RunLog, *, started: floa
     checkpointer = trainer.checkpointer
     runtime.stop.last_good = checkpointer.last  # what a second Ctrl-C names
     status = trainer.fit()
+    if status and log.failure is not None:  # not a signal: the events could not be written
+        log.error(
+            f"Error: {log.failure}; the run saved {checkpointer.last_saved} and stopped; resume with --resume auto"
+        )
+        return 2
     if status:
         log.stopped(
             signum=status - 128,
@@ -94,11 +100,11 @@ def main(
         command = parse_args(argv, description=__doc__, program=program, eval_only=eval_only)
         options = command.options
         runtime = Runtime.start(options.device)  # the process group, the device, the stop flag
-        log = RunLog(enabled=runtime.is_main)
+        log = RunLog(enabled=runtime.is_main, stop=runtime.stop)
         with build(command, runtime, log) as assembled:  # closes in reverse order, whatever happens
             options = assembled.options
             return run(assembled, runtime, log, started)
-    except (ConfigError, DatasetError, CheckpointError, LaunchError) as error:
+    except (ConfigError, DatasetError, CheckpointError, LaunchError, OutputError) as error:
         log.error(f"Error: {error}")
         return 2
     except Interrupted as interrupted:

@@ -297,6 +297,9 @@ class Trainer(OptimizationStep):
             fetch_start = time.perf_counter()
         bar.close()
         self.losses.read()  # the epoch's loss is complete before the epoch line
+        # The epoch's BatchNorm statistics from every process, for its evaluation and save (a stop here saves them
+        # too). Mid-epoch a save holds the main process's: DDP's next forward hands those to every process anyway.
+        self.runtime.average_batchnorm(self.model)
         return self.agree_to_stop()
 
     def agree_to_stop(self) -> int | None:

@@ -92,6 +92,7 @@ def convert(source: str, target: str, trust: bool = False) -> None:
     """Wrap a legacy weights file into the current format (no optimizer, epoch -1), keys normalised. `trust`
     unpickles a file that safe loading refuses: only for a file whose origin you trust."""
     target_storage, target_name = locate(target)
+    target_storage.check_writable("convert's NEW")  # a parent that is a file or cannot be made: one line, first
     if target_storage.kind(target_name) is not None:
         raise CheckpointError(f"{target}: already exists; choose a new file name (nothing is overwritten)")
     checkpoint = _trusted_load(source) if trust else load_checkpoint(source)

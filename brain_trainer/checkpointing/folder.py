@@ -17,6 +17,7 @@ from brain_trainer.checkpointing.format import (
     LAST,
     SNAPSHOT,
     CheckpointError,
+    StoreError,
     global_step_or,
     recency,
     summary_recency,
@@ -62,8 +63,8 @@ def find_latest_checkpoint(storage: Storage, log: Log = print) -> Discovery:
             key = summary_recency(storage.summary(name) or {}, name) or recency(
                 read_checkpoint(storage, name, mmap=True), name
             )
-        except ReadError:
-            raise  # the reading failed, not the file: nothing is moved aside, the run stops with the line
+        except (ReadError, StoreError):
+            raise  # the reading or the store failed, not the file: nothing is moved aside, the run stops with the line
         except CheckpointError as error:
             log(f"⚠ Skipping {error}")
             unreadable.append((name, str(error).removeprefix(f"{storage.location(name)}: ")))

@@ -4,8 +4,10 @@ startup checks a file must pass before a run resumes from it."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import pickle
+import pickletools
 import re
 import struct
 import warnings
@@ -43,11 +45,48 @@ BENIGN_GLOBALS = {
 }
 
 
-def _unsafe_globals(path: str, error: Exception) -> list[str]:
+def _pickle_globals(data: bytes) -> list[str] | None:
+    """Every global named by the pickles at the start of `data` (a legacy file is several in a row, then raw
+    bytes), in order; None when one cannot be read statically (then nothing is offered)."""
+    found, stream, scanned = [], io.BytesIO(data), 0
+    while stream.tell() < len(data):
+        strings: list[str] = []  # the string pushes just before a STACK_GLOBAL name its module and name
+        try:
+            for opcode, argument, _ in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST"):
+                    found.append(argument.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL":
+                    if len(strings) < 2:
+                        return None
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                if isinstance(argument, str) and "UNICODE" in opcode.name:
+                    strings.append(argument)
+                elif opcode.name not in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    strings.clear()
+        except Exception:  # the raw bytes after a legacy file's pickles, or not a pickle at all
+            return found if scanned else None
+        scanned += 1
+    return found
+
+
+def _unsafe_globals(path: str) -> list[str] | None:
+    """The globals in the file that safe loading does not allow, all of them, whatever their order (torch's own
+    scan stops at the first opcode it does not know, and its refusal names only the first); None when the file's
+    pickles cannot be read statically."""
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # not a zip checkpoint: read the globals from the refusal itself
-        return re.findall(r"GLOBAL (\S+)", str(error))
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pickles = [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
+        else:
+            with open(path, "rb") as handle:
+                pickles = [handle.read()]
+        allowed = set(torch._weights_only_unpickler._get_allowed_globals())
+    except Exception:
+        return None
+    names = [_pickle_globals(data) for data in pickles]
+    if not pickles or any(found is None for found in names):
+        return None
+    return list(dict.fromkeys(name for found in names for name in found if name not in allowed))
 
 
 class ReadError(CheckpointError):
@@ -63,17 +102,18 @@ DAMAGED = (RuntimeError, EOFError, ValueError, KeyError, IndexError, struct.erro
 
 def _refusal(path: str, location: str, error: pickle.UnpicklingError) -> CheckpointError:
     """Why `weights_only` refused the file: benign old globals (convertible), code-running ones, or none."""
-    unsafe = _unsafe_globals(path, error)
+    unsafe = _unsafe_globals(path)
     if unsafe and all(name.split(".dtype[")[0] in BENIGN_GLOBALS for name in unsafe):
         return CheckpointError(
             f"{location}: refused: loading it would need unsafe unpickling of "
             f"{', '.join(unsafe)}; if you trust where the file comes from, `brain-trainer ckpt "
             f"convert --trust {location} NEW.pt` makes a safe copy (unpickling runs its code)"
         )
-    if unsafe:
+    named = unsafe or re.findall(r"GLOBAL (\S+)", str(error))
+    if named:
         return CheckpointError(
             f"{location}: refused: loading it would need unsafe unpickling of "
-            f"{', '.join(unsafe)}, which can run any code; do not load it (there is no safe way "
+            f"{', '.join(named)}, which can run any code; do not load it (there is no safe way "
             f"to); point --resume at another file"
         )
     return CheckpointError(

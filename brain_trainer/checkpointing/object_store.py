@@ -8,7 +8,9 @@ with the local folder's promises where the store allows them:
 - one run per prefix: a lock object created only if absent (`If-None-Match: *`), holding the run's holder
   and an expiry that a thread renews (`If-Match` on its ETag) while the run lives; a lock whose holder
   stopped renewing (a killed run) is taken over once it has expired;
-- unreadable objects are copied aside under a new key before the original is removed.
+- unreadable objects are copied aside under a new key before the original is removed;
+- a write or copy completes only while the lock is confirmed this run's (its ETag, its expiry), and every call
+  to the store has a deadline, so a run that lost its lock or a store that froze never completes a write late.
 
 What an object store cannot give: a rename (publishing is a copy, paid in time on the server, not in the
 loop), hard links (each name is its own object), and a lock that dies with the process (hence the expiry).
@@ -24,13 +26,21 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from brain_trainer.checkpointing.base import LOCK_NAME, Save
-from brain_trainer.checkpointing.format import CheckpointError
+from brain_trainer.checkpointing.format import CheckpointError, StoreError
 
 LOCK_EXPIRY_S = 120.0  # a killed run's prefix is free again this long after its last renewal
 UPLOAD_BLOCK = 64 * 2**20  # multipart part size: memory per upload, and the unit a retry resends
+SINGLE_COPY_LIMIT = 5 * 2**30  # S3 copies up to 5 GiB in one call (atomic, metadata kept); above, in parts
+COPY_BLOCK = 512 * 2**20  # a part of a larger copy
+# Every call to the store ends: a silent endpoint is an error after these (seconds; --storage_options
+# '{"config_kwargs": {...}}' overrides them), never a run that hangs.
+STORE_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 30}
+UPLOAD_RATE_FLOOR = 2**20  # bytes/s: an upload slower than this is taken for a store that stopped answering
+STORE_ATTEMPTS = 3  # botocore's tries of one call (AWS_MAX_ATTEMPTS, where set, wins); s3fs adds none
+URL_REFUSED = ("?", "*", "[", "]")  # globbing characters: fsspec expands them, so the keys would not be these
 
 
 def _reason(error: BaseException) -> str:
@@ -51,6 +61,7 @@ def _reason(error: BaseException) -> str:
             "ConnectionError",
             "ConnectionRefusedError",
             "ReadTimeoutError",
+            "FSTimeoutError",  # an upload past its deadline (UPLOAD_RATE_FLOOR)
         )
         or "connect" in text.lower()
     ):
@@ -58,12 +69,52 @@ def _reason(error: BaseException) -> str:
     return text
 
 
+def _check_url(url: str) -> None:
+    """Refuse what fsspec would read as a pattern or collapse (an empty path segment): the objects would land
+    under other keys than the URL names, and the used-prefix refusal would look elsewhere."""
+    path = url.partition("://")[2]
+    bad = [character for character in URL_REFUSED if character in path]
+    if bad or "//" in path or path.startswith("/") or not path:
+        what = f"the character {bad[0]!r}" if bad else "an empty path segment (//)"
+        raise CheckpointError(
+            f"{url}: {what} in an object store URL would misplace the checkpoints; use a prefix of "
+            f"letters, digits, '-', '_', '.' and single '/' (e.g. s3://bucket/runs/name)"
+        )
+
+
+def _with_timeouts(url: str, storage_options: dict) -> dict:
+    if not url.startswith("s3://"):
+        return storage_options
+    config = {**STORE_TIMEOUTS, **storage_options.get("config_kwargs", {})}
+    if "AWS_MAX_ATTEMPTS" not in os.environ:
+        config.setdefault("retries", {"max_attempts": STORE_ATTEMPTS, "mode": "standard"})
+    return {**storage_options, "config_kwargs": config}
+
+
+def _bound_every_call(fs, url: str) -> None:
+    """s3fs's own retry loop would multiply botocore's tries (and the wait on a silent store); and botocore's
+    `Expect: 100-continue` on uploads makes aiohttp wait for the server's go-ahead with no timeout at all (a
+    frozen endpoint hangs the upload forever), so uploads send their body without asking first."""
+    from botocore.handlers import add_expect_header
+
+    fs.retries = 1
+    try:
+        fs.connect()  # the client, made now (locally: no request) so that its handlers can be set
+    except Exception as error:  # an unknown profile, a malformed option: botocore says which
+        raise CheckpointError(f"{url}: {_reason(error)}; check --storage_options") from None
+    fs.s3.meta.events.unregister("before-call.s3", add_expect_header)
+
+
 def _filesystem(url: str, storage_options: dict):
     import fsspec
 
+    _check_url(url)
     try:
         # a client of its own: fsspec's instance cache would hand back one made for another endpoint or identity
-        return fsspec.core.url_to_fs(url, skip_instance_cache=True, **storage_options)
+        fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **_with_timeouts(url, storage_options))
+        if url.startswith("s3://"):
+            _bound_every_call(fs, url)
+        return fs, root
     except ImportError:
         package = "s3fs" if url.startswith("s3://") else "the fsspec backend for this URL"
         raise CheckpointError(
@@ -71,6 +122,63 @@ def _filesystem(url: str, storage_options: dict):
         ) from None
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{url}: {error}; check the URL and --storage_options") from None
+
+
+def bound_upload(handle, *, patience: float, confirm: Callable[[], None]) -> None:
+    """Every call of an s3fs upload gets a deadline (botocore's read timeout does not cover sending a body: a
+    frozen store would hold a part's upload forever), and its last call (the one-shot PUT or the multipart
+    completion) runs only after `confirm` (the lock is this run's): a run that lost it aborts instead of
+    replacing a newer run's object."""
+    call, commit = handle._call_s3, handle.commit
+
+    def call_with_deadline(method: str, *args, **kwargs):
+        body = kwargs.get("Body")
+        size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0
+        return call(method, *args, timeout=patience + size / UPLOAD_RATE_FLOOR, **kwargs)
+
+    def commit_if_locked() -> None:
+        confirm()
+        commit()
+
+    handle._call_s3, handle.commit = call_with_deadline, commit_if_locked
+
+
+def copy_keeping_metadata(fs, bucket: str, source: str, target: str, confirm: Callable[[], None]) -> None:
+    """A server-side copy that keeps the object's metadata (the summary discovery reads) at every size: one
+    atomic call up to 5 GiB, else a multipart copy created with the metadata; `confirm` runs before it completes."""
+    head = fs.call_s3("head_object", Bucket=bucket, Key=source)
+    confirm()
+    if head["ContentLength"] <= SINGLE_COPY_LIMIT:
+        copy = {"Bucket": bucket, "Key": source}
+        fs.call_s3("copy_object", Bucket=bucket, Key=target, CopySource=copy, MetadataDirective="COPY")
+        return
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=target, Metadata=head.get("Metadata", {}))
+    try:
+        parts = []
+        for number, start in enumerate(range(0, head["ContentLength"], COPY_BLOCK), start=1):
+            part = fs.call_s3(
+                "upload_part_copy",
+                Bucket=bucket,
+                Key=target,
+                PartNumber=number,
+                UploadId=upload["UploadId"],
+                CopySource={"Bucket": bucket, "Key": source},
+                CopySourceIfMatch=head["ETag"],  # every part from the same object
+                CopySourceRange=f"bytes={start}-{min(start + COPY_BLOCK, head['ContentLength']) - 1}",
+            )
+            parts.append({"PartNumber": number, "ETag": part["CopyPartResult"]["ETag"]})
+        confirm()
+        fs.call_s3(
+            "complete_multipart_upload",
+            Bucket=bucket,
+            Key=target,
+            UploadId=upload["UploadId"],
+            MultipartUpload={"Parts": parts},
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=target, UploadId=upload["UploadId"])
+        raise
 
 
 def _require_s3(url: str, fs) -> None:
@@ -94,6 +202,8 @@ class ObjectLock:
         self.token = uuid.uuid4().hex
         self.holder = holder
         self.lost: str | None = None  # why the lock is no longer this run's, if it is not
+        self._guard = threading.Lock()  # a renewal and a confirmation never interleave (the ETag changes)
+        self.renewed = time.time()  # when the last successful put was sent: the lock is ours until + expiry
         self.etag = self._acquire()
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_until_released, name="lock-renewer", daemon=True)
@@ -144,11 +254,32 @@ class ObjectLock:
 
     def _renew_until_released(self) -> None:
         while not self._stop.wait(self.expiry / 3):
-            try:
-                self.etag = self._put(IfMatch=self.etag)
-            except Exception as error:  # taken over (we stalled past the expiry), or the store is gone
-                self.lost = _reason(error)
-                return
+            with self._guard:
+                try:
+                    sent = time.time()
+                    self.etag, self.renewed = self._put(IfMatch=self.etag), sent
+                except Exception as error:  # taken over (we stalled past the expiry), or the store is gone
+                    self.lost = _reason(error)
+                    return
+
+    def confirm(self) -> None:
+        """Just before an object is completed: the lock is still ours, unexpired, and unchanged since our last
+        renewal (its ETag), or CheckpointError; a run that lost it never completes a write."""
+        with self._guard:
+            if self.lost is None and time.time() > self.renewed + self.expiry * 0.9:
+                self.lost = "it expired: the store did not take its renewals in time"
+            if self.lost is None:
+                bucket, key = self.storage.bucket_key(self.path)
+                try:
+                    self.storage.fs.call_s3("head_object", Bucket=bucket, Key=key, IfMatch=self.etag)
+                except FileNotFoundError:
+                    self.lost = "its object was removed"
+                except Exception as error:
+                    words = f"{type(error).__name__} {error}".lower()
+                    if not any(word in words for word in ("precondition", "pre-condition", "412")):
+                        raise  # the store did not answer: the write fails as any call would, the lock unjudged
+                    self.lost = "another run changed it (its ETag is not this run's)"
+        self.check()
 
     def check(self) -> None:
         if self.lost is not None:
@@ -197,8 +328,8 @@ class ObjectStorage:
                     f"{self.url}: bucket '{self.bucket}' does not exist; create it, or fix the --savedir/--resume URL"
                 ) from None
             raise
-        except Exception as error:
-            raise CheckpointError(f"{self.url}: could not {what} ({_reason(error)})") from None
+        except Exception as error:  # the store failed, not the object: StoreError never sets anything aside
+            raise StoreError(f"{self.url}: could not {what} ({_reason(error)})") from None
 
     @property
     def bucket(self) -> str:
@@ -256,13 +387,18 @@ class ObjectStorage:
             self._lock.check()
         try:
             handle = self.fs.open(self.key(name), "wb", block_size=UPLOAD_BLOCK, Metadata=dict(summary or {}))
+            patience = getattr(self.fs, "config_kwargs", {}).get("read_timeout", STORE_TIMEOUTS["read_timeout"])
+            bound_upload(handle, patience=patience, confirm=self._confirm_lock)
             try:
                 save(handle)
+                handle.close()  # completes the upload (after the lock is confirmed): the object appears whole
             except BaseException:
-                handle.discard()  # abort the multipart upload: nothing appears under the name
+                with contextlib.suppress(Exception):
+                    handle.discard()  # abort the multipart upload: nothing appears under the name
                 handle.closed = True  # and never complete it later (fsspec closes files it collects)
                 raise
-            handle.close()  # completes the upload: the object appears whole
+        except CheckpointError:
+            raise
         except Exception as error:
             raise CheckpointError(
                 f"could not write {self.location(name)}: {_reason(error)}; the previous {name} "
@@ -270,11 +406,24 @@ class ObjectStorage:
                 f"--resume auto once the store answers"
             ) from None
 
+    def _confirm_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.confirm()
+
+    def _copy(self, source: str, target: str) -> None:
+        bucket, source_key = self.bucket_key(self.key(source))
+        try:
+            copy_keeping_metadata(self.fs, bucket, source_key, self.bucket_key(self.key(target))[1], self._confirm_lock)
+        finally:
+            self.fs.invalidate_cache(self.key(target))
+
     def publish(self, source: str, target: str) -> None:
         if self._lock is not None:
             self._lock.check()
         try:
-            self.fs.copy(self.key(source), self.key(target))  # server-side, and atomic at the target
+            self._copy(source, target)  # server-side, and atomic at the target
+        except CheckpointError:
+            raise
         except Exception as error:
             raise CheckpointError(
                 f"could not publish {self.location(target)} from {source}: {_reason(error)}; "
@@ -291,7 +440,7 @@ class ObjectStorage:
         self._call("remove an object", self.fs.rm_file, self.key(name))
 
     def move_aside(self, name: str, new_name: str) -> None:
-        self._call("copy an object aside", self.fs.copy, self.key(name), self.key(new_name))
+        self._call("copy an object aside", self._copy, name, new_name)
         self.remove(name)  # only once the copy exists
 
     def modified_ns(self, name: str) -> int:
@@ -314,9 +463,17 @@ class ObjectStorage:
     @contextlib.contextmanager
     def local_copy(self, name: str) -> Iterator[str]:
         """The object downloaded to a temporary file, removed afterwards (tensors mapped from it stay valid)."""
-        with tempfile.TemporaryDirectory(prefix="brain-ckpt-") as folder:
+        try:
+            scratch = tempfile.TemporaryDirectory(prefix="brain-ckpt-")
+        except OSError as error:  # TMPDIR missing or unwritable: the object is not at fault
+            raise StoreError(
+                f"could not download {self.location(name)}: {tempfile.gettempdir()} cannot be written "
+                f"({error.strerror or error}); point TMPDIR at a writable disk"
+            ) from None
+        with scratch as folder:
             path = os.path.join(folder, name)
-            self._call(f"download {self.location(name)}", self.fs.get_file, self.key(name), path)
+            # a full TMPDIR fails here, as the store's error (StoreError): nothing is taken for unreadable
+            self._call(f"download {self.location(name)} into {folder}", self.fs.get_file, self.key(name), path)
             yield path
 
     def lock(self, holder: str) -> ObjectLock:

@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from brain_trainer.data.augment import TrainAugment, eval_transform
+from brain_trainer.runtime.seeding import derive_seed  # its home is the runtime; still importable from here
 
 SPLITS = ("train", "val", "test")
 LAYOUTS = ("token", "karpathy", "kaggle")
@@ -55,12 +56,6 @@ TOKEN_LINE = re.compile(r"^(?P<file>.+?)#(?P<k>\d+)\s+(?P<caption>.*)$")
 
 class DatasetError(Exception):
     """A user mistake with the data (missing folder, no layout, bad annotation file): one line."""
-
-
-def derive_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integer keys, e.g. (seed, epoch, index)."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
-    return int(state) >> 1  # a Python int first: numpy 1.26 cannot shift a uint64 by a Python int
 
 
 # ----------------------------------------------------------------------------- layouts and splits

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import os
 import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from brain_trainer.safe_files import describe, write_bytes, write_file
 
 LAYOUTS = ("token", "karpathy", "kaggle")
 COLOURS = {
@@ -138,7 +142,8 @@ def write_sample_dataset(
     for index in range(images):
         scene = random_scene(rng)
         name = f"{1000000 + index * 7919}_{rng.getrandbits(40):010x}.jpg"
-        draw_scene(scene, size, rng).save(image_dir / name, quality=90)
+        image = draw_scene(scene, size, rng)
+        write_file(image_dir / name, lambda handle, image=image: image.save(handle, format="JPEG", quality=90))
         names.append(name)
         captions[name] = captions_for(scene, rng)
     splits = {
@@ -150,13 +155,13 @@ def write_sample_dataset(
         text_dir = root / "Flickr8k_text"
         text_dir.mkdir(exist_ok=True)
         lines = [f"{name}#{k}\t{caption}" for name in names for k, caption in enumerate(captions[name])]
-        (text_dir / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+        write_bytes(text_dir / "Flickr8k.token.txt", ("\n".join(lines) + "\n").encode())
         for split, file_name in (
             ("train", "Flickr_8k.trainImages.txt"),
             ("val", "Flickr_8k.devImages.txt"),
             ("test", "Flickr_8k.testImages.txt"),
         ):
-            (text_dir / file_name).write_text("\n".join(splits[split]) + "\n")
+            write_bytes(text_dir / file_name, ("\n".join(splits[split]) + "\n").encode())
     elif layout == "karpathy":
         split_of = {name: split for split, members in splits.items() for name in members}
         entries = [
@@ -167,14 +172,27 @@ def write_sample_dataset(
             }
             for name in names
         ]
-        (root / "dataset_flickr8k.json").write_text(json.dumps({"images": entries, "dataset": "flickr8k"}))
+        write_bytes(root / "dataset_flickr8k.json", json.dumps({"images": entries, "dataset": "flickr8k"}).encode())
     else:  # kaggle: one CSV, no split lists (the loader derives the split by image)
-        with open(root / "captions.txt", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["image", "caption"])
-            for name in names:
-                writer.writerows([name, caption] for caption in captions[name])
+        table = io.StringIO(newline="")
+        writer = csv.writer(table)
+        writer.writerow(["image", "caption"])
+        for name in names:
+            writer.writerows([name, caption] for caption in captions[name])
+        write_bytes(root / "captions.txt", table.getvalue().encode())
     return root
+
+
+def check_size(width: int, height: int) -> None:
+    """An image size this machine can draw (a few copies of width x height x 3 bytes), before anything is written."""
+    if width < 1 or height < 1:
+        raise ValueError(f"--size {width}x{height}: both sides must be at least 1 pixel")
+    need, memory = 4 * width * height * 3, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        raise ValueError(
+            f"--size {width}x{height}: drawing one image needs about {need / 2**30:.0f} GiB, more than this "
+            f"machine's {memory / 2**30:.0f} GiB; choose a smaller size (the default is 320x240)"
+        )
 
 
 def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data") -> int:
@@ -191,9 +209,13 @@ def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data")
     args = parser.parse_args(argv)
     try:
         width, height = (int(part) for part in args.size.lower().split("x"))
+        check_size(width, height)
         write_sample_dataset(args.root, args.layout, args.images, args.val, args.test, (width, height), args.seed)
     except ValueError as error:
         print(f"Error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a file in the way: each file is whole or absent
+        print(f"Error: sample-data {describe(error, error.filename or args.root)}", file=sys.stderr)
         return 2
     print(f"Wrote {args.images} images ({args.layout} layout) to {args.root}")
     return 0

@@ -12,6 +12,8 @@ import torch
 from brain_trainer.checkpointing import CheckpointError
 from brain_trainer.config import ConfigError
 from brain_trainer.inference.load import InferenceError
+from brain_trainer.runtime.precision import choose_device
+from brain_trainer.safe_files import OutputError
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,17 +35,16 @@ def positive_int(flag: str) -> Callable[[str], int]:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`--device`: chosen as training chooses it (`auto`: the GPU when there is one)."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InferenceError(f"--device {name}: no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    return choose_device(name)
 
 
 def run_command(action: Callable[[], int]) -> int:
     """Run `action`; a user mistake (a bad file, flag or checkpoint) is one line on stderr and exit status 2."""
     try:
         return action()
-    except (InferenceError, CheckpointError, ConfigError) as error:
+    except (InferenceError, CheckpointError, ConfigError, OutputError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2

@@ -23,7 +23,16 @@ from brain_trainer import __version__
 from brain_trainer.data.loaders import make_loader
 from brain_trainer.inference.captions import read_captions
 from brain_trainer.inference.common import Parser, positive_int, resolve_device, run_command
-from brain_trainer.inference.index import DTYPES, INDEX_FORMAT, INDEX_VERSION, MANIFEST, Index, read_index, write_index
+from brain_trainer.inference.index import (
+    DTYPES,
+    INDEX_FORMAT,
+    INDEX_VERSION,
+    MANIFEST,
+    Index,
+    prepare_out,
+    read_index,
+    write_index,
+)
 from brain_trainer.inference.load import Brain, InferenceError, Preprocess, file_sha256, load_brain
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -218,6 +227,11 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="stored embeddings (default: float32)")
     parser.add_argument("--num_workers", type=int, default=2, help="image decoding processes (default: 2)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out folder that holds files this program did not write (an index's names are replaced)",
+    )
     return parser.parse_args(argv)
 
 
@@ -226,6 +240,7 @@ def plural(count: int, noun: str) -> str:
 
 
 def embed(args: argparse.Namespace) -> int:
+    prepare_out(args.out, overwrite=args.overwrite)  # before any work: a folder the index cannot go into
     brain = load_brain(args.checkpoint, resolve_device(args.device), args.precision)
     images_dir, out = args.images.resolve(), args.out
     old = previous_index(out, brain, images_dir=images_dir, dtype=args.dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,9 +37,39 @@ from brain_trainer.inference.load import (
     InferenceError,
     load_brain,
 )
-from brain_trainer.inference.onnx_export import ExportMismatch, export_onnx
+from brain_trainer.inference.onnx_export import IMAGE_TOWER, TEXT_TOWER, ExportMismatch, export_onnx
+from brain_trainer.safe_files import (
+    describe,
+    make_folder,
+    output_folder,
+    private_folder,
+    publish,
+    write_bytes,
+)
 
 FORMATS = ("safetensors", "onnx")
+EXPORT_NAMES = (EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_TOKENIZER, EXPORT_TOKENIZER_DIR, IMAGE_TOWER, TEXT_TOWER)
+TEMPORARY = re.compile(r"^\.(.+\.tmp-\d+-[0-9a-f]{8}|scratch-.+)$")  # a write in progress (brain_trainer.safe_files)
+
+
+def is_export_config(path: Path) -> bool:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT
+
+
+def prepare_out(out: Path, *, overwrite: bool) -> None:
+    """Before any work: `--out` can be written and holds only an earlier export's files."""
+    output_folder(
+        out, "--out", ours=lambda name: name in EXPORT_NAMES or bool(TEMPORARY.match(name)), overwrite=overwrite
+    )
+    if (out / EXPORT_CONFIG).exists() and not is_export_config(out / EXPORT_CONFIG) and not overwrite:
+        raise InferenceError(
+            f"--out {out}: its {EXPORT_CONFIG} is not a brain-trainer export; choose an empty or new folder, or "
+            f"pass --overwrite to replace it"
+        )
 
 
 def write_config(brain: Brain, out: Path, files: dict) -> None:
@@ -61,14 +92,16 @@ def write_config(brain: Brain, out: Path, files: dict) -> None:
         "embeddings": {"width": brain.width, "normalized": True},
         "load": f"brain_trainer.load_brain({str(out)!r})",
     }
-    (out / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    write_bytes(out / EXPORT_CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
 
 
 def write_tokenizer(brain: Brain, out: Path) -> str:
     if brain.tokenizer_json is not None:
-        (out / EXPORT_TOKENIZER).write_text(brain.tokenizer_json)
+        write_bytes(out / EXPORT_TOKENIZER, brain.tokenizer_json.encode())
         return EXPORT_TOKENIZER
-    brain.tokenizer.save_pretrained(out / EXPORT_TOKENIZER_DIR)
+    with private_folder(out) as scratch:  # transformers writes the files itself: into a folder nobody else can enter
+        brain.tokenizer.save_pretrained(scratch / EXPORT_TOKENIZER_DIR)
+        publish(scratch / EXPORT_TOKENIZER_DIR, out / EXPORT_TOKENIZER_DIR)
     return EXPORT_TOKENIZER_DIR
 
 
@@ -77,27 +110,25 @@ def export_safetensors(brain: Brain, out: Path) -> dict:
 
     weights = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in brain.model.state_dict().items()}
     metadata = {"format": EXPORT_FORMAT, "checkpoint_sha256": brain.checkpoint_sha256}
-    # written as the config beside it (mode 0666 less the umask); safetensors' save_file makes a 0600 file
-    (out / EXPORT_WEIGHTS).write_bytes(save(weights, metadata=metadata))
+    write_bytes(out / EXPORT_WEIGHTS, save(weights, metadata=metadata))
     print(f"✓ {out / EXPORT_WEIGHTS}: {len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} values")
     return {"weights": EXPORT_WEIGHTS}
 
 
 def export(args: argparse.Namespace) -> int:
-    brain = load_brain(args.checkpoint, "cpu", "fp32")
     out = args.out
+    prepare_out(out, overwrite=args.overwrite)
+    brain = load_brain(args.checkpoint, "cpu", "fp32")
+    make_folder(out, "--out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         if args.format == "onnx":
             files = export_onnx(brain, out)
         else:
             files = export_safetensors(brain, out)
         files["tokenizer"] = write_tokenizer(brain, out)
         write_config(brain, out, files)
-    except OSError as error:
-        raise InferenceError(
-            f"--out {out}: cannot write the export ({error.strerror or error}); choose a writable folder"
-        ) from None
+    except OSError as error:  # each file is whole or absent; config.json, written last, marks a complete export
+        raise InferenceError(f"--out {describe(error, out)}; the export is incomplete: run it again") from None
     print(
         f"Exported {brain.source} to {out} ({args.format}); load it with brain_trainer.load_brain({str(out)!r})"
         if args.format == "safetensors"
@@ -111,6 +142,11 @@ def main(argv: list[str], prog: str = "brain-trainer export") -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint file to export")
     parser.add_argument("--out", type=Path, required=True, help="folder to write")
     parser.add_argument("--format", choices=FORMATS, default="safetensors", help="default: safetensors")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out folder that holds files this program did not write (an export's names are replaced)",
+    )
     args = parser.parse_args(argv)
     try:
         return run_command(lambda: export(args))

@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 from brain_trainer.data.augment import eval_transform
 from brain_trainer.data.flickr8k_dataset import decode_image
 from brain_trainer.inference.load import InferenceError
+from brain_trainer.safe_files import describe, write_file
 
 TILE, STRIP, GAP = 128, 20, 8  # a square thumbnail, the strip under it for the score, the white between cells
 
@@ -52,9 +53,9 @@ def write_grid(
             draw.text((left + 4, top + TILE + 3), f"{column}. {score:.3f}", fill="black", font=font)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        sheet.save(path, format="PNG")
-    except (OSError, ValueError) as error:
-        raise InferenceError(f"--grid {path}: cannot be written ({error}); give a writable .png path") from None
+        write_file(path, lambda handle: sheet.save(handle, format="PNG"))  # whole or not at all, never via a link
+    except OSError as error:
+        raise InferenceError(f"--grid {describe(error, path)}; give a writable .png path") from None
     print(
         f"Contact sheet written to {path}: a row per query ({len(queries)}), the query then its top {columns - 1}",
         file=sys.stderr,

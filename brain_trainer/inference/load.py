@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,12 +23,11 @@ from brain_trainer.checkpointing import CheckpointError, is_full_checkpoint, loa
 from brain_trainer.data.augment import eval_transform, images_to_device
 from brain_trainer.data.flickr8k_dataset import CaptionCollator, decode_image, tokenizer_from_json
 from brain_trainer.model_factory import build_model
+from brain_trainer.runtime.precision import PRECISIONS, autocast
 
 EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 EXPORT_TOKENIZER_DIR = "tokenizer"  # a pretrained text encoder's tokenizer, as save_pretrained writes it
 EXPORT_FORMAT = "brain-trainer-export"
-PRECISIONS = ("fp32", "fp16", "bf16")
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ImageInput = str | Path | Image.Image | torch.Tensor  # what embed_images takes, each or as a list
 
 
@@ -118,8 +115,7 @@ class Brain:
         return replace(self, model=model, device=device, precision=precision)
 
     def autocast(self):
-        dtype = AUTOCAST_DTYPES.get(self.precision)
-        return partial(torch.autocast, self.device.type, dtype=dtype)() if dtype else nullcontext()
+        return autocast(self.precision, self.device)()
 
     @torch.no_grad()
     def embed_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 
 from brain_trainer.data.augment import normalize_images
 from brain_trainer.inference.load import Brain, InferenceError
+from brain_trainer.safe_files import private_folder, publish
 
 IMAGE_TOWER, TEXT_TOWER = "image_tower.onnx", "text_tower.onnx"
 TOLERANCE = 1e-4  # fp32: the largest absolute difference of an embedding value allowed
@@ -102,16 +103,18 @@ def export_onnx(brain: Brain, out: Path) -> dict:
         ),
     )
     for name, tower, inputs, dynamic in towers:
+        with private_folder(out) as scratch:  # the exporter opens its own file: never at a name someone could plant
+            _export_tower(tower, inputs, scratch / name, {**dynamic, "embeddings": {0: "batch"}})
+            difference = check_tower(tower, inputs, scratch / name)
+            if difference <= TOLERANCE:
+                publish(scratch / name, out / name)
         path = out / name
-        _export_tower(tower, inputs, path, {**dynamic, "embeddings": {0: "batch"}})
-        difference = check_tower(tower, inputs, path)
         print(
             f"{'✓' if difference <= TOLERANCE else '✗'} {path}: max |onnxruntime - torch| = {difference:.2e} "
             f"(limit {TOLERANCE:.0e}, fp32)"
         )
         if not difference <= TOLERANCE:
-            path.unlink()
             raise ExportMismatch(
-                f"{path}: onnxruntime differs from PyTorch by {difference:.2e} > {TOLERANCE:.0e}; the file is removed"
+                f"{path}: onnxruntime differs from PyTorch by {difference:.2e} > {TOLERANCE:.0e}; not written"
             )
     return {"image_tower": IMAGE_TOWER, "text_tower": TEXT_TOWER}
