@@ -339,6 +339,7 @@ def claim_logdir(folder: Path, *, savedir: str, resuming: bool, overwrite: bool)
     run of the same --savedir may write over them, or any run with --overwrite; events with no owner recorded
     (an older version's) count as a resumed run's own. The owner is recorded relative to the folder, so a
     project moved or copied whole still owns its curves."""
+    refuse_link(folder, "--logdir")  # before the record is written: never into a folder a link redirects
     owner = savedir.rstrip("/") if is_url(savedir) else os.path.relpath(savedir.removeprefix("file://"), folder)
     events = [entry.name for entry in os.scandir(folder) if entry.name.startswith(EVENTS)]
     marker = folder / OWNER
