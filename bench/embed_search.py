@@ -22,9 +22,12 @@ from loader import photo_like_dataset  # bench/loader.py: this script's folder i
 
 from brain_trainer.brain_model import BrainConfig, BrainModel
 from brain_trainer.config import DEMO_SETTINGS
-from brain_trainer.data import flickr8k_dataset as fd
+from brain_trainer.data.annotations import Split
 from brain_trainer.data.augment import images_to_device
+from brain_trainer.data.images import JpegImages
+from brain_trainer.data.layouts import load_splits
 from brain_trainer.data.loaders import eval_loader
+from brain_trainer.data.text import tokenizer_from_json, train_caption_tokenizer
 from brain_trainer.inference.embed import embed_files
 from brain_trainer.inference.load import Brain
 from brain_trainer.inference.search import top_k
@@ -32,7 +35,7 @@ from brain_trainer.runtime import Runtime
 
 
 def demo_brain(captions: list[str], device: torch.device) -> Brain:
-    tokenizer_json = fd.train_caption_tokenizer(captions, DEMO_SETTINGS["vocab_size"]).backend_tokenizer.to_str()
+    tokenizer_json = train_caption_tokenizer(captions, DEMO_SETTINGS["vocab_size"]).backend_tokenizer.to_str()
     config = {
         **BrainConfig().to_dict(),
         **DEMO_SETTINGS,
@@ -40,7 +43,7 @@ def demo_brain(captions: list[str], device: torch.device) -> Brain:
         "precision": "fp32",
         "cache_images": False,
     }
-    tokenizer = fd.tokenizer_from_json(tokenizer_json)
+    tokenizer = tokenizer_from_json(tokenizer_json)
     config["text_vocab_size"] = len(tokenizer)
     model = BrainModel(BrainConfig.from_dict(config), pretrained=False).eval()
     brain = Brain(
@@ -61,7 +64,7 @@ def timed(action) -> float:
     return time.perf_counter() - started
 
 
-def eval_loader_images_per_second(brain: Brain, split: fd.Split, workers: int, batch_size: int) -> float:
+def eval_loader_images_per_second(brain: Brain, split: Split, workers: int, batch_size: int) -> float:
     """The evaluation's image path: eval_loader over the split's JPEGs, encode_image under its autocast. The
     loader is made inside the timing, as embed makes its own: both pay for starting their workers."""
     runtime = Runtime(device=brain.device)
@@ -70,7 +73,7 @@ def eval_loader_images_per_second(brain: Brain, split: fd.Split, workers: int, b
     def run() -> None:
         loader = eval_loader(
             split,
-            fd.JpegImages(split.image_paths()),
+            JpegImages(split.image_paths()),
             image_size=brain.preprocess.image_size,
             batch_size=batch_size,
             num_workers=workers,
@@ -107,7 +110,7 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as folder:
         root = photo_like_dataset(Path(folder) / "flickr8k", args.images)
-        split = fd.load_splits(root)["train"]
+        split = load_splits(root)["train"]
         brain = demo_brain(split.captions, device)
         embed = lambda: embed_files(brain, split.image_paths(), batch_size=args.batch_size, num_workers=args.workers)
         result = {

@@ -20,9 +20,14 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from brain_trainer.data import flickr8k_dataset as fd
 from brain_trainer.data.augment import TrainAugment
+from brain_trainer.data.datasets import CaptionedImages
+from brain_trainer.data.image_cache import build_image_cache
+from brain_trainer.data.images import JpegImages
+from brain_trainer.data.layouts import load_splits
 from brain_trainer.data.sample_data import write_sample_dataset
+from brain_trainer.data.sampler import ResumableSampler
+from brain_trainer.data.text import CaptionCollator, train_caption_tokenizer
 
 
 def photo_like_dataset(root: Path, images: int) -> Path:
@@ -35,8 +40,8 @@ def photo_like_dataset(root: Path, images: int) -> Path:
     return root
 
 
-def samples_per_second(dataset: fd.Flickr8kDataset, collate, workers: int, batch_size: int = 32) -> float:
-    sampler = fd.ResumableSampler(len(dataset), seed=0, global_batch=batch_size)
+def samples_per_second(dataset: CaptionedImages, collate, workers: int, batch_size: int = 32) -> float:
+    sampler = ResumableSampler(len(dataset), seed=0, global_batch=batch_size)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -65,18 +70,18 @@ def main() -> None:
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as folder:
         root = photo_like_dataset(Path(folder) / "flickr8k", args.images)
-        split = fd.load_splits(root)["train"]
-        collate = fd.CaptionCollator(fd.train_caption_tokenizer(split.captions, 1000), max_text_len=32)
+        split = load_splits(root)["train"]
+        collate = CaptionCollator(train_caption_tokenizer(split.captions, 1000), max_text_len=32)
         augment = TrainAugment(args.image_size)
         started = time.perf_counter()
-        cache = fd.build_image_cache(
+        cache = build_image_cache(
             split.image_paths(), args.image_size, Path(folder) / "cache", args.workers, progress=False
         )
         build_seconds = time.perf_counter() - started
         jpeg = samples_per_second(
-            fd.Flickr8kDataset(split, fd.JpegImages(split.image_paths()), augment), collate, args.workers
+            CaptionedImages(split, JpegImages(split.image_paths()), augment), collate, args.workers
         )
-        cached = samples_per_second(fd.Flickr8kDataset(split, cache, augment), collate, args.workers)
+        cached = samples_per_second(CaptionedImages(split, cache, augment), collate, args.workers)
         jpeg_bytes = sum(p.stat().st_size for p in split.image_paths()) / len(split.images)
     print(
         json.dumps(

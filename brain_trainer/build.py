@@ -1,7 +1,7 @@
 """Assembling a run, in one place, and closing it: `build` chooses the checkpoint to resume, resolves the
 settings, makes the data, the model and its optimiser, restores where the run stands, and then either the
 evaluator (`eval`) or what training holds (the folder's lock, the loaders, the checkpointer, the Trainer, the
-TensorBoard writer). It returns an `AssembledRun`, a context manager that releases all of it in reverse order
+trackers). It returns an `AssembledRun`, a context manager that releases all of it in reverse order
 on every path, the first error winning. Every process runs these; what only the main process may do (choose a
 file, claim a folder) goes through the runtime. Nothing here prints but through the run log, and nothing here
 trains.
@@ -13,8 +13,8 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -47,7 +47,6 @@ from brain_trainer.config import (
     resolve_settings,
     with_saved_data,
 )
-from brain_trainer.data.flickr8k_dataset import CaptionCollator, derive_seed
 from brain_trainer.data.loaders import (
     Data,
     TrainLoaders,
@@ -58,10 +57,13 @@ from brain_trainer.data.loaders import (
     image_source,
     load_data,
 )
+from brain_trainer.data.text import CaptionCollator
 from brain_trainer.evaluation import Evaluator
 from brain_trainer.model_factory import build_model
 from brain_trainer.run_log import RunLog, claim_logdir
 from brain_trainer.runtime import Runtime
+from brain_trainer.runtime.seeding import derive_seed
+from brain_trainer.tracking import TrackedRun
 from brain_trainer.trainer import Trainer, TrainState, learning_rate
 
 DECAY_GROUPS = ("decay", "no_decay")  # AdamW's parameter groups, by name
@@ -77,12 +79,15 @@ class Resume:
     unreadable: list[tuple[str, str]]  # names `--resume auto` could not read: set aside before the run writes
     parent: str | None = None  # the lineage id of the run it continues
     rng_states: list[dict] | None = None  # one per process that wrote it
+    trackers: dict[str, str] = field(default_factory=dict)  # its tracker runs by tracker; once open, this run's
     threads: int | None = None  # the intra-op threads per process it was written with (older files: None)
 
     def drop_checkpoint(self) -> None:
         checkpoint, self.checkpoint = self.checkpoint or {}, None
         run = checkpoint.get("run") if isinstance(checkpoint.get("run"), dict) else {}
         self.parent, self.threads = run.get("id"), run.get("threads")
+        saved = run.get("trackers")  # absent from checkpoints written before trackers were recorded
+        self.trackers = {k: v for k, v in saved.items() if isinstance(v, str)} if isinstance(saved, dict) else {}
         self.rng_states = rng_states_of(checkpoint)
 
 
@@ -205,6 +210,8 @@ def build_run(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLo
     data = load_data(
         root_dir=options.root_dir,
         annotations=options.annotations,
+        val_fraction=options.val_fraction,
+        test_fraction=options.test_fraction,
         demo=options.demo,
         text_encoder=model_config.text_encoder,
         vocab_size=settings.vocab_size,
@@ -212,7 +219,12 @@ def build_run(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLo
         runtime=runtime,
         log=log,
     )
-    check_split_sizes(data.splits, batch_size=settings.batch_size, eval_split=options.eval_only and options.eval_split)
+    check_split_sizes(
+        data.splits,
+        batch_size=settings.batch_size,
+        eval_split=options.eval_only and options.eval_split,
+        folds=options.folds,
+    )
     if model_config.text_encoder == "scratch":
         model_config = replace(model_config, text_vocab_size=len(data.tokenizer))
     model = runtime.prepare(build_model(model_config, pretrained=resume.checkpoint is None))
@@ -292,6 +304,7 @@ def make_evaluator(run: Run, split_name: str, images, options: RunOptions, runti
         autocast=run.autocast,
         runtime=runtime,
         caption_batch=4 * run.settings.batch_size,
+        folds=options.folds if options.eval_only else 1,
     )
 
 
@@ -312,14 +325,19 @@ def build_eval(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> 
 def run_record(run: Run, resume: Resume, settings: TrainSettings, runtime: Runtime) -> RunRecord:
     """What every checkpoint of this run carries besides tensors and the train state; the lineage is the main
     process's, so every process records the same run."""
-    lineage = {"id": uuid.uuid4().hex, "parent": resume.parent, "started_ns": time.time_ns()}
+    lineage = {
+        "id": uuid.uuid4().hex,
+        "parent": resume.parent,
+        "started_ns": time.time_ns(),
+        "trackers": resume.trackers,
+    }
     lineage = runtime.broadcast({**lineage, "threads": runtime.threads.count})  # bitwise resume needs the count
     return RunRecord(
         config={**run.model_config.to_dict(), **asdict(settings)},
         tokenizer_json=run.data.tokenizer_json,
         fingerprint=run.data.splits["train"].fingerprint(),
         lineage=lineage,
-        data={"root_dir": str(Path(run.options.root_dir).absolute()), "annotations": run.options.annotations},
+        data=run.data.record,
     )
 
 
@@ -411,23 +429,34 @@ def claim_folders(options: RunOptions, storage: Storage, resume: Resume, log: Ru
     return lock
 
 
-def open_logging(run: Run, resume: Resume, trainer: Trainer, log: RunLog, hold: Hold) -> None:
-    """What the run logs to, held until it closes: TensorBoard (main process). A tracker goes here too."""
-    log.open_tensorboard(
-        run.options.logdir,
-        purge_step=run.state.global_step + 1 if resume.location else 0,
-        config=trainer.checkpointer.record.config,
-        step=run.state.global_step,
+def tracked_run(options: RunOptions, resume: Resume, state: TrainState) -> TrackedRun:
+    """What the trackers open with. The checkpoint folder's name names MLflow's experiment and W&B's project;
+    a resume drops what an earlier start logged past its checkpoint, a fresh run all of it."""
+    savedir = options.savedir.rstrip("/")
+    return TrackedRun(
+        logdir=options.logdir,
+        folder=PurePosixPath(savedir).name if "://" in savedir else Path(savedir).absolute().name,
+        run_name=options.run_name,
+        purge_step=state.global_step + 1 if resume.location else 0,
+        run_ids=resume.trackers,
     )
+
+
+def open_logging(run: Run, resume: Resume, runtime: Runtime, log: RunLog, hold: Hold) -> None:
+    """What the run logs to, held until it closes: the --report_to trackers (main process). Their runs' ids go
+    into the run's record (a resume reattaches them); one that cannot start stops the run here, before training."""
+    tracked = tracked_run(run.options, resume, run.state)
+    resume.trackers = runtime.on_main(lambda: log.open_trackers(run.options.report_to, tracked))
     hold(log.close)
 
 
 def start_training(run: Run, resume: Resume, runtime: Runtime, log: RunLog, hold: Hold) -> Trainer:
-    """Claim the folders (main process), start the loaders and make the Trainer, print the banner, restore the
-    RNG last, open the logging; everything opened is held, so a failure on the way releases it."""
+    """Claim the folders (main process), open the logging, start the loaders and make the Trainer, print the
+    banner, restore the RNG last, log the config; everything opened is held, so a failure on the way releases it."""
     storage = savedir_storage(run.options)  # one object: the lock it holds is checked at every write
     runtime.main_only(lambda: claim_folders(run.options, storage, resume, log, hold))
     hold(end_loader_workers)
+    open_logging(run, resume, runtime, log, hold)
     trainer = make_trainer(run, resume, runtime, log, storage=storage, hold=hold)
     log.banner(
         train_samples=len(run.data.splits["train"]),
@@ -445,7 +474,7 @@ def start_training(run: Run, resume: Resume, runtime: Runtime, log: RunLog, hold
     )
     log.small_split("val", len(run.data.splits["val"].images))
     restore_rng(resume, run, runtime, log)
-    open_logging(run, resume, trainer, log, hold)
+    log.config(trainer.checkpointer.record.config, run.state.global_step)
     return trainer
 
 

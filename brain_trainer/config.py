@@ -20,12 +20,15 @@ import torch
 import torchvision
 
 from brain_trainer.brain_model import BrainConfig, is_weights_file
+from brain_trainer.data.layouts import LAYOUTS
 from brain_trainer.runtime.precision import PRECISIONS
+from brain_trainer.tracking import DEFAULT_REPORT_TO, TRACKERS, missing_library
 
 DEMO_ROOT = Path("data/flickr8k_sample")
 LOGDIR_ROOT = "runs_brain_v2"  # TensorBoard's folder of every run's curves, each in a folder of its own
-ANNOTATIONS = ("auto", "token", "karpathy", "kaggle")
+ANNOTATIONS = ("auto", *LAYOUTS)  # or the path of an annotation file
 MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_LOCK_EXPIRY_S = 366 * 86400  # an object store's lock: an expiry further away is not one this program wrote
 
 
 class ConfigError(Exception):
@@ -58,7 +61,9 @@ class RunOptions:
     """Where things are and how this process runs; never saved, never restored."""
 
     root_dir: Path | None
-    annotations: str
+    annotations: str  # auto, a layout name, or an annotation file
+    val_fraction: float | None  # held out by the hash split of layouts without split lists (None: 1000/8091)
+    test_fraction: float | None
     num_workers: int
     cache_dir: Path | None
     device: str
@@ -74,8 +79,11 @@ class RunOptions:
     allow_nonfinite: bool
     logdir: str
     log_every: int
+    report_to: tuple[str, ...]  # the trackers, in order (docs: README, Tracking)
+    run_name: str | None
     eval_only: bool
     eval_split: str
+    folds: int
     demo: bool
     argv: tuple[str, ...]  # as typed, for the printed resume command
     program: tuple[str, ...]  # the command that started this one (python SCRIPT, brain-trainer train, ...)
@@ -163,6 +171,16 @@ class _Flags:
             self.group.add_argument(*flags, **options)
 
 
+def _report_to(text: str) -> tuple[str, ...]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in TRACKERS and name != "none":
+            raise argparse.ArgumentTypeError(f"{name!r} is not a tracker; name some of {', '.join(TRACKERS)}, or none")
+    if not names or "none" in names and len(names) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma list such as tensorboard,mlflow, or none alone")
+    return tuple(dict.fromkeys(name for name in names if name != "none"))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and status 2, like every other user mistake
         self.exit(2, f"Error: {message} (see --help)\n")
@@ -194,11 +212,22 @@ def parse_args(
     data.add_argument(
         "--root_dir",
         type=Path,
-        help="Flickr8k folder (token, Karpathy or Kaggle layout); on resume and in eval: the checkpoint's",
+        help=f"data folder ({', '.join(LAYOUTS)} layout; README: Other data); on resume and in eval: the "
+        f"checkpoint's (default with --annotations FILE: the file's folder)",
     )
     data.add_argument(
-        "--annotations", choices=ANNOTATIONS, default="auto", help="annotation layout to read (default: detected)"
+        "--annotations",
+        default="auto",
+        help=f"layout to read ({', '.join(LAYOUTS)}) or an annotation file such as dataset_coco.json or "
+        f"metadata.jsonl (default: auto, detected in --root_dir)",
     )
+    for split in ("val", "test"):
+        data.add_argument(
+            f"--{split}_fraction",
+            type=float,
+            help=f"layouts without split lists (kaggle, imagefolder without a split column): the fraction of "
+            f"images held out as {split}, at least 1 (default: 1000/8091, the Kaggle Flickr8k split's)",
+        )
     data.add_argument(
         "--num_workers", type=int, default=2, help="data loader processes per training process (default: 2)"
     )
@@ -308,17 +337,32 @@ def parse_args(
     logging = group("logging and evaluation")
     logging.add_argument(
         "--logdir",
-        help=f"TensorBoard folder, local (default: {LOGDIR_ROOT}/NAME, NAME the last part of --savedir: each "
-        f"checkpoint folder's curves apart, side by side in tensorboard --logdir {LOGDIR_ROOT}); a folder "
-        "holding another run's events is refused unless --overwrite",
+        help=f"TensorBoard's and metrics.jsonl's folder, local (default: {LOGDIR_ROOT}/NAME, NAME the last part "
+        f"of --savedir: each checkpoint folder's curves apart, side by side in tensorboard --logdir {LOGDIR_ROOT}); "
+        "a folder holding another run's events is refused unless --overwrite",
     )
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
+    logging.add_argument(
+        "--report_to",
+        type=_report_to,
+        default=DEFAULT_REPORT_TO,
+        help=f"where the scalars go, a comma list of {', '.join(TRACKERS)}, or none (default: "
+        f"{','.join(DEFAULT_REPORT_TO)}); mlflow and wandb take their own environment variables (README: Tracking)",
+    )
+    logging.add_argument("--run_name", help="the run's name in MLflow and W&B (default: theirs)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
     logging.add_argument(
         "--eval_split",
         choices=("val", "test"),
         default="val",
         help="split to evaluate (eval, --eval_only; default: val)",
+    )
+    logging.add_argument(
+        "--folds",
+        type=int,
+        default=1,
+        help="eval: also report recall averaged over K consecutive folds of the split's images, e.g. 5 on COCO's "
+        "5,000 test images for the '1K test' figures (default: 1, the whole split only)",
     )
     logging.add_argument("--demo", action="store_true", help=demo_help())
     parser.set_defaults(eval_only=eval_only)  # `brain-trainer eval` is train's --eval_only
@@ -329,6 +373,8 @@ def parse_args(
     if args["demo"] and args["root_dir"] is None:
         args["root_dir"] = DEMO_ROOT
     args["logdir"] = args["logdir"] or default_logdir(args["savedir"])
+    if args["root_dir"] is None and args["annotations"] not in ANNOTATIONS:
+        args["root_dir"] = Path(args["annotations"]).parent
     args["argv"] = tuple(sys.argv[1:] if argv is None else argv)
     args["program"] = tuple(program)
     return CommandLine(RunOptions(**args), given)
@@ -348,8 +394,15 @@ def with_saved_data(command: CommandLine, saved: dict | None) -> tuple[CommandLi
     if options.root_dir is not None or not isinstance(saved, dict) or not isinstance(saved.get("root_dir"), str):
         return command, None
     annotations = saved.get("annotations") if options.annotations == "auto" else options.annotations
+    fractions = {
+        name: getattr(options, name) if getattr(options, name) is not None else saved.get(name)
+        for name in ("val_fraction", "test_fraction")
+    }
     options = replace(
-        options, root_dir=Path(saved["root_dir"]), annotations=annotations if annotations in ANNOTATIONS else "auto"
+        options,
+        root_dir=Path(saved["root_dir"]),
+        annotations=annotations if isinstance(annotations, str) else "auto",
+        **{name: value if isinstance(value, float) else None for name, value in fractions.items()},
     )
     note = f"Data: {saved['root_dir']} (from the checkpoint; pass --root_dir to use other data)"
     return CommandLine(options, command.given), note
@@ -369,17 +422,18 @@ def _expected_type(name: str) -> tuple[type, ...]:
     return (int, float) if isinstance(default, float) else (type(default),)
 
 
-def _check_saved_value(name: str, value, source: str) -> None:
+def _check_saved_value(name: str, value, source: str, overridable: bool = True) -> None:
     kinds = _expected_type(name)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        fix = f"pass --{name} to override it, or resume from another file" if overridable else "use another file"
         raise ConfigError(
             f"{source}: field 'config.{name}' is {value!r} (expected a {kinds[-1].__name__}); "
-            f"the checkpoint is damaged: pass --{name} to override it, or resume from another file"
+            f"the checkpoint is damaged: {fix}"
         )
 
 
 def resolve_settings(
-    given: dict, saved: dict | None, demo: bool, source: str = ""
+    given: dict, saved: dict | None, demo: bool, source: str = "", overridable: bool = True
 ) -> tuple[BrainConfig, TrainSettings, list[str], dict[str, str]]:
     """Command line > checkpoint config > demo settings (with --demo) > defaults.
 
@@ -395,7 +449,7 @@ def resolve_settings(
             if name in saved and saved[name] != given[name]:
                 overridden.append(f"{name} {saved[name]} -> {given[name]}")
         elif name in saved:
-            _check_saved_value(name, saved[name], source)
+            _check_saved_value(name, saved[name], source, overridable)
             values[name], from_checkpoint[name] = saved[name], source
         else:
             values[name] = defaults[name]
@@ -417,13 +471,7 @@ def check_settings(
 ) -> None:
     """Every check of the options, in one place; raises ConfigError naming the flag, the value and the fix
     (and the checkpoint, when the value came from one)."""
-    from_checkpoint = from_checkpoint or {}
-
-    def need(ok: bool, flag: str, value, fix: str) -> None:
-        if not ok:
-            where = f" (from {from_checkpoint[flag]}; pass --{flag} to override)" if flag in from_checkpoint else ""
-            raise ConfigError(f"--{flag} {value}: {fix}{where}")
-
+    need = _need(from_checkpoint or {})
     need(
         options.root_dir is not None,
         "root_dir",
@@ -431,6 +479,62 @@ def check_settings(
         "give the Flickr8k folder, or use --demo"
         + (" (the checkpoint does not say where its data is)" if options.resume else ""),
     )
+    check_run_settings(model_config, settings, world_size, from_checkpoint)
+    need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
+    need(options.threads is None or options.threads >= 1, "threads", options.threads, "must be at least 1")
+    need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
+    _check_data_options(options, need)
+    for name in options.report_to:
+        need(missing_library(name) is None, "report_to", name, missing_library(name))
+    need(
+        3 <= options.lock_expiry <= MAX_LOCK_EXPIRY_S,
+        "lock_expiry",
+        options.lock_expiry,
+        "must be at least 3 seconds (and at most a year)",
+    )
+    for flag in ("savedir", "logdir"):
+        folder = getattr(options, flag)
+        if "://" not in folder or folder.startswith("file://"):
+            folder = Path(folder.removeprefix("file://"))
+            need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
+    need(
+        "://" not in options.logdir or options.logdir.startswith("file://"),
+        "logdir",
+        options.logdir,
+        "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
+    )
+    _check_image_encoder(model_config, need)
+    _check_micro_batch(model_config, settings, world_size, need)
+    need(
+        options.device != "cuda" or torch.cuda.is_available(),
+        "device",
+        options.device,
+        "CUDA is not available on this machine; use --device cpu",
+    )
+    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
+
+
+def _need(from_checkpoint: dict[str, str], overridable: bool = True):
+    """The check that raises one ConfigError line naming the flag, the value, the fix and where it came from."""
+
+    def need(ok: bool, flag: str, value, fix: str) -> None:
+        if not ok:
+            override = f"; pass --{flag} to override" if overridable else ""
+            where = f" (from {from_checkpoint[flag]}{override})" if flag in from_checkpoint else ""
+            raise ConfigError(f"--{flag} {value}: {fix}{where}")
+
+    return need
+
+
+def check_run_settings(
+    model_config: BrainConfig,
+    settings: TrainSettings,
+    world_size: int = 1,
+    from_checkpoint: dict[str, str] | None = None,
+    overridable: bool = True,
+) -> None:
+    """The settings' checks, for training and every command reading a checkpoint (`overridable`: it has flags)."""
+    need = _need(from_checkpoint or {}, overridable)
     values = {**model_config.to_dict(), **asdict(settings)}
     for flag in (
         "epochs",
@@ -469,6 +573,13 @@ def check_settings(
         f"--batch_size {settings.batch_size} must divide into {world_size} process(es) x {settings.accum_steps} "
         f"micro-batches; use a batch size that is a multiple of {parts}",
     )
+    _check_optimisation(settings, values, need)
+    _check_architecture(model_config, settings, need)
+    _check_model_size(model_config, settings, need)
+
+
+def _check_optimisation(settings: TrainSettings, values: dict, need) -> None:
+    """The optimizer's settings: positive, finite, and what float32 holds."""
     need(settings.lr > 0 and math.isfinite(settings.lr), "lr", settings.lr, "must be a positive number such as 2e-4")
     need(0 < settings.min_lr_ratio <= 1, "min_lr_ratio", settings.min_lr_ratio, "must be in (0, 1]")
     for flag in ("weight_decay", "warmup_steps", "grad_clip", "save_every_steps", "keep_last"):
@@ -482,6 +593,10 @@ def check_settings(
             values[flag],
             f"is out of the float32 range the optimizer computes in ({FLOAT32.tiny:.1e} to {FLOAT32.max:.1e}, or 0)",
         )
+
+
+def _check_architecture(model_config: BrainConfig, settings: TrainSettings, need) -> None:
+    """The model's own constraints: ranges, divisibility, the vocabulary, the precision."""
     need(0 <= model_config.dropout < 1, "dropout", model_config.dropout, "must be in [0, 1)")
     need(model_config.image_size >= 32, "image_size", model_config.image_size, "must be at least 32 pixels")
     need(
@@ -504,35 +619,38 @@ def check_settings(
         settings.precision,
         f"use one of {', '.join(PRECISIONS)}",
     )
-    need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
-    need(options.threads is None or options.threads >= 1, "threads", options.threads, "must be at least 1")
-    need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def model_bytes(model_config: BrainConfig, vocab_size: int) -> dict[str, int]:
+    """Bytes of the weights, gradients and AdamW's two moments (16 a parameter) each size setting accounts for:
+    the shared core's d_shared^2 terms, the scratch text encoder's width^2 and vocabulary, its position table."""
+    d, width = model_config.d_shared, model_config.scratch_text_width
+    scratch = model_config.text_encoder == "scratch"
+    tokens = (model_config.image_size // 32) ** 2  # the image grid the core attends over
+    parameters = {
+        "d_shared": model_config.brain_layers * 12 * d * d + d * ((width if scratch else 1024) + 2048 + tokens),
+        "scratch_text_width": model_config.scratch_text_layers * 12 * width * width + vocab_size * width,
+        "max_text_len": max(model_config.max_text_len, 8) * width,
+    }
+    return {flag: 16 * count if scratch or flag == "d_shared" else 0 for flag, count in parameters.items()}
+
+
+def _check_model_size(model_config: BrainConfig, settings: TrainSettings, need) -> None:
+    """A model that cannot be allocated is refused at startup, naming the setting that makes it so large."""
+    needed = model_bytes(model_config, settings.vocab_size)
+    flag, total, available = max(needed, key=needed.get), sum(needed.values()), memory_bytes()
     need(
-        options.lock_expiry >= 3 and math.isfinite(options.lock_expiry),
-        "lock_expiry",
-        options.lock_expiry,
-        "must be at least 3 seconds",
+        total <= available,
+        flag,
+        getattr(model_config, flag),
+        f"a model this size needs about {total / 2**30:,.0f} GiB for its weights, gradients and AdamW moments, "
+        f"more than this machine's {available / 2**30:,.0f} GiB; use a smaller value",
     )
-    for flag in ("savedir", "logdir"):
-        folder = getattr(options, flag)
-        if "://" not in folder or folder.startswith("file://"):
-            folder = Path(folder.removeprefix("file://"))
-            need(not folder.exists() or folder.is_dir(), flag, folder, "is a file; name a folder")
-    need(
-        "://" not in options.logdir or options.logdir.startswith("file://"),
-        "logdir",
-        options.logdir,
-        "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
-    )
-    _check_image_encoder(model_config, need)
-    _check_micro_batch(model_config, settings, world_size, need)
-    need(
-        options.device != "cuda" or torch.cuda.is_available(),
-        "device",
-        options.device,
-        "CUDA is not available on this machine; use --device cpu",
-    )
-    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
 
 
 def _check_micro_batch(model_config: BrainConfig, settings: TrainSettings, world_size: int, need) -> None:
@@ -595,3 +713,17 @@ def _check_image_encoder(model_config: BrainConfig, need) -> None:
             weights,
             f"use DEFAULT, none, a local .pth file or one of {', '.join(known)}",
         )
+
+
+def _check_data_options(options: RunOptions, need) -> None:
+    annotations = options.annotations
+    need(
+        annotations in ANNOTATIONS or Path(annotations).is_file(),
+        "annotations",
+        annotations,
+        f"no such file; give auto, a layout ({', '.join(LAYOUTS)}) or an annotation file",
+    )
+    for flag in ("val_fraction", "test_fraction"):
+        value = getattr(options, flag)
+        need(value is None or 0 < value < 0.5, flag, value, "must be a fraction of the images in (0, 0.5)")
+    need(options.folds >= 1, "folds", options.folds, "must be a positive integer (1: the whole split only)")

@@ -18,8 +18,10 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from brain_trainer.brain_model import BrainModel, ContrastiveLoss
+from brain_trainer.data.annotations import Split
 from brain_trainer.data.augment import eval_transform, images_to_device
-from brain_trainer.data.flickr8k_dataset import CaptionCollator, ImageSource, Split
+from brain_trainer.data.images import ImageSource, UnreadableImage
+from brain_trainer.data.text import CaptionCollator
 from brain_trainer.runtime import Runtime
 
 EVAL_LOSS_CHUNK = 32  # val loss is InfoNCE over fixed chunks of this many pairs, whatever --batch_size is
@@ -76,27 +78,12 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        image_embeddings, unreadable = [], 0
-        for images, readable in image_loader:
-            if should_stop():
-                return None
-            unreadable += int((~readable).sum())
-            with autocast():
-                image_embeddings.append(model.encode_image(images_to_device(images, runtime.device)))
-        captions = [split.captions[i] for i in runtime.shard(len(split))]
-        text_embeddings = []
-        for start in range(0, len(captions), caption_batch):
-            if should_stop():
-                return None
-            tokens = collator.tokenize(captions[start : start + caption_batch])
-            with autocast():
-                text_embeddings.append(
-                    model.encode_text(
-                        tokens["input_ids"].to(runtime.device), tokens["attention_mask"].to(runtime.device)
-                    )
-                )
+        embedded = _embed_shards(model, split, image_loader, collator, autocast, runtime, caption_batch, should_stop)
     finally:
         model.train(was_training)
+    if embedded is None:
+        return None
+    image_embeddings, text_embeddings, unreadable = embedded
     width = model.config.d_shared
     image_emb = runtime.gather_shards(_concat(image_embeddings, width, runtime.device), len(split.images))
     text_emb = runtime.gather_shards(_concat(text_embeddings, width, runtime.device), len(split))
@@ -115,6 +102,55 @@ def evaluate(
     }
 
 
+def _embed_shards(
+    model: BrainModel,
+    split: Split,
+    image_loader: DataLoader,
+    collator: CaptionCollator,
+    autocast: Callable,
+    runtime: Runtime,
+    caption_batch: int,
+    should_stop: Callable[[], bool],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
+    """This process's image and caption embeddings (in batches) and its unreadable images; None on a stop."""
+    image_embeddings, unreadable = [], 0
+    for images, readable in image_loader:
+        if should_stop():
+            return None
+        unreadable += int((~readable).sum())
+        with autocast():
+            image_embeddings.append(model.encode_image(images_to_device(images, runtime.device)))
+    captions = [split.captions[i] for i in runtime.shard(len(split))]
+    text_embeddings = []
+    for start in range(0, len(captions), caption_batch):
+        if should_stop():
+            return None
+        tokens = collator.tokenize(captions[start : start + caption_batch])
+        with autocast():
+            text_embeddings.append(
+                model.encode_text(tokens["input_ids"].to(runtime.device), tokens["attention_mask"].to(runtime.device))
+            )
+    return image_embeddings, text_embeddings, unreadable
+
+
+def fold_metrics(similarity: torch.Tensor, caption_image: torch.Tensor, folds: int) -> dict[str, float]:
+    """Recall@1/5/10 averaged over `folds` consecutive folds of the images, each fold's images against their own
+    captions (COCO's "1K test": 5 folds of its 5,000 test images). Images beyond the last full fold are in none.
+    Returns `folds`, `fold_images` and `folds_{i2t,t2i}_R@k`."""
+    size = similarity.shape[0] // folds
+    per_fold = []
+    for fold in range(folds):
+        low, high = fold * size, (fold + 1) * size
+        captions = ((caption_image >= low) & (caption_image < high)).nonzero().squeeze(1)
+        per_fold.append(retrieval_metrics(similarity[low:high][:, captions], caption_image[captions] - low))
+    keys = [f"{direction}_R@{k}" for direction in ("i2t", "t2i") for k in RECALL_AT]
+    return {
+        "folds": folds,
+        "fold_images": size,
+        **{f"folds_{key}": sum(m[key] for m in per_fold) / folds for key in keys},
+    }
+
+
 @dataclass
 class Evaluator:
     """One split's evaluation, as the epoch end and `eval` both run it: `evaluator()` is `evaluate` over the
@@ -128,9 +164,10 @@ class Evaluator:
     autocast: Callable
     runtime: Runtime
     caption_batch: int
+    folds: int = 1  # `eval --folds K`: also recall averaged over K folds of the images
 
     def __call__(self) -> dict | None:
-        return evaluate(
+        metrics = evaluate(
             model=self.model,
             split=self.split,
             image_loader=self.image_loader,
@@ -140,6 +177,10 @@ class Evaluator:
             caption_batch=self.caption_batch,
             should_stop=self.runtime.stop_seen_alone,
         )
+        if metrics is not None and self.folds > 1:
+            caption_image = torch.tensor(self.split.caption_image, device=metrics["similarity"].device)
+            metrics.update(fold_metrics(metrics["similarity"], caption_image, self.folds))
+        return metrics
 
 
 def _concat(embeddings: list[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
@@ -156,7 +197,7 @@ def retrieval_picture(similarity: torch.Tensor, split: Split, images: ImageSourc
     for row in range(min(count, similarity.shape[0])):
         try:
             canvas.paste(v2.functional.to_pil_image(thumbnail(images.load(row))), (0, row * side))
-        except (OSError, ValueError):
+        except UnreadableImage:
             pass  # an unreadable image leaves its square blank; its captions still show
         for rank, caption_index in enumerate(similarity[row].topk(3).indices.tolist()):
             right = split.caption_image[caption_index] == row

@@ -1,6 +1,7 @@
 """Every line the program prints and every event it logs, through one object: the banner and resume reports,
-the step line or tqdm bar, the epoch line, TensorBoard. Only the main process speaks; the others hold a
-silent RunLog, so the loop never asks which process it is in.
+the step line or tqdm bar, the epoch line, and the scalars, fanned out to the --report_to trackers (TensorBoard,
+metrics.jsonl, MLflow, W&B: brain_trainer/tracking; TensorBoard's safe writer, EventFiles, is here). Only the
+main process speaks; the others hold a silent RunLog, so the loop never asks which process it is in.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import signal
 import sys
 import threading
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,8 +21,9 @@ from tqdm import tqdm
 
 from brain_trainer.checkpointing.storage import is_url
 from brain_trainer.config import ConfigError
-from brain_trainer.evaluation import RECALL_AT, chance_recall_at
+from brain_trainer.evaluation import METRICS, RECALL_AT, chance_recall_at
 from brain_trainer.safe_files import OutputError, describe, refuse_link
+from brain_trainer.tracking import TrackedRun, Trackers, open_trackers  # a tracker's library: only when opened
 
 if TYPE_CHECKING:
     pass
@@ -88,7 +91,9 @@ class RunLog:
         self.enabled = enabled
         self.interactive = enabled and sys.stdout.isatty()
         self.warned: set[str] = set()
-        self.events = EventFiles(stop=stop)
+        self.stop = stop  # the run's stop flag: a --logdir write failure stops the run (EventFiles, metrics.jsonl)
+        self.trackers = Trackers(warn=self.print)
+        self.outcome = "failed"  # what the trackers record at close, unless the run reports it finished or stopped
 
     # -- plain lines
     def print(self, line: str = "") -> None:
@@ -105,33 +110,33 @@ class RunLog:
             self.warned.add(key)
             self.print(line)
 
-    # -- TensorBoard
-    def open_tensorboard(self, logdir: str, purge_step: int, config: dict, step: int) -> None:
-        """purge_step drops events a previous run logged after this checkpoint, so curves never overlap."""
+    # -- the trackers: every scalar, image and summary goes to each of them
+    def open_trackers(self, names: tuple[str, ...], run: TrackedRun) -> dict[str, str]:
+        """Open the --report_to trackers (main process); returns the tracker runs' ids for the checkpoint: the
+        ones opened, and the checkpoint's others (a resume without a tracker keeps its run for a later one)."""
         if self.enabled:
-            self.events.open(logdir, purge_step)
-            self.events.write(
-                lambda writer: writer.add_text(
-                    "config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())), step
-                )
-            )
+            self.trackers = open_trackers(names, replace(run, stop=self.stop), warn=self.print)
+        return {**run.run_ids, **self.trackers.run_ids()}
 
     @property
     def failure(self) -> str | None:
-        return self.events.failure
+        """A --logdir write failure (TensorBoard's events): the run stops at the next step boundary and exits 2."""
+        return self.trackers.failure
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        self.events.write(lambda writer: [writer.add_scalar(tag, value, step) for tag, value in values.items()])
+    def config(self, config: dict, step: int) -> None:
+        self.trackers.config(config, step)
+
+    def scalars(self, values: dict[str, float], step: int, epoch: int) -> None:
+        self.trackers.log(values, step, epoch)
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        self.events.write(lambda writer: writer.add_image(tag, image, step))
+        self.trackers.image(tag, image, step)
 
     def flush(self) -> None:
-        self.events.write(lambda writer: writer.flush())
+        self.trackers.flush()
 
     def close(self) -> None:
-        self.events.write(lambda writer: writer.close())
-        self.events.writer = None
+        self.trackers.close(self.outcome)
 
     # -- the loop
     def progress_bar(self, *, total: int, initial: int, desc: str) -> tqdm:
@@ -150,6 +155,7 @@ class RunLog:
     def epoch_end(
         self, *, epoch: int, epochs: int, train_loss: float | None, metrics: dict, improved: bool, seconds: float
     ) -> None:
+        self.trackers.summary({f"val/{name}": metrics[name] for name in METRICS})  # the latest figures
         train = f"{train_loss:.4f}" if train_loss is not None else "n/a (no step this epoch)"
         self.print(
             f"Epoch {epoch}/{epochs}: train loss {train}, val loss {metrics['loss']:.4f}"
@@ -214,13 +220,16 @@ class RunLog:
             f"(chance {chance_i2t:.1f}%), text->image {metrics['t2i_R@5']:.1f}% (chance {chance_t2i:.1f}%)"
         )
 
-    def summary(self, *, savedir: str, files: list[str], logdir: str, seconds: float) -> None:
-        """The end of a finished run: where its checkpoints and TensorBoard events are, how to view them, how long."""
+    def summary(self, *, savedir: str, files: list[str], seconds: float) -> None:
+        """The end of a finished run: where its checkpoints and each tracker's record are, how long it took."""
+        self.outcome = "finished"
+        self.trackers.summary({f"checkpoint/{name}": _location(savedir, name) for name in files})
         minutes, rest = divmod(round(seconds), 60)
         self.print(RULE)
         self.print(f"Finished in {f'{minutes} min {rest} s' if minutes else f'{rest} s'}")
         self.print(f"Checkpoints: {savedir} ({', '.join(files) or 'none written'})")
-        self.print(f"TensorBoard: {logdir} (view it with: {shlex.join(['tensorboard', '--logdir', str(logdir)])})")
+        for line in self.trackers.where():
+            self.print(line)
         self.print(RULE)
 
     def stopped(
@@ -233,6 +242,7 @@ class RunLog:
         world_size: int,
         program: tuple[str, ...],
     ) -> None:
+        self.outcome = "stopped"
         saved = f"; saved {path}" if path else "; nothing to save yet"
         self.print(f"Stopped by {signal.Signals(signum).name} {where}{saved}")
         self.print(
@@ -282,7 +292,16 @@ def metrics_lines(metrics: dict, split: str, *, images: int, captions: int) -> l
             + "".join(f"{metrics[f'{direction}_R@{k}']:8.1f}" for k in (1, 5, 10))
             + f"{metrics[f'{direction}_median_rank']:14.0f}"
         )
+    if metrics.get("folds", 1) > 1:  # eval --folds K
+        table.append(f"mean over {metrics['folds']} folds of {metrics['fold_images']} images:")
+        for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
+            table.append(f"{label:16}" + "".join(f"{metrics[f'folds_{direction}_R@{k}']:8.1f}" for k in (1, 5, 10)))
     return table
+
+
+def _location(savedir: str, name: str) -> str:
+    """A checkpoint's location for the trackers' summary: a URL as it is, a local path made absolute."""
+    return f"{savedir.rstrip('/')}/{name}" if "://" in savedir else str(Path(savedir).absolute() / name)
 
 
 def launcher(world_size: int, program: tuple[str, ...]) -> list[str]:

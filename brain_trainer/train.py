@@ -20,7 +20,8 @@ import time
 from brain_trainer.build import AssembledRun, build
 from brain_trainer.checkpointing import CheckpointError
 from brain_trainer.config import ConfigError, RunOptions, parse_args
-from brain_trainer.data.flickr8k_dataset import DatasetError, Interrupted
+from brain_trainer.data.annotations import DatasetError
+from brain_trainer.data.image_cache import Interrupted
 from brain_trainer.evaluation import Evaluator
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import LaunchError, Runtime
@@ -53,9 +54,7 @@ def fit(assembled: AssembledRun, runtime: Runtime, log: RunLog, *, started: floa
     if options.demo:
         split = trainer.evaluator.split
         log.demo_report(trainer.last_metrics, len(split.images), len(split))
-    log.summary(
-        savedir=options.savedir, logdir=options.logdir, seconds=time.monotonic() - started, files=checkpointer.files()
-    )
+    log.summary(savedir=options.savedir, seconds=time.monotonic() - started, files=checkpointer.files())
     return 0
 
 

@@ -130,7 +130,7 @@ class Progress:
         }
         if self.scaler.is_enabled():
             scalars["train/amp_scale"] = self.scaler.get_scale()
-        self.log.scalars(scalars, self.state.global_step)
+        self.log.scalars(scalars, self.state.global_step, self.state.epoch)
         self.log.step(
             bar,
             epoch=self.state.epoch,
@@ -153,7 +153,7 @@ class Progress:
 
     def validation(self, evaluator: Evaluator, metrics: dict) -> None:
         """The epoch's validation scalars and retrieval picture."""
-        self.log.scalars({f"val/{name}": metrics[name] for name in METRICS}, self.state.global_step)
+        self.log.scalars({f"val/{name}": metrics[name] for name in METRICS}, self.state.global_step, self.state.epoch)
         if self.log.enabled:
             picture = retrieval_picture(metrics["similarity"], evaluator.split, evaluator.images)
             self.log.image("val/retrieval", picture, self.state.global_step)
@@ -326,7 +326,7 @@ class Trainer(OptimizationStep):
         """Save where the run stands (at an epoch end: the finished epoch and its val loss, for the best)."""
         self.ready_to_save()
         saved = self.checkpointer.save_epoch_end(*epoch_end) if epoch_end else self.checkpointer.save()
-        self.log.scalars({"train/ckpt_stall_ms": 1000 * saved.stall}, self.state.global_step)
+        self.log.scalars({"train/ckpt_stall_ms": 1000 * saved.stall}, self.state.global_step, self.state.epoch)
         return saved
 
     # -- the whole run

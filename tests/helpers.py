@@ -153,7 +153,7 @@ def run_to_end(args: list[str], processes: int = 0) -> str:
 def split_folder(root: Path, split: str, dest: Path) -> tuple[Path, Path, Path]:
     """A split as a user has it: (its images copied into one folder, named so that sorted order is the split's
     order; its captions as a Flickr8k token file naming those files; the captions one a line, in split order)."""
-    from brain_trainer.data.flickr8k_dataset import load_splits
+    from brain_trainer.data.layouts import load_splits
 
     data = load_splits(root)[split]
     images = dest / f"{split}_images"

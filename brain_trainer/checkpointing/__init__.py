@@ -32,7 +32,6 @@ from brain_trainer.checkpointing.format import (
     SNAPSHOT,
     CheckpointError,
     capture_rng_state,
-    check_fields,
     is_full_checkpoint,
     make_checkpoint,
     model_weights,
@@ -52,6 +51,7 @@ from brain_trainer.checkpointing.restore import (
     restore_training_state,
 )
 from brain_trainer.checkpointing.storage import LOCK_NAME, LocalStorage, Storage, is_url, locate, open_storage
+from brain_trainer.checkpointing.validate import check_fields
 from brain_trainer.checkpointing.writer import CheckpointWriter, save_checkpoint
 
 __all__ = [

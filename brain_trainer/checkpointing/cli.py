@@ -20,6 +20,7 @@ from brain_trainer.checkpointing.format import (
 )
 from brain_trainer.checkpointing.loading import load_checkpoint, load_for_resume
 from brain_trainer.checkpointing.storage import locate
+from brain_trainer.checkpointing.validate import check_settings_of
 from brain_trainer.checkpointing.writer import save_checkpoint
 
 
@@ -57,7 +58,7 @@ def inspect(path: str) -> int:
             print(f"  {key}: {config[key]}")
     print(f"tensors:    {count} ({size / 2**20:.1f} MiB)")
     try:
-        load_for_resume(path)
+        check_settings_of(load_for_resume(path), path)
     except CheckpointError as error:
         print(f"verdict:    --resume refuses it: {str(error).removeprefix(f'{path}: ')}")
         return 2

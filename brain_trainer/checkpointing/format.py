@@ -7,7 +7,6 @@ tensors, never pickled objects. The schema is documented once, in ARCHITECTURE.m
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from datetime import datetime, timezone
@@ -190,91 +189,8 @@ def is_full_checkpoint(checkpoint: dict) -> bool:
     return "model_state_dict" in checkpoint and "epoch" in checkpoint
 
 
-def _fail(path: str, field: str, value, expected: str) -> None:
-    raise CheckpointError(
-        f"{path}: field '{field}' is {value!r} (expected {expected}); the file is damaged: "
-        f"resume from another checkpoint"
-    )
-
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-RNG_KEYS = {
-    "python": ("version", "state", "gauss_next"),
-    "numpy": ("bit_generator", "state", "pos", "has_gauss", "cached_gaussian"),
-}
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_fields(checkpoint: dict, path: str) -> None:
-    """Refuse a full checkpoint whose fields have the wrong types, keys or ranges, at startup, in one line."""
-    version = checkpoint.get("format_version", 2)
-    if not _is_int(version):
-        _fail(path, "format_version", version, "an integer")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format {version!r} was written by a newer brain-trainer (this one reads "
-            f"formats up to {FORMAT_VERSION}); upgrade brain-trainer to resume it"
-        )
-    if not _is_int(checkpoint["epoch"]) or checkpoint["epoch"] < -1:
-        _fail(path, "epoch", checkpoint["epoch"], "an integer >= -1")
-    step = checkpoint.get("global_step", 0)
-    if not _is_int(step) or step < 0:
-        _fail(path, "global_step", step, "an integer >= 0")
-    for name in ("best_val", "val_loss"):
-        value = checkpoint.get(name)
-        if value is not None and not _is_number(value):
-            _fail(path, name, value, "a finite number or None")
-    _check_data_state(checkpoint.get("data_state"), path)
-    for name in ("config", "run", "data"):
-        if checkpoint.get(name) is not None and not isinstance(checkpoint[name], dict):
-            _fail(path, name, checkpoint[name], "a dict")
-    _check_rng_states(checkpoint.get("rng_state"), path)
-    if checkpoint.get("tokenizer") is not None and not isinstance(checkpoint["tokenizer"], str):
-        _fail(path, "tokenizer", type(checkpoint["tokenizer"]).__name__, "the tokenizer's JSON text or None")
-
-
-def _check_data_state(data_state, path: str) -> None:
-    if data_state is None:
-        return
-    if not isinstance(data_state, dict):
-        _fail(path, "data_state", data_state, "a dict")
-    for name in ("epoch", "samples_seen"):
-        value = data_state.get(name)
-        if not _is_int(value) or value < 0:
-            _fail(path, f"data_state.{name}", value, "an integer >= 0")
-    for name in ("skipped_images", "epoch_loss_steps"):
-        value = data_state.get(name, 0)
-        if not _is_int(value) or value < 0:
-            _fail(path, f"data_state.{name}", value, "an integer >= 0")
-    if not _is_number(data_state.get("epoch_loss_sum", 0.0)):
-        _fail(path, "data_state.epoch_loss_sum", data_state.get("epoch_loss_sum"), "a finite number")
-
-
-def _check_rng_states(saved, path: str) -> None:
-    if saved is not None and not isinstance(saved, (dict, list)):
-        _fail(path, "rng_state", type(saved).__name__, "a dict or a list of dicts")
-    for index, state in enumerate(rng_states_of({"rng_state": saved})):
-        if not (
-            isinstance(state, dict)
-            and isinstance(state.get("torch"), torch.Tensor)
-            and isinstance(state.get("cuda"), list)
-            and all(
-                isinstance(state.get(part), dict) and all(key in state[part] for key in keys)
-                for part, keys in RNG_KEYS.items()
-            )
-        ):
-            _fail(
-                path,
-                f"rng_state[{index}]",
-                type(state).__name__,
-                "a dict of python, numpy, torch and cuda states with their keys",
-            )
 
 
 def global_step_or(checkpoint: dict, default: int) -> int:

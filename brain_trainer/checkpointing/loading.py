@@ -18,13 +18,13 @@ import torch
 from brain_trainer.checkpointing.base import Storage
 from brain_trainer.checkpointing.format import (
     CheckpointError,
-    check_fields,
     first,
     is_full_checkpoint,
     model_weights,
     nonfinite_tensors,
 )
 from brain_trainer.checkpointing.storage import locate
+from brain_trainer.checkpointing.validate import check_fields, check_tensor_sizes
 
 # Globals that old checkpoints commonly hold and that build plain values when unpickled: only for files asking for
 # these alone does a refusal suggest `convert --trust`. Anything else (os.system, builtins.eval, ...) runs code.
@@ -130,6 +130,7 @@ def _damaged(location: str, error: Exception) -> CheckpointError:
 
 
 def _load_file(path: str, location: str, mmap: bool) -> dict:
+    check_tensor_sizes(path, location)  # before torch.load allocates what the file claims
     try:
         if os.stat(path).st_size == 0:
             raise CheckpointError(f"{location}: empty file (0 bytes), not a checkpoint; point --resume at another file")

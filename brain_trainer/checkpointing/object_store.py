@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 
 from brain_trainer.checkpointing.base import LOCK_NAME, Save
 from brain_trainer.checkpointing.format import CheckpointError, StoreError
+from brain_trainer.config import MAX_LOCK_EXPIRY_S
 
 LOCK_EXPIRY_S = 120.0  # a killed run's prefix is free again this long after its last renewal
 UPLOAD_BLOCK = 64 * 2**20  # multipart part size: memory per upload, and the unit a retry resends
@@ -122,6 +123,22 @@ def _filesystem(url: str, storage_options: dict):
         ) from None
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{url}: {error}; check the URL and --storage_options") from None
+
+
+def check_lock_body(held, url: str) -> None:
+    """A lock object is data from outside: anything but this program's shape (an object with a string holder and
+    a finite expiry in range) is unreadable, said in one line, never taken over."""
+    expires = held.get("expires") if isinstance(held, dict) else None
+    if not (
+        isinstance(held.get("holder") if isinstance(held, dict) else None, str)
+        and isinstance(expires, (int, float))
+        and not isinstance(expires, bool)
+        and 0 <= expires <= time.time() + MAX_LOCK_EXPIRY_S  # NaN fails this too
+    ):
+        raise CheckpointError(
+            f"{url}: the lock object is unreadable (not a brain-trainer lock: a JSON object with a holder and "
+            f"an expiry); if no run is using this prefix, remove it (aws s3 rm {url}) and run again"
+        )
 
 
 def bound_upload(handle, *, patience: float, confirm: Callable[[], None]) -> None:
@@ -233,7 +250,8 @@ class ObjectLock:
                     f"--savedir {self.storage.url}: could not create its lock ({_reason(error)})"
                 ) from None
         held, etag = self.storage.read_json(LOCK_NAME)
-        if held.get("expires", 0) > time.time():
+        check_lock_body(held, self.storage.location(LOCK_NAME))
+        if held["expires"] > time.time():
             raise CheckpointError(
                 f"--savedir {self.storage.url}: another run ({held.get('holder', 'unknown')}) "
                 f"holds this prefix's lock until {time.ctime(held['expires'])} (if that run was killed, "
@@ -447,8 +465,9 @@ class ObjectStorage:
         info = self._call("look up an object", self.fs.info, self.key(name))
         return int(info["LastModified"].timestamp() * 1e9)
 
-    def read_json(self, name: str) -> tuple[dict, str]:
-        """A small JSON object and the ETag of exactly that content (read again if it changed meanwhile)."""
+    def read_json(self, name: str) -> tuple[object, str]:
+        """A small JSON value (None when it is not JSON) and the ETag of exactly that content (read again if it
+        changed meanwhile)."""
         path = self.key(name)
         for _ in range(5):
             before = self._call("look up an object", self.fs.info, path, refresh=True)["ETag"]
@@ -456,8 +475,8 @@ class ObjectStorage:
             if self._call("look up an object", self.fs.info, path, refresh=True)["ETag"] == before:
                 try:
                     return json.loads(data), before
-                except ValueError:
-                    return {}, before
+                except ValueError:  # not JSON: the lock's check says it is unreadable
+                    return None, before
         raise CheckpointError(f"{self.location(name)}: keeps changing while it is read; try again")
 
     @contextlib.contextmanager

@@ -1,11 +1,10 @@
 """A run's data: the splits and tokenizer, the image source of each split (the decode-once cache, or JPEGs),
-and the loaders, sharded over the processes. Parsing, the sampler and the datasets live in
-`flickr8k_dataset.py`; this module puts them together for a run.
+and the loaders, sharded over the processes. Layouts (`layouts/`), images (`images.py`, `image_cache.py`),
+datasets, the sampler and text live in their own modules; this one puts them together for a run.
 """
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import signal
 import warnings
@@ -16,23 +15,15 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from brain_trainer.config import ConfigError
+from brain_trainer.data.annotations import DatasetError, Split
 from brain_trainer.data.augment import TrainAugment
-from brain_trainer.data.flickr8k_dataset import (
-    CachedImages,
-    CaptionCollator,
-    DatasetError,
-    Flickr8kDataset,
-    ImageSource,
-    JpegImages,
-    ResumableSampler,
-    Split,
-    UniqueImages,
-    build_image_cache,
-    load_splits,
-    tokenizer_from_json,
-    train_caption_tokenizer,
-)
+from brain_trainer.data.datasets import CaptionedImages, UniqueImages
+from brain_trainer.data.image_cache import build_image_cache
+from brain_trainer.data.images import CachedImages, ImageSource, JpegImages
+from brain_trainer.data.layouts import DataSource, read_splits
 from brain_trainer.data.sample_data import write_sample_dataset
+from brain_trainer.data.sampler import ResumableSampler
+from brain_trainer.data.text import CaptionCollator, pretrained_tokenizer, tokenizer_from_json, train_caption_tokenizer
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import Runtime
 
@@ -42,12 +33,15 @@ class Data:
     splits: dict[str, Split]
     tokenizer: object
     tokenizer_json: str | None  # the scratch tokenizer, saved with the run
+    record: dict  # where the data is and how it is split (`DataSource.record`), saved with the run
 
 
 def load_data(
     *,
     root_dir: Path,
     annotations: str,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
     demo: bool,
     text_encoder: str,
     vocab_size: int,
@@ -59,23 +53,25 @@ def load_data(
     The demo data is written by the main process, once; the others wait for it."""
     if demo:  # decided on the main process: a collective must not depend on what each process sees on disk
         runtime.on_main(lambda: write_demo_data(root_dir, log))
+    source = DataSource(root_dir, annotations, val_fraction, test_fraction)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        splits = load_splits(root_dir, annotations)
+        splits, summary = read_splits(source)
+    log.print(summary)
     for warning in caught:
         log.print(f"⚠ {warning.message}")
     if text_encoder != "scratch":
-        return Data(splits, pretrained_tokenizer(text_encoder), None)
+        return Data(splits, pretrained_tokenizer(text_encoder), None, source.record())
     if saved_tokenizer is not None:
         try:
-            return Data(splits, tokenizer_from_json(saved_tokenizer), saved_tokenizer)
+            return Data(splits, tokenizer_from_json(saved_tokenizer), saved_tokenizer, source.record())
         except Exception as error:  # tokenizers raises its own exception type for malformed JSON
             raise ConfigError(
                 f"the checkpoint's field 'tokenizer' cannot be read ({str(error).splitlines()[0]}); "
                 f"the file is damaged: resume from another checkpoint"
             ) from None
     tokenizer_json = train_caption_tokenizer(splits["train"].captions, vocab_size).backend_tokenizer.to_str()
-    return Data(splits, tokenizer_from_json(tokenizer_json), tokenizer_json)
+    return Data(splits, tokenizer_from_json(tokenizer_json), tokenizer_json, source.record())
 
 
 def write_demo_data(root_dir: Path, log: RunLog) -> None:
@@ -84,31 +80,9 @@ def write_demo_data(root_dir: Path, log: RunLog) -> None:
         write_sample_dataset(root_dir)
 
 
-def pretrained_tokenizer(name: str):
-    """A Hugging Face tokenizer: from the local cache or folder first (no network, no retries), then the hub."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
-        pass
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)  # one line from us, not a screen of retries
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise ConfigError(
-            f"--text_encoder {name}: its tokenizer could not be loaded ({str(error).splitlines()[0][:120]}); "
-            f"give a local folder holding a tokenizer, or use --text_encoder scratch"
-        ) from None
-    finally:
-        hub_logger.setLevel(level)
-
-
-def check_split_sizes(splits: dict[str, Split], *, batch_size: int, eval_split: str | None) -> None:
+def check_split_sizes(splits: dict[str, Split], *, batch_size: int, eval_split: str | None, folds: int = 1) -> None:
     """Enough samples for the run, said at startup: a global batch to train on, two captions and an image to
-    evaluate (a contrastive loss needs a negative)."""
+    evaluate (a contrastive loss needs a negative), an image for each of `eval --folds`."""
     if len(splits["train"]) < batch_size:
         raise DatasetError(
             f"the train split has {len(splits['train'])} samples, fewer than one batch "
@@ -121,6 +95,11 @@ def check_split_sizes(splits: dict[str, Split], *, batch_size: int, eval_split: 
                 f"the {name} split has {len(split.images)} images and {len(split)} captions; evaluation "
                 f"needs at least 1 image and 2 captions: check its split list in --root_dir"
             )
+    if eval_split and len(splits[eval_split].images) < folds:
+        raise DatasetError(
+            f"--folds {folds}: the {eval_split} split has {len(splits[eval_split].images)} images, fewer than one "
+            f"per fold; use fewer folds"
+        )
 
 
 def image_source(
@@ -220,7 +199,7 @@ def build_loaders(
     """The training loader: this process's slice of each global batch."""
     train_split = data.splits["train"]
     sampler = ResumableSampler(len(train_split), seed, batch_size, runtime.rank, runtime.world_size)
-    dataset = Flickr8kDataset(train_split, train_images, TrainAugment(image_size, hflip=hflip), seed)
+    dataset = CaptionedImages(train_split, train_images, TrainAugment(image_size, hflip=hflip), seed)
     train = make_loader(
         dataset,
         batch_size=runtime.per_process(batch_size),

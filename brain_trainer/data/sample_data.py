@@ -1,10 +1,12 @@
-"""Write a small, learnable Flickr8k look-alike in any of the three public layouts.
+"""Write a small, learnable Flickr8k look-alike in any layout the trainer reads (and as Flickr30k and COCO).
 
 Each image is a drawn scene (a background colour, one to three shapes of one colour, grouped at
 one position) and its five captions describe exactly that scene in varied wording, so a small
 model can learn the pairing and retrieval clearly beats chance. The demo and the tests use it.
 
     brain-trainer sample-data data/flickr8k_sample --layout token --images 600 --val 100 --test 50
+    brain-trainer sample-data data/coco_sample --layout karpathy-coco
+    brain-trainer sample-data data/my_images --layout imagefolder
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import json
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from brain_trainer.safe_files import describe, write_bytes, write_file
+from brain_trainer.data.layouts import annotation_files_in
+from brain_trainer.data.layouts.flickr8k import SPLIT_FILES
+from brain_trainer.safe_files import describe, write_bytes
 
-LAYOUTS = ("token", "karpathy", "kaggle")
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -131,56 +135,108 @@ def write_sample_dataset(
     seed: int = 0,
 ) -> Path:
     """Write `images` scenes (the last `val` + `test` of them held out) in `layout` under `root`."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout not in WRITERS:
+        raise ValueError(f"--layout {layout}: use one of {', '.join(WRITERS)}")
     if val + test >= images:
-        raise ValueError(f"val + test ({val + test}) must leave training images out of {images}")
+        raise ValueError(f"--val {val} + --test {test} must leave training images out of --images {images}")
     rng = random.Random(seed)
-    image_dir = root / ("Flicker8k_Dataset" if layout == "token" else "Images")
-    image_dir.mkdir(parents=True, exist_ok=True)
-    names, captions = [], {}
+    scenes = []
     for index in range(images):
         scene = random_scene(rng)
         name = f"{1000000 + index * 7919}_{rng.getrandbits(40):010x}.jpg"
-        image = draw_scene(scene, size, rng)
-        write_file(image_dir / name, lambda handle, image=image: image.save(handle, format="JPEG", quality=90))
-        names.append(name)
-        captions[name] = captions_for(scene, rng)
+        jpeg = io.BytesIO()  # compressed in memory (a few kB each) until the writer says in which folder
+        draw_scene(scene, size, rng).save(jpeg, format="JPEG", quality=90)
+        scenes.append((name, jpeg.getvalue(), captions_for(scene, rng)))
+    names = [name for name, _, _ in scenes]
     splits = {
         "train": names[: images - val - test],
         "val": names[images - val - test : images - test],
         "test": names[images - test :],
     }
-    if layout == "token":
-        text_dir = root / "Flickr8k_text"
-        text_dir.mkdir(exist_ok=True)
-        lines = [f"{name}#{k}\t{caption}" for name in names for k, caption in enumerate(captions[name])]
-        write_bytes(text_dir / "Flickr8k.token.txt", ("\n".join(lines) + "\n").encode())
-        for split, file_name in (
-            ("train", "Flickr_8k.trainImages.txt"),
-            ("val", "Flickr_8k.devImages.txt"),
-            ("test", "Flickr_8k.testImages.txt"),
-        ):
-            write_bytes(text_dir / file_name, ("\n".join(splits[split]) + "\n").encode())
-    elif layout == "karpathy":
-        split_of = {name: split for split, members in splits.items() for name in members}
+    folder_of = WRITERS[layout](root, splits, {name: captions for name, _, captions in scenes})
+    for name, picture, _ in scenes:
+        path = root / folder_of(name) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(path, picture)
+    return root
+
+
+def _split_of(splits: dict[str, list[str]]) -> dict[str, str]:
+    return {name: split for split, members in splits.items() for name in members}
+
+
+def _write_token(root: Path, splits: dict, captions: dict) -> Callable[[str], str]:
+    text_dir = root / "Flickr8k_text"
+    text_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"{name}#{k}\t{caption}" for name in captions for k, caption in enumerate(captions[name])]
+    write_bytes(text_dir / "Flickr8k.token.txt", ("\n".join(lines) + "\n").encode())
+    for split, file_name in SPLIT_FILES.items():
+        write_bytes(text_dir / file_name, ("\n".join(splits[split]) + "\n").encode())
+    return lambda name: "Flicker8k_Dataset"
+
+
+def _karpathy_writer(file_name: str, image_dir: str) -> Callable:
+    """Karpathy's JSON; for COCO, `filepath` folders (train2014, val2014) and every other training image as
+    `restval` (from val2014), as in Karpathy's COCO split."""
+    coco = file_name == "dataset_coco.json"
+
+    def write(root: Path, splits: dict, captions: dict) -> Callable[[str], str]:
+        split_of = {name: split for name, split in _split_of(splits).items()}
+        if coco:
+            split_of.update({name: "restval" for name in splits["train"][1::2]})
+        folder_of = {
+            name: ("train2014" if split_of[name] == "train" else "val2014") if coco else image_dir for name in captions
+        }
         entries = [
             {
+                **({"filepath": folder_of[name]} if coco else {}),
                 "filename": name,
                 "split": split_of[name],
                 "sentences": [{"raw": caption, "tokens": caption.lower().split()} for caption in captions[name]],
             }
-            for name in names
+            for name in captions
         ]
-        write_bytes(root / "dataset_flickr8k.json", json.dumps({"images": entries, "dataset": "flickr8k"}).encode())
-    else:  # kaggle: one CSV, no split lists (the loader derives the split by image)
-        table = io.StringIO(newline="")
-        writer = csv.writer(table)
-        writer.writerow(["image", "caption"])
-        for name in names:
-            writer.writerows([name, caption] for caption in captions[name])
-        write_bytes(root / "captions.txt", table.getvalue().encode())
-    return root
+        root.mkdir(parents=True, exist_ok=True)
+        write_bytes(root / file_name, json.dumps({"images": entries, "dataset": file_name[8:-5]}).encode())
+        return folder_of.__getitem__
+
+    return write
+
+
+def _write_kaggle(root: Path, splits: dict, captions: dict) -> Callable[[str], str]:
+    """One CSV, no split lists (the loader derives the split by image)."""
+    root.mkdir(parents=True, exist_ok=True)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["image", "caption"])
+    for name in captions:
+        writer.writerows([name, caption] for caption in captions[name])
+    write_bytes(root / "captions.txt", table.getvalue().encode())
+    return lambda name: "Images"
+
+
+def _write_imagefolder(root: Path, splits: dict, captions: dict) -> Callable[[str], str]:
+    """metadata.jsonl, one row per image: file_name (under images/), its captions as a list, its split."""
+    root.mkdir(parents=True, exist_ok=True)
+    split_of = _split_of(splits)
+    rows = [
+        {"file_name": f"images/{name}", "captions": captions[name], "split": IMAGEFOLDER_SPLITS[split_of[name]]}
+        for name in captions
+    ]
+    write_bytes(root / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
+    return lambda name: "images"
+
+
+IMAGEFOLDER_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+WRITERS = {
+    "token": _write_token,
+    "karpathy": _karpathy_writer("dataset_flickr8k.json", "Images"),
+    "kaggle": _write_kaggle,
+    "imagefolder": _write_imagefolder,
+    "karpathy-flickr30k": _karpathy_writer("dataset_flickr30k.json", "flickr30k-images"),
+    "karpathy-coco": _karpathy_writer("dataset_coco.json", ""),
+}
+SAMPLE_LAYOUTS = tuple(WRITERS)  # a layout of the registry (LAYOUTS), or LAYOUT-SHAPE: that layout shaped as a data set
 
 
 def check_size(width: int, height: int) -> None:
@@ -199,14 +255,31 @@ def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data")
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("root", type=Path, help="folder to write the data set into")
-    parser.add_argument("--layout", choices=LAYOUTS, default="token")
-    parser.add_argument("--images", type=int, default=600)
-    parser.add_argument("--val", type=int, default=100, help="held-out validation images")
-    parser.add_argument("--test", type=int, default=50, help="held-out test images")
-    parser.add_argument("--size", default="320x240", help="image WIDTHxHEIGHT")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("root", type=Path, help="folder to write the data set into (created if absent)")
+    parser.add_argument(
+        "--layout",
+        choices=SAMPLE_LAYOUTS,
+        default="token",
+        help="the annotation layout to write: a layout the trainer reads, or karpathy-flickr30k / karpathy-coco "
+        "(Karpathy's JSON named and shaped as for Flickr30k / COCO) (default: token)",
+    )
+    parser.add_argument("--images", type=int, default=600, help="how many images to draw (default: 600)")
+    parser.add_argument("--val", type=int, default=100, help="of them, held out for validation (default: 100)")
+    parser.add_argument("--test", type=int, default=50, help="of them, held out for testing (default: 50)")
+    parser.add_argument("--size", default="320x240", help="image size WIDTHxHEIGHT in pixels (default: 320x240)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn scenes and captions (default: 0)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a folder that already holds annotation files"
+    )
     args = parser.parse_args(argv)
+    found = annotation_files_in(args.root)
+    if found and not args.overwrite:
+        print(
+            f"Error: {args.root} already holds {', '.join(path.name for path in found)}; pass --overwrite to "
+            f"replace them, or name another folder",
+            file=sys.stderr,
+        )
+        return 2
     try:
         width, height = (int(part) for part in args.size.lower().split("x"))
         check_size(width, height)

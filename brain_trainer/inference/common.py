@@ -21,24 +21,37 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"Error: {message} (see --help)\n")
 
 
-def positive_int(flag: str) -> Callable[[str], int]:
+def positive_int(flag: str, lowest: int = 1) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{value}: {flag} must be at least 1")
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{value}: {flag} must be at least {lowest}")
         return value
 
     return parse
 
 
 def resolve_device(name: str) -> torch.device:
-    """`--device`: chosen as training chooses it (`auto`: the GPU when there is one)."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    """`--device`: chosen as training chooses it (`auto`: the GPU when there is one); anything else is one line."""
+    if name == "auto":
+        return choose_device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InferenceError(f"--device {name}: not a device this program runs on; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise InferenceError(f"--device {name}: no CUDA device is available; use --device cpu")
-    return choose_device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InferenceError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1}; name one of them"
+        )
+    return device
 
 
 def run_command(action: Callable[[], int]) -> int:

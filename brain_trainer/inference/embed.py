@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from brain_trainer import __version__
+from brain_trainer.data.images import UnreadableImage
 from brain_trainer.data.loaders import make_loader
 from brain_trainer.inference.captions import read_captions
 from brain_trainer.inference.common import Parser, positive_int, resolve_device, run_command
@@ -72,7 +73,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         try:
             return self.preprocess.load(self.paths[index]), ""
-        except (OSError, ValueError, SyntaxError) as error:
+        except UnreadableImage as error:
             side = self.preprocess.image_size
             return torch.zeros(3, side, side, dtype=torch.uint8), (str(error).splitlines() or ["unreadable"])[0][:120]
 
@@ -226,7 +227,9 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
         help="autocast precision (default auto: the run's, what its evaluation uses)",
     )
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="stored embeddings (default: float32)")
-    parser.add_argument("--num_workers", type=int, default=2, help="image decoding processes (default: 2)")
+    parser.add_argument(
+        "--num_workers", type=positive_int("--num_workers", 0), default=2, help="image decoding processes (default: 2)"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms import v2
 
 from brain_trainer.data.augment import eval_transform
-from brain_trainer.data.flickr8k_dataset import decode_image
+from brain_trainer.data.images import UnreadableImage, decode_image
 from brain_trainer.inference.load import InferenceError
 from brain_trainer.safe_files import describe, write_file
 
@@ -23,7 +23,7 @@ def thumbnail(path: Path) -> Image.Image:
     """The image's centre at TILE x TILE; a grey square when it cannot be read (any more)."""
     try:
         return v2.functional.to_pil_image(eval_transform(TILE)(decode_image(path, TILE)))
-    except (OSError, ValueError, SyntaxError):
+    except UnreadableImage:
         return Image.new("RGB", (TILE, TILE), "gray")
 
 

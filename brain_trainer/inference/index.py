@@ -17,6 +17,8 @@ mid-build leaves the old one answering), and nothing is written through a link p
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -61,8 +63,67 @@ class Index:
         return str(self.images_dir / self.images[row]["path"])
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+# What each row of a .jsonl file holds: its keys and their types (an index is data from outside: checked whole)
+ROW_TYPES = {
+    IMAGES: {"path": (str,), "size": (int,), "mtime_ns": (int,)},
+    CAPTIONS: {"text": (str,), "image": (str, type(None))},
+}
+MANIFEST_TYPES = {
+    "width": int,
+    "images_dir": str,
+    "dtype": str,
+    "checkpoint": dict,
+    "config": dict,
+    "precision": str,
+    "counts": dict,
+}
+
+
+def _read_jsonl(path: Path, kind: str) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or any(
+            not isinstance(row.get(key), kinds) or isinstance(row.get(key), bool)
+            for key, kinds in ROW_TYPES[kind].items()
+        ):
+            raise ValueError(f"{kind} line {number} is not a row of {', '.join(ROW_TYPES[kind])}")
+    return rows
+
+
+def _check_manifest(manifest) -> None:
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{MANIFEST} holds a {type(manifest).__name__}, not an object")
+    if manifest.get("format") != INDEX_FORMAT or manifest.get("index_version") != INDEX_VERSION:
+        raise ValueError(f"format {manifest.get('format')} version {manifest.get('index_version')}")
+    for key, kind in MANIFEST_TYPES.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise ValueError(f"{MANIFEST}'s {key} is {str(manifest.get(key))[:40]!r}, not a {kind.__name__}")
+    checkpoint = manifest["checkpoint"]
+    if (
+        manifest["width"] < 1
+        or manifest["dtype"] not in DTYPES
+        or not all(isinstance(checkpoint.get(key), str) for key in ("path", "sha256"))
+    ):
+        raise ValueError(f"{MANIFEST}'s width, dtype or checkpoint is not one embed writes")
+
+
+HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _load_array(path: Path, rows: int, width: int) -> np.ndarray:
+    """The .npy file, once its header says (rows, width) of float32/float16 and the file holds exactly that."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = HEADER_READERS.get(version)
+        if read_header is None:
+            raise ValueError(f"{path.name} is .npy version {version}, which embed does not write")
+        shape, fortran, dtype = read_header(handle)
+        expected = handle.tell() + math.prod(shape) * dtype.itemsize
+    if dtype.name not in DTYPES or fortran or shape != (rows, width):
+        raise ValueError(f"{path.name} holds {dtype} {shape}, not {rows} rows of width {width} (float32/float16)")
+    if os.path.getsize(path) != expected:
+        raise ValueError(f"{path.name} is {os.path.getsize(path)} bytes, its header says {expected}")
+    return np.load(path, allow_pickle=False)
 
 
 def read_index(folder: Path, flag: str = "--index") -> Index:
@@ -74,36 +135,26 @@ def read_index(folder: Path, flag: str = "--index") -> Index:
         )
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        if manifest.get("format") != INDEX_FORMAT or manifest.get("index_version") != INDEX_VERSION:
-            raise ValueError(f"format {manifest.get('format')} version {manifest.get('index_version')}")
+        _check_manifest(manifest)
         files = build_files(manifest)
+        images = _read_jsonl(folder / files[IMAGES], IMAGES)
+        captions = _read_jsonl(folder / files[CAPTIONS], CAPTIONS)
+        counts = {"images": len(images), "captions": len(captions)}
+        if {key: manifest.get("counts", {}).get(key) for key in counts} != counts:
+            raise ValueError(f"{MANIFEST} counts {str(manifest.get('counts'))[:60]}, the rows {counts}")
         index = Index(
             manifest,
-            _read_jsonl(folder / files[IMAGES]),
-            np.load(folder / files[IMAGE_EMBEDDINGS]),
-            _read_jsonl(folder / files[CAPTIONS]),
-            np.load(folder / files[TEXT_EMBEDDINGS]),
+            images,
+            _load_array(folder / files[IMAGE_EMBEDDINGS], len(images), manifest["width"]),
+            captions,
+            _load_array(folder / files[TEXT_EMBEDDINGS], len(captions), manifest["width"]),
         )
-    except (OSError, ValueError, KeyError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
         raise InferenceError(
             f"{flag} {folder}: damaged or not a brain-trainer index ({str(error)[:120]}); build it "
             f"again with brain-trainer embed"
         ) from None
-    _check_shapes(index, folder, flag)
     return index
-
-
-def _check_shapes(index: Index, folder: Path, flag: str) -> None:
-    width = index.manifest.get("width")
-    for name, rows, array in (
-        ("images", index.images, index.image_embeddings),
-        ("captions", index.captions, index.text_embeddings),
-    ):
-        if array.ndim != 2 or array.shape != (len(rows), width):
-            raise InferenceError(
-                f"{flag} {folder}: its {name} embeddings have shape {array.shape}, the manifest "
-                f"says {len(rows)} rows of width {width}; build it again with brain-trainer embed"
-            )
 
 
 def build_files(manifest: dict) -> dict[str, str]:

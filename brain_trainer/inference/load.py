@@ -20,8 +20,12 @@ from torchvision.transforms import v2
 
 from brain_trainer.brain_model import BrainConfig, BrainModel
 from brain_trainer.checkpointing import CheckpointError, is_full_checkpoint, load_for_resume, model_weights
+from brain_trainer.checkpointing.validate import check_settings_of
+from brain_trainer.config import ConfigError
+from brain_trainer.data.annotations import DatasetError
 from brain_trainer.data.augment import eval_transform, images_to_device
-from brain_trainer.data.flickr8k_dataset import CaptionCollator, decode_image, tokenizer_from_json
+from brain_trainer.data.images import decode_image
+from brain_trainer.data.text import CaptionCollator, tokenizer_from_json
 from brain_trainer.model_factory import build_model
 from brain_trainer.runtime.precision import PRECISIONS, autocast
 
@@ -51,7 +55,7 @@ class Preprocess:
     decode_side: int | None  # the image cache's shorter side when the run evaluated through it, else None
 
     def load(self, path: Path) -> torch.Tensor:
-        """Raises OSError, ValueError or SyntaxError (PIL's) when the file cannot be decoded."""
+        """Raises UnreadableImage when the file cannot be decoded."""
         return eval_transform(self.image_size)(decode_image(path, self.decode_side))
 
     def pixels(self, image: ImageInput) -> torch.Tensor:
@@ -171,6 +175,7 @@ def load_brain(source: str | Path, device: str | torch.device = "cpu", precision
 def _from_checkpoint(path: Path) -> Brain:
     try:
         checkpoint = load_for_resume(path)
+        check_settings_of(checkpoint, str(path))
     except CheckpointError as error:  # its lines name the trainer's flag; here the file came by --checkpoint
         raise InferenceError(str(error).replace("--resume", "--checkpoint")) from None
     config = checkpoint.get("config")
@@ -196,6 +201,7 @@ def _from_export(folder: Path) -> Brain:
         meta = json.loads((folder / EXPORT_CONFIG).read_text())
         assert meta["format"] == EXPORT_FORMAT
         config, sha256 = meta["config"], meta["checkpoint_sha256"]
+        assert isinstance(config, dict) and isinstance(sha256, str)
     except (ValueError, KeyError, TypeError, AssertionError):
         raise InferenceError(
             f"{folder / EXPORT_CONFIG}: not a brain-trainer export config; export the "
@@ -205,9 +211,18 @@ def _from_export(folder: Path) -> Brain:
     if not weights_file.is_file():
         raise InferenceError(f"{folder}: no {EXPORT_WEIGHTS}; export with --format safetensors")
     tokenizer_json = tokenizer_file.read_text() if tokenizer_file.is_file() else None
+    try:
+        check_settings_of({"config": config}, str(folder / EXPORT_CONFIG))
+        weights = load_file(weights_file)
+    except CheckpointError as error:
+        raise InferenceError(f"{error}; export the checkpoint again") from None
+    except Exception as error:  # safetensors' SafetensorError: a truncated or foreign file
+        raise InferenceError(
+            f"{weights_file}: truncated or not a safetensors file ({_first_detail(error)}); export the checkpoint again"
+        ) from None
     return _assemble(
         config=config,
-        weights=load_file(weights_file),
+        weights=weights,
         tokenizer_json=tokenizer_json,
         sha256=sha256,
         source=folder,
@@ -220,6 +235,15 @@ def _first_detail(error: Exception) -> str:
     return (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__)[:160]
 
 
+def _tokenizer(model_config: BrainConfig, tokenizer_json: str | None, tokenizer_dir: Path | None):
+    if model_config.text_encoder == "scratch":
+        return tokenizer_from_json(tokenizer_json)
+    from brain_trainer.data.text import pretrained_tokenizer
+
+    named = str(tokenizer_dir) if tokenizer_dir is not None and tokenizer_dir.is_dir() else model_config.text_encoder
+    return pretrained_tokenizer(named)
+
+
 def _assemble(
     *,
     config: dict,
@@ -230,19 +254,17 @@ def _assemble(
     tokenizer_dir: Path | None = None,
 ) -> Brain:
     model_config = BrainConfig.from_dict(config)
-    if model_config.text_encoder == "scratch":
-        if not isinstance(tokenizer_json, str):
-            raise InferenceError(
-                f"{source}: a scratch-text brain without its tokenizer; use the checkpoint the run wrote"
-            )
-        tokenizer = tokenizer_from_json(tokenizer_json)
-    else:
-        from brain_trainer.data.loaders import pretrained_tokenizer
-
-        named = (
-            str(tokenizer_dir) if tokenizer_dir is not None and tokenizer_dir.is_dir() else model_config.text_encoder
-        )
-        tokenizer, tokenizer_json = pretrained_tokenizer(named), None
+    if model_config.text_encoder == "scratch" and not isinstance(tokenizer_json, str):
+        raise InferenceError(f"{source}: a scratch-text brain without its tokenizer; use the checkpoint the run wrote")
+    try:
+        tokenizer = _tokenizer(model_config, tokenizer_json, tokenizer_dir)
+    except (ConfigError, DatasetError, CheckpointError):
+        raise
+    except Exception as error:  # the tokenizers library raises a bare Exception for JSON it cannot read
+        raise InferenceError(
+            f"{source}: its tokenizer does not load ({_first_detail(error)}); export or train it again"
+        ) from None
+    tokenizer_json = tokenizer_json if model_config.text_encoder == "scratch" else None
     model = build_model(model_config, pretrained=False)
     try:
         model.load_state_dict(weights, strict=True)

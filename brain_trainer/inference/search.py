@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brain_trainer.data.flickr8k_dataset import DatasetError, read_text
+from brain_trainer.data.annotations import DatasetError, read_text
+from brain_trainer.data.images import UnreadableImage
 from brain_trainer.inference.common import Parser, positive_int, resolve_device, run_command
 from brain_trainer.inference.grid import write_grid
 from brain_trainer.inference.index import Index, read_index
@@ -107,7 +108,7 @@ def image_queries(paths: list[Path], brain: Brain) -> Queries:
     for path in paths:
         try:
             pixels.append(brain.preprocess.load(path))
-        except (OSError, ValueError, SyntaxError) as error:
+        except UnreadableImage as error:
             raise InferenceError(
                 f"--image {path}: cannot be read as an image ({str(error)[:100]}); pass a jpg, png or webp file"
             ) from None

@@ -594,9 +594,10 @@ def test_a_stop_during_a_persist_exits_only_once_the_file_holds_the_stopped_step
     wait_for_step(process, 3)
     process.send_signal(signal.SIGTERM)
     status, out = finish(process)
-    on_disk = load(tmp_path / "ckpt" / LAST)["global_step"]  # read the moment the process is gone
+    saved = load(tmp_path / "ckpt" / LAST)  # read the moment the process is gone
+    on_disk, epoch = saved["global_step"], saved["data_state"]["epoch"]
     assert status == 143, out
-    assert f"step {on_disk} (sample" in out and f"Stopped by SIGTERM at epoch 0, step {on_disk} " in out
+    assert f"step {on_disk} (sample" in out and f"Stopped by SIGTERM at epoch {epoch}, step {on_disk} " in out
 
 
 def test_a_signal_during_the_first_image_cache_build_stops_cleanly(sample_root, tmp_path):

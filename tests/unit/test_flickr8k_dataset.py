@@ -17,9 +17,18 @@ from helpers import DATA
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from brain_trainer.data import flickr8k_dataset as fd
+from brain_trainer.data import images as image_module
+from brain_trainer.data.annotations import FULL_SET_IMAGES, SPLITS, DatasetError, Split, kaggle_split
 from brain_trainer.data.augment import TrainAugment, eval_transform, normalize_images
+from brain_trainer.data.datasets import CaptionedImages
+from brain_trainer.data.image_cache import build_image_cache, cache_key
+from brain_trainer.data.images import JpegImages, decode_image
+from brain_trainer.data.layouts import detect_layout, load_splits
+from brain_trainer.data.layouts.flickr8k import SPLIT_FILES, TOKEN_FILE
 from brain_trainer.data.sample_data import write_sample_dataset
+from brain_trainer.data.sampler import ResumableSampler
+from brain_trainer.data.text import CaptionCollator, tokenizer_from_json, train_caption_tokenizer
+from brain_trainer.runtime.seeding import derive_seed
 
 REAL_TEXT = DATA / "flickr8k_text"  # the real annotation files, gzipped (tests/data/flickr8k_text/README.md)
 
@@ -27,7 +36,7 @@ REAL_TEXT = DATA / "flickr8k_text"  # the real annotation files, gzipped (tests/
 def load_quietly(root: Path, annotations: str = "auto") -> tuple[dict, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        splits = fd.load_splits(root, annotations)
+        splits = load_splits(root, annotations)
     return splits, [str(w.message) for w in caught]
 
 
@@ -42,9 +51,9 @@ def placeholder_jpeg(path: Path) -> None:
 def test_each_layout_with_split_lists_gives_the_written_counts(tmp_path, layout):
     root = write_sample_dataset(tmp_path / layout, layout, images=12, val=3, test=2, size=(48, 36))
     splits, _ = load_quietly(root)
-    assert [len(splits[s].images) for s in fd.SPLITS] == [7, 3, 2]
-    assert [len(splits[s]) for s in fd.SPLITS] == [35, 15, 10]
-    assert fd.detect_layout(root).kind == layout
+    assert [len(splits[s].images) for s in SPLITS] == [7, 3, 2]
+    assert [len(splits[s]) for s in SPLITS] == [35, 15, 10]
+    assert detect_layout(root).kind == layout
 
 
 def test_kaggle_layout_parses_quoted_commas_and_derives_a_disjoint_split(tmp_path):
@@ -52,24 +61,24 @@ def test_kaggle_layout_parses_quoted_commas_and_derives_a_disjoint_split(tmp_pat
     with open(root / "captions.txt", "a", newline="") as handle:  # a caption with commas, quoted as in the real file
         csv.writer(handle).writerow([sorted(os.listdir(root / "Images"))[0], "A dog, a cat, and a bird ."])
     splits, _ = load_quietly(root)
-    members = [set(splits[s].images) for s in fd.SPLITS]
+    members = [set(splits[s].images) for s in SPLITS]
     assert sum(len(m) for m in members) == 30 and not (
         members[0] & members[1] or members[0] & members[2] or members[1] & members[2]
     )
-    assert "A dog, a cat, and a bird ." in [c for s in fd.SPLITS for c in splits[s].captions]
+    assert "A dog, a cat, and a bird ." in [c for s in SPLITS for c in splits[s].captions]
     assert splits == load_quietly(root)[0], "the split must be the same on every run"
 
 
 def test_kaggle_split_holds_out_1000_val_and_1000_test_images_of_the_full_set():
-    names = [f"{i:05d}.jpg" for i in range(fd.FULL_SET_IMAGES)]
-    split = fd.kaggle_split(names)
+    names = [f"{i:05d}.jpg" for i in range(FULL_SET_IMAGES)]
+    split = kaggle_split(names)
     assert (len(split["val"]), len(split["test"]), len(split["train"])) == (1000, 1000, 6091)
-    small = fd.kaggle_split(names[:809])
+    small = kaggle_split(names[:809])
     assert (len(small["val"]), len(small["test"])) == (100, 100)
 
 
 def test_original_release_spelling_and_text_folder_are_found(sample_root):
-    layout = fd.detect_layout(sample_root)
+    layout = detect_layout(sample_root)
     assert layout.image_dir.name == "Flicker8k_Dataset"
     assert layout.annotation_files["captions"].parent.name == "Flickr8k_text"
 
@@ -78,8 +87,8 @@ def test_annotations_flag_overrides_detection(tmp_path):
     root = write_sample_dataset(tmp_path / "both", "karpathy", images=8, val=2, test=1, size=(32, 24))
     write_sample_dataset(tmp_path / "kag", "kaggle", images=8, val=2, test=1, size=(32, 24))
     shutil.copy(tmp_path / "kag" / "captions.txt", root / "captions.txt")
-    assert fd.detect_layout(root).kind == "karpathy"
-    assert fd.detect_layout(root, "kaggle").kind == "kaggle"
+    assert detect_layout(root).kind == "karpathy"
+    assert detect_layout(root, "kaggle").kind == "kaggle"
 
 
 # ----------------------------------------------------------------------------- quirks of the real files
@@ -89,8 +98,8 @@ def write_token_layout(root: Path, token_text: str, splits: dict[str, str], imag
     (root / "Images").mkdir(parents=True)
     for name in images:
         placeholder_jpeg(root / "Images" / name)
-    (root / fd.TOKEN_FILE).write_bytes(token_text.encode("utf-8"))
-    for split, file_name in fd.SPLIT_FILES.items():
+    (root / TOKEN_FILE).write_bytes(token_text.encode("utf-8"))
+    for split, file_name in SPLIT_FILES.items():
         (root / file_name).write_bytes(splits.get(split, "").encode("utf-8"))
     return root
 
@@ -128,7 +137,7 @@ def test_real_flickr8k_text_files_give_the_real_sample_counts(tmp_path):
     for packed in REAL_TEXT.glob("*.txt.gz"):
         (root / "Flickr8k_text" / packed.stem).write_bytes(gzip.decompress(packed.read_bytes()))
     (root / "Flicker8k_Dataset").mkdir()
-    names = {line.split("#")[0].strip() for line in (root / "Flickr8k_text" / fd.TOKEN_FILE).read_text().splitlines()}
+    names = {line.split("#")[0].strip() for line in (root / "Flickr8k_text" / TOKEN_FILE).read_text().splitlines()}
     template = root / "placeholder.jpg"
     placeholder_jpeg(template)
     for name in names:
@@ -145,53 +154,53 @@ def test_real_flickr8k_text_files_give_the_real_sample_counts(tmp_path):
 
 
 def test_missing_root_dir_names_the_flag_and_where_to_get_flickr8k(tmp_path):
-    with pytest.raises(fd.DatasetError, match=r"--root_dir .*nowhere: no such folder.*brain-trainer sample-data"):
-        fd.load_splits(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match=r"--root_dir .*nowhere: no such folder.*brain-trainer sample-data"):
+        load_splits(tmp_path / "nowhere")
 
 
 def test_folder_without_a_layout_lists_the_files_looked_for(tmp_path):
     (tmp_path / "Images").mkdir()
-    with pytest.raises(fd.DatasetError, match=r"Flickr8k\.token\.txt.*dataset_flickr8k\.json.*captions\.txt"):
-        fd.load_splits(tmp_path)
+    with pytest.raises(DatasetError, match=r"Flickr8k\.token\.txt.*dataset_flickr8k\.json.*captions\.txt"):
+        load_splits(tmp_path)
 
 
 def test_token_file_without_split_lists_says_which_is_missing(tmp_path):
     root = write_token_layout(tmp_path / "n", "a.jpg#0\tA .\n", {}, ["a.jpg"])
-    (root / fd.SPLIT_FILES["val"]).unlink()
-    with pytest.raises(fd.DatasetError, match="Flickr_8k.devImages.txt not found"):
-        fd.load_splits(root)
+    (root / SPLIT_FILES["val"]).unlink()
+    with pytest.raises(DatasetError, match="Flickr_8k.devImages.txt not found"):
+        load_splits(root)
 
 
 def test_kaggle_file_with_another_header_is_refused(tmp_path):
     (tmp_path / "Images").mkdir()
     (tmp_path / "captions.txt").write_text("file|text\na.jpg|A .\n")
-    with pytest.raises(fd.DatasetError, match="expected a CSV header 'image,caption'"):
-        fd.load_splits(tmp_path)
+    with pytest.raises(DatasetError, match="expected a CSV header 'image,caption'"):
+        load_splits(tmp_path)
 
 
 def test_karpathy_file_that_is_not_json_is_named(tmp_path):
     (tmp_path / "Images").mkdir()
     (tmp_path / "dataset_flickr8k.json").write_text("{not json")
-    with pytest.raises(fd.DatasetError, match="dataset_flickr8k.json: not a Karpathy split file"):
-        fd.load_splits(tmp_path)
+    with pytest.raises(DatasetError, match="dataset_flickr8k.json: not a Karpathy split file"):
+        load_splits(tmp_path)
 
 
 # ----------------------------------------------------------------------------- the sampler
 
 
 def test_sampler_order_depends_only_on_seed_and_epoch():
-    order = lambda seed, epoch: fd.ResumableSampler(50, seed, global_batch=1).epoch_order(epoch).tolist()
+    order = lambda seed, epoch: ResumableSampler(50, seed, global_batch=1).epoch_order(epoch).tolist()
     assert order(3, 1) == order(3, 1)
     assert order(3, 1) != order(3, 2) and order(3, 1) != order(4, 1)
     assert sorted(order(3, 1)) == list(range(50))
 
 
-def keys(sampler: fd.ResumableSampler) -> list[int]:
+def keys(sampler: ResumableSampler) -> list[int]:
     return [index for _, index in sampler]
 
 
 def test_sampler_resumed_at_an_offset_yields_the_tail_of_the_full_order():
-    sampler = fd.ResumableSampler(50, seed=7, global_batch=1)
+    sampler = ResumableSampler(50, seed=7, global_batch=1)
     sampler.set_position(2, 0)
     full = keys(sampler)
     sampler.set_position(2, 17)
@@ -200,22 +209,22 @@ def test_sampler_resumed_at_an_offset_yields_the_tail_of_the_full_order():
 
 
 def test_sampler_resume_with_another_batch_size_continues_at_the_same_sample():
-    full = fd.ResumableSampler(60, seed=1, global_batch=1).epoch_order(0).tolist()
-    first = fd.ResumableSampler(60, seed=1, global_batch=4)
+    full = ResumableSampler(60, seed=1, global_batch=1).epoch_order(0).tolist()
+    first = ResumableSampler(60, seed=1, global_batch=4)
     assert keys(first)[:20] == full[:20]  # 5 steps of 4, then a stop at sample 20
-    rest = fd.ResumableSampler(60, seed=1, global_batch=6)
+    rest = ResumableSampler(60, seed=1, global_batch=6)
     rest.set_position(0, 20)
     assert keys(rest) == full[20:56], "6 more steps of 6; the short tail of 4 is dropped, as drop_last does"
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_each_process_takes_its_slice_of_every_global_batch_of_the_one_order(world_size):
-    one = fd.ResumableSampler(47, seed=5, global_batch=6)
+    one = ResumableSampler(47, seed=5, global_batch=6)
     one.set_position(1, 11)
     global_batches = [keys(one)[k : k + 6] for k in range(0, len(one), 6)]
     shards = []
     for rank in range(world_size):
-        sampler = fd.ResumableSampler(47, seed=5, global_batch=6, rank=rank, world_size=world_size)
+        sampler = ResumableSampler(47, seed=5, global_batch=6, rank=rank, world_size=world_size)
         sampler.set_position(1, 11)
         shards.append(keys(sampler))
         assert len(sampler) == len(shards[-1]) == 6 // world_size * len(global_batches)
@@ -227,19 +236,19 @@ def test_each_process_takes_its_slice_of_every_global_batch_of_the_one_order(wor
 
 def test_a_global_batch_that_does_not_divide_by_the_processes_is_refused():
     with pytest.raises(ValueError, match="global batch 6 does not divide by 4 processes"):
-        fd.ResumableSampler(47, seed=5, global_batch=6, rank=0, world_size=4)
+        ResumableSampler(47, seed=5, global_batch=6, rank=0, world_size=4)
 
 
 # ----------------------------------------------------------------------------- images and augmentation
 
 
-def train_dataset(split: fd.Split, images, seed: int = 0) -> fd.Flickr8kDataset:
-    return fd.Flickr8kDataset(split, images, TrainAugment(32), seed)
+def train_dataset(split: Split, images, seed: int = 0) -> CaptionedImages:
+    return CaptionedImages(split, images, TrainAugment(32), seed)
 
 
 def test_augmentation_is_keyed_by_seed_epoch_and_index_not_by_the_global_rng(sample_root):
     split = load_quietly(sample_root)[0]["train"]
-    dataset = train_dataset(split, fd.JpegImages(split.image_paths()))
+    dataset = train_dataset(split, JpegImages(split.image_paths()))
     torch.manual_seed(1)
     first = dataset[(3, 5)]["image"]
     torch.manual_seed(2)
@@ -254,12 +263,12 @@ def test_augmentation_is_keyed_by_seed_epoch_and_index_not_by_the_global_rng(sam
 def test_augmented_batches_are_the_same_with_0_or_2_workers(sample_root, tmp_path, cached):
     split = load_quietly(sample_root)[0]["train"]
     images = (
-        fd.build_image_cache(split.image_paths(), 32, tmp_path, progress=False)
+        build_image_cache(split.image_paths(), 32, tmp_path, progress=False)
         if cached
-        else fd.JpegImages(split.image_paths())
+        else JpegImages(split.image_paths())
     )
     dataset = train_dataset(split, images, seed=11)
-    sampler = fd.ResumableSampler(len(dataset), seed=11, global_batch=1)
+    sampler = ResumableSampler(len(dataset), seed=11, global_batch=1)
     sampler.set_position(1, 3)
     batches = [
         torch.cat([b["image"] for b in DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers)])
@@ -272,7 +281,7 @@ def test_a_corrupt_image_is_replaced_by_the_next_sample_and_reported(fresh_root)
     split = load_quietly(fresh_root)[0]["train"]
     bad = split.images[split.caption_image[4]]
     (split.image_dir / bad).write_bytes(b"this is not a jpeg")
-    dataset = train_dataset(split, fd.JpegImages(split.image_paths()))
+    dataset = train_dataset(split, JpegImages(split.image_paths()))
     sample = dataset[(0, 4)]
     assert sample["bad_files"] == [bad]
     first_good = next(i for i in range(4, len(split)) if split.images[split.caption_image[i]] != bad)
@@ -283,23 +292,21 @@ def test_a_corrupt_image_is_replaced_by_the_next_sample_and_reported(fresh_root)
 
 def test_collator_pads_to_the_longest_caption_and_cuts_at_max_text_len(sample_root):
     split = load_quietly(sample_root)[0]["train"]
-    tokenizer = fd.train_caption_tokenizer(split.captions, vocab_size=150)
-    collate = fd.CaptionCollator(tokenizer, max_text_len=6)
+    tokenizer = train_caption_tokenizer(split.captions, vocab_size=150)
+    collate = CaptionCollator(tokenizer, max_text_len=6)
     short = collate.tokenize(["red", "a red ball on the left of a white picture"])
     assert short["input_ids"].shape == (2, 6)
     assert short["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]  # [CLS] red [SEP] then padding
-    roomy = fd.CaptionCollator(tokenizer, max_text_len=64).tokenize(["red", "red blue"])
+    roomy = CaptionCollator(tokenizer, max_text_len=64).tokenize(["red", "red blue"])
     assert roomy["input_ids"].shape == (2, 4)
 
 
 def test_scratch_tokenizer_is_the_same_on_every_run(sample_root):
     captions = load_quietly(sample_root)[0]["train"].captions
-    vocabularies = [fd.train_caption_tokenizer(captions, vocab_size=150).get_vocab() for _ in range(3)]
+    vocabularies = [train_caption_tokenizer(captions, vocab_size=150).get_vocab() for _ in range(3)]
     assert vocabularies[0] == vocabularies[1] == vocabularies[2]
-    restored = fd.tokenizer_from_json(fd.train_caption_tokenizer(captions, 150).backend_tokenizer.to_str())
-    assert (
-        restored("a red circle")["input_ids"] == fd.train_caption_tokenizer(captions, 150)("a red circle")["input_ids"]
-    )
+    restored = tokenizer_from_json(train_caption_tokenizer(captions, 150).backend_tokenizer.to_str())
+    assert restored("a red circle")["input_ids"] == train_caption_tokenizer(captions, 150)("a red circle")["input_ids"]
 
 
 # ----------------------------------------------------------------------------- the decode-once cache
@@ -307,11 +314,11 @@ def test_scratch_tokenizer_is_the_same_on_every_run(sample_root):
 
 def test_cached_and_decoded_images_agree_within_resize_tolerance(sample_root, tmp_path):
     split = load_quietly(sample_root)[0]["val"]
-    cache = fd.build_image_cache(split.image_paths(), 32, tmp_path, progress=False)
+    cache = build_image_cache(split.image_paths(), 32, tmp_path, progress=False)
     evaluate = eval_transform(32)
     for index in range(len(split.images)):
         cached = normalize_images(evaluate(cache.load(index))[None])
-        decoded = normalize_images(evaluate(fd.JpegImages(split.image_paths()).load(index))[None])
+        decoded = normalize_images(evaluate(JpegImages(split.image_paths()).load(index))[None])
         assert cached.shape == decoded.shape == (1, 3, 32, 32)
         assert (cached - decoded).abs().mean() < 0.1  # normalised units; a wrong image differs by ~1
 
@@ -320,22 +327,22 @@ def test_building_the_cache_draws_nothing_from_the_global_rng(sample_root, tmp_p
     paths = load_quietly(sample_root)[0]["val"].image_paths()
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    fd.build_image_cache(paths, 32, tmp_path, num_workers=0, progress=False)
+    build_image_cache(paths, 32, tmp_path, num_workers=0, progress=False)
     assert torch.equal(before, torch.get_rng_state()), "a run that builds the cache must match one that finds it"
 
 
 def test_cache_is_reused_and_rebuilt_when_size_or_image_list_changes(sample_root, tmp_path):
     paths = load_quietly(sample_root)[0]["train"].image_paths()
-    first = fd.build_image_cache(paths, 32, tmp_path, progress=False)
-    assert fd.build_image_cache(paths, 32, tmp_path, progress=False).folder == first.folder
-    assert fd.build_image_cache(paths, 40, tmp_path, progress=False).folder != first.folder
-    assert fd.build_image_cache(paths[:-1], 32, tmp_path, progress=False).folder != first.folder
+    first = build_image_cache(paths, 32, tmp_path, progress=False)
+    assert build_image_cache(paths, 32, tmp_path, progress=False).folder == first.folder
+    assert build_image_cache(paths, 40, tmp_path, progress=False).folder != first.folder
+    assert build_image_cache(paths[:-1], 32, tmp_path, progress=False).folder != first.folder
 
 
 def test_a_half_built_cache_is_never_used(sample_root, tmp_path, monkeypatch):
     paths = load_quietly(sample_root)[0]["train"].image_paths()
     calls = {"count": 0}
-    real_decode = fd.decode_image
+    real_decode = decode_image
 
     def decode_then_crash(path, side=None):
         calls["count"] += 1
@@ -343,16 +350,16 @@ def test_a_half_built_cache_is_never_used(sample_root, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the build is interrupted mid-way
         return real_decode(path, side)
 
-    monkeypatch.setattr(fd, "decode_image", decode_then_crash)
+    monkeypatch.setattr(image_module, "decode_image", decode_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        fd.build_image_cache(paths, 32, tmp_path, progress=False)
+        build_image_cache(paths, 32, tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == [], "nothing of the interrupted build may stay behind"
-    monkeypatch.setattr(fd, "decode_image", real_decode)
-    key = f"images_32px_{fd.cache_key(paths, 32)}"
+    monkeypatch.setattr(image_module, "decode_image", real_decode)
+    key = f"images_32px_{cache_key(paths, 32)}"
     stale = tmp_path / f".{key}.tmp-99999"  # what a killed process leaves
     stale.mkdir()
     (stale / "pixels.u8").write_bytes(b"half")
-    cache = fd.build_image_cache(paths, 32, tmp_path, progress=False)
+    cache = build_image_cache(paths, 32, tmp_path, progress=False)
     assert cache.folder.name == key and not stale.exists()
     assert (
         cache.load(0).shape[0] == 3
@@ -363,7 +370,7 @@ def test_a_half_built_cache_is_never_used(sample_root, tmp_path, monkeypatch):
 def test_an_unreadable_image_in_the_cache_is_substituted_like_a_jpeg(fresh_root, tmp_path):
     split = load_quietly(fresh_root)[0]["train"]
     (split.image_dir / split.images[0]).write_bytes(b"broken")
-    cache = fd.build_image_cache(split.image_paths(), 32, tmp_path, progress=False)
+    cache = build_image_cache(split.image_paths(), 32, tmp_path, progress=False)
     with pytest.raises(OSError):
         cache.load(0)
     sample = train_dataset(split, cache)[(0, 0)]
@@ -378,18 +385,18 @@ def test_an_exif_rotated_photo_is_decoded_upright(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
     landscape.save(tmp_path / "rotated.jpg", exif=exif)
-    assert tuple(fd.decode_image(tmp_path / "rotated.jpg").shape) == (3, 40, 20)
+    assert tuple(decode_image(tmp_path / "rotated.jpg").shape) == (3, 40, 20)
 
 
 def test_a_replaced_image_of_the_same_size_gets_a_new_cache(sample_root, tmp_path):
     root = Path(shutil.copytree(sample_root, tmp_path / "copy"))
     paths = load_quietly(root)[0]["val"].image_paths()
-    first = fd.build_image_cache(paths, 32, tmp_path / "cache", progress=False)
+    first = build_image_cache(paths, 32, tmp_path / "cache", progress=False)
     data = bytearray(paths[0].read_bytes())
     data[-10] ^= 0xFF  # other pixels, the same byte size
     paths[0].write_bytes(bytes(data))
     os.utime(paths[0], ns=(paths[0].stat().st_atime_ns, paths[0].stat().st_mtime_ns + 10**9))
-    assert fd.build_image_cache(paths, 32, tmp_path / "cache", progress=False).folder != first.folder
+    assert build_image_cache(paths, 32, tmp_path / "cache", progress=False).folder != first.folder
 
 
 @pytest.mark.parametrize("layout, file_name", [("kaggle", "captions.txt"), ("karpathy", "dataset_flickr8k.json")])
@@ -398,12 +405,12 @@ def test_a_byte_that_is_not_utf8_names_the_file_and_its_offset(tmp_path, layout,
     annotations = root / file_name
     data = annotations.read_bytes()
     annotations.write_bytes(data[:50] + b"\xe9" + data[50:])
-    with pytest.raises(fd.DatasetError, match=rf"{file_name}: byte 50 \(0xe9\) is not UTF-8"):
-        fd.load_splits(root)
+    with pytest.raises(DatasetError, match=rf"{file_name}: byte 50 \(0xe9\) is not UTF-8"):
+        load_splits(root)
 
 
 def test_derive_seed_is_one_63_bit_value_on_every_numpy():
     # numpy 1.26 (the lowest supported) cannot shift its uint64 by a Python int; the value is pinned so that
     # crops and orders stay the same across numpy versions (checkpoints resume on another install).
-    assert fd.derive_seed(1, 2) == 7764949442709860949 and isinstance(fd.derive_seed(0), int)
-    assert 0 <= fd.derive_seed(2**32 - 1, 10**6, 10**9) < 2**63
+    assert derive_seed(1, 2) == 7764949442709860949 and isinstance(derive_seed(0), int)
+    assert 0 <= derive_seed(2**32 - 1, 10**6, 10**9) < 2**63

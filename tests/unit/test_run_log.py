@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from brain_trainer.run_log import RunLog, resume_command
+from brain_trainer.tracking import TrackedRun
 
 
 def test_the_resume_command_is_the_command_as_given_with_the_checkpoint():
@@ -32,8 +33,8 @@ def test_a_silent_log_prints_nothing_and_opens_no_event_file(tmp_path, capsys):
         epochs=1,
         world_size=2,
     )
-    log.open_tensorboard(tmp_path / "runs", purge_step=0, config={}, step=0)
-    log.scalars({"train/loss": 1.0}, 1)
+    log.open_trackers(("tensorboard", "jsonl"), TrackedRun(str(tmp_path / "runs"), "ckpt", None, purge_step=0))
+    log.scalars({"train/loss": 1.0}, 1, 0)
     log.close()
     captured = capsys.readouterr()
     assert captured.out == captured.err == "" and not (tmp_path / "runs").exists()

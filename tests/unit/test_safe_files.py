@@ -10,6 +10,7 @@ import pytest
 
 from brain_trainer.run_log import RunLog
 from brain_trainer.safe_files import OutputError, output_folder, write_bytes, write_file
+from brain_trainer.tracking import TrackedRun
 
 
 def test_a_link_planted_at_the_name_is_replaced_and_its_target_untouched(tmp_path):
@@ -64,13 +65,14 @@ def test_tensorboard_refuses_a_linked_logdir_and_names_its_events_unguessably(tm
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "runs").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(OutputError, match="is a symbolic link"):
-        RunLog().open_tensorboard(str(tmp_path / "runs"), 0, {}, 0)
+        RunLog().open_trackers(("tensorboard",), TrackedRun(str(tmp_path / "runs"), "ckpt", None, purge_step=0))
     assert not os.listdir(tmp_path / "elsewhere")
 
     names = []
     for run in ("a", "b"):
         log = RunLog()
-        log.open_tensorboard(str(tmp_path / run), 0, {"lr": 1}, 0)
+        log.open_trackers(("tensorboard",), TrackedRun(str(tmp_path / run), "ckpt", None, purge_step=0))
+        log.config({"lr": 1}, 0)
         log.close()
         names += os.listdir(tmp_path / run)
     suffixes = [name.rsplit(".", 1)[1] for name in names]
@@ -82,7 +84,8 @@ def test_events_that_cannot_be_written_are_one_line_and_ask_the_run_to_stop(tmp_
         signum = None
 
     log = RunLog(stop=Stop())
-    log.open_tensorboard(str(tmp_path / "runs"), 0, {}, 0)
+    log.open_trackers(("tensorboard",), TrackedRun(str(tmp_path / "runs"), "ckpt", None, purge_step=0))
+    events = log.trackers.trackers[0].events  # TensorBoard's, the only tracker
 
     class Full:
         def add_scalar(self, *args):
@@ -91,10 +94,10 @@ def test_events_that_cannot_be_written_are_one_line_and_ask_the_run_to_stop(tmp_
         def close(self):
             raise OSError(28, "No space left on device")
 
-    log.events.writer.close()
-    log.events.writer = Full()
-    log.scalars({"train/loss": 1.0}, 1)
+    events.writer.close()
+    events.writer = Full()
+    log.scalars({"train/loss": 1.0}, 1, 0)
 
     assert log.failure.startswith(f"--logdir {tmp_path / 'runs'}: cannot be written (No space left on device")
-    assert log.events.stop.signum is not None and log.events.writer is None
+    assert events.stop.signum is not None and events.writer is None
     log.flush()  # nothing more is attempted

@@ -7,10 +7,10 @@ signal while the first image cache is being built.
 import sys
 import time
 
-from brain_trainer.data import flickr8k_dataset
+from brain_trainer.data import images
 from brain_trainer.train import main
 
-real_decode = flickr8k_dataset.decode_image
+real_decode = images.decode_image
 
 
 def slow_decode(*args, **kwargs):
@@ -19,5 +19,5 @@ def slow_decode(*args, **kwargs):
     return real_decode(*args, **kwargs)
 
 
-flickr8k_dataset.decode_image = slow_decode
+images.decode_image = slow_decode
 sys.exit(main(sys.argv[1:], program=("python", "train_multimodal_brain_flickr8k.py")))
