@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from brain_trainer import load_brain
-from brain_trainer.data.flickr8k_dataset import load_splits
+from brain_trainer.data.layouts import load_splits
 from brain_trainer.inference import InferenceError
 
 pytestmark = pytest.mark.slow
