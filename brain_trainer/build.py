@@ -54,9 +54,10 @@ from brain_trainer.data.loaders import (
     check_split_sizes,
     end_loader_workers,
     eval_loader,
-    image_source,
     load_data,
+    split_images,
 )
+from brain_trainer.data.shards_run import ShardData, load_shards
 from brain_trainer.data.text import CaptionCollator
 from brain_trainer.evaluation import Evaluator
 from brain_trainer.model_factory import build_model
@@ -208,6 +209,7 @@ def build_run(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLo
     if data_note:
         log.print(data_note)
     data = load_data(
+        shards=_shards(options, runtime, log),
         root_dir=options.root_dir,
         annotations=options.annotations,
         val_fraction=options.val_fraction,
@@ -221,6 +223,7 @@ def build_run(command: CommandLine, resume: Resume, runtime: Runtime, log: RunLo
     )
     check_split_sizes(
         data.splits,
+        train_samples=data.train_samples(),
         batch_size=settings.batch_size,
         eval_split=options.eval_only and options.eval_split,
         folds=options.folds,
@@ -260,15 +263,30 @@ def restore(run: Run, resume: Resume, overridden: list, log: RunLog) -> None:
         state=run.state,
     )
     apply_group_settings(run.optimizer, run.settings)
-    train = run.data.splits["train"]
-    if run.state.samples_seen > len(train):
+    samples = run.data.train_samples()
+    if run.state.samples_seen > samples:
         raise CheckpointError(
             f"{location}: field 'data_state.samples_seen' is {run.state.samples_seen}, "
-            f"beyond the epoch's {len(train)} samples; the file is damaged "
+            f"beyond the epoch's {samples} samples; the file is damaged "
             f"(or of other data): resume from another checkpoint"
         )
     log.resume_block(
-        location=location, lines=lines, checkpoint=checkpoint, overridden=overridden, fingerprint=train.fingerprint()
+        location=location, lines=lines, checkpoint=checkpoint, overridden=overridden, fingerprint=run.data.fingerprint()
+    )
+
+
+def _shards(options: RunOptions, runtime: Runtime, log: RunLog) -> ShardData | None:
+    """`--train_shards` (and `--val_shards`): their indexes, built once on the main process."""
+    if not options.train_shards:
+        return None
+    return load_shards(
+        train_shards=options.train_shards,
+        val_shards=options.val_shards,
+        storage_options=options.storage_options,
+        cache_dir=_cache_dir(options),
+        shard_cache_gb=options.shard_cache_gb,
+        runtime=runtime,
+        log=log,
     )
 
 
@@ -280,7 +298,7 @@ def load_image_weights_file(model: BrainModel, path: str, log: RunLog) -> None:
 
 
 def _cache_dir(options: RunOptions) -> Path:
-    return options.cache_dir or options.root_dir / ".brain_cache"
+    return options.cache_dir or (options.root_dir / ".brain_cache" if options.root_dir else Path(".brain_cache"))
 
 
 def make_evaluator(run: Run, split_name: str, images, options: RunOptions, runtime: Runtime) -> Evaluator:
@@ -310,8 +328,9 @@ def make_evaluator(run: Run, split_name: str, images, options: RunOptions, runti
 
 def build_eval(run: Run, options: RunOptions, runtime: Runtime, log: RunLog) -> Evaluator:
     """`eval`: the evaluator of `--eval_split` over its images (cached as training caches them)."""
-    images, _ = image_source(
-        run.data.splits[options.eval_split],
+    images, _ = split_images(
+        run.data,
+        options.eval_split,
         use_cache=run.settings.cache_images,
         image_size=run.model_config.image_size,
         cache_dir=_cache_dir(options),
@@ -335,7 +354,7 @@ def run_record(run: Run, resume: Resume, settings: TrainSettings, runtime: Runti
     return RunRecord(
         config={**run.model_config.to_dict(), **asdict(settings)},
         tokenizer_json=run.data.tokenizer_json,
-        fingerprint=run.data.splits["train"].fingerprint(),
+        fingerprint=run.data.fingerprint(),
         lineage=lineage,
         data=run.data.record,
     )
@@ -344,7 +363,7 @@ def run_record(run: Run, resume: Resume, settings: TrainSettings, runtime: Runti
 def start_loaders(run: Run, runtime: Runtime, log: RunLog) -> tuple[TrainLoaders, object, TrainSettings]:
     """The image sources (the decode-once cache, built on the main process, or the JPEGs) and the training
     loaders; returns them, the val images, and the settings recording whether the run decodes JPEGs."""
-    settings, splits, options = run.settings, run.data.splits, run.options
+    settings, options = run.settings, run.options
     cache = {
         "use_cache": settings.cache_images,
         "image_size": run.model_config.image_size,
@@ -352,8 +371,8 @@ def start_loaders(run: Run, runtime: Runtime, log: RunLog) -> tuple[TrainLoaders
         "cache_dir": _cache_dir(options),
         "num_workers": options.num_workers,
     }
-    train_images, cached = image_source(splits["train"], log=log, **cache)
-    val_images, cached = image_source(splits["val"], log=log, **{**cache, "use_cache": cached})
+    train_images, cached = split_images(run.data, "train", log=log, **cache)
+    val_images, cached = split_images(run.data, "val", log=log, **{**cache, "use_cache": cached})
     settings = replace(settings, cache_images=cached)  # one ⚠ line, and the run records that it decodes JPEGs
     loaders = build_loaders(
         run.data,
@@ -459,7 +478,7 @@ def start_training(run: Run, resume: Resume, runtime: Runtime, log: RunLog, hold
     open_logging(run, resume, runtime, log, hold)
     trainer = make_trainer(run, resume, runtime, log, storage=storage, hold=hold)
     log.banner(
-        train_samples=len(run.data.splits["train"]),
+        train_samples=run.data.train_samples(),
         val_samples=len(run.data.splits["val"]),
         device=runtime.device,
         precision=run.settings.precision,

@@ -8,6 +8,7 @@
     brain-trainer embed --checkpoint checkpoints_brain_v2/best_brain_v2.pt --images photos/ --out photos.index
     brain-trainer search --index photos.index --text "a dog running on the beach" -k 5
     brain-trainer export --checkpoint checkpoints_brain_v2/best_brain_v2.pt --out brain_export
+    brain-trainer shards index 'data/cc/{00000..00099}.tar'
 
 Each subcommand's own `--help` is its reference; `brain-trainer --version` prints the version.
 """
@@ -29,6 +30,7 @@ SUBCOMMANDS = {
     "embed": "embed a folder of images (and captions) with a checkpoint into an index",
     "search": "search an index by text or image (exact cosine, the model's retrieval)",
     "export": "export a checkpoint as safetensors + config + tokenizer, or as two ONNX towers",
+    "shards": "index WebDataset shards (a disk or an object store) for training with --train_shards",
 }
 
 
@@ -74,6 +76,12 @@ def _export(argv: list[str], program: tuple[str, ...]) -> int:
     return export_main(argv, prog=" ".join((*program, "export")))
 
 
+def _shards(argv: list[str], program: tuple[str, ...]) -> int:
+    from brain_trainer.data.shards_cli import main as shards_main
+
+    return shards_main(argv, prog=" ".join((*program, "shards")))
+
+
 COMMANDS: dict[str, Callable[[list[str], tuple[str, ...]], int]] = {
     "train": _train,
     "eval": _eval,
@@ -82,6 +90,7 @@ COMMANDS: dict[str, Callable[[list[str], tuple[str, ...]], int]] = {
     "embed": _embed,
     "search": _search,
     "export": _export,
+    "shards": _shards,
 }
 
 

@@ -66,6 +66,9 @@ class RunOptions:
     test_fraction: float | None
     num_workers: int
     cache_dir: Path | None
+    train_shards: str | None  # WebDataset shards to train on (a brace pattern, `::`-joined, local or s3://)
+    val_shards: str | None
+    shard_cache_gb: float  # bound of the local cache of remote shards (0: ranged reads)
     device: str
     threads: int | None  # intra-op threads per process; None: OMP_NUM_THREADS, else the runtime's rule
     deterministic: bool
@@ -231,7 +234,25 @@ def parse_args(
     data.add_argument(
         "--num_workers", type=int, default=2, help="data loader processes per training process (default: 2)"
     )
-    data.add_argument("--cache_dir", type=Path, help="image cache folder (default: ROOT_DIR/.brain_cache)")
+    data.add_argument(
+        "--cache_dir",
+        type=Path,
+        help="image cache, shard index and shard cache folder (default: ROOT_DIR/.brain_cache, else .brain_cache)",
+    )
+    data.add_argument(
+        "--train_shards",
+        help="train on WebDataset shards instead of ROOT_DIR's train split: a brace pattern such as "
+        "'data/cc/{00000..00099}.tar' or 's3://bucket/cc/{00000..41455}.tar', several joined with '::' "
+        "(README: Data at scale); on resume: the checkpoint's",
+    )
+    data.add_argument("--val_shards", help="validate on WebDataset shards (default: ROOT_DIR's val split)")
+    data.add_argument(
+        "--shard_cache_gb",
+        type=float,
+        default=20.0,
+        help="remote shards: local cache bound in GB, shared by a machine's processes (0: read each sample's "
+        "bytes from the store) (default: 20)",
+    )
     setting(data, "image_size", int, help="image side in pixels")
     setting(data, "max_text_len", int, help="captions are cut at this many tokens")
     setting(data, "hflip", bool, help="random horizontal flips (off: captions say left and right)")
@@ -388,23 +409,29 @@ def default_logdir(savedir: str) -> str:
 
 
 def with_saved_data(command: CommandLine, saved: dict | None) -> tuple[CommandLine, str | None]:
-    """`--root_dir` (and `--annotations`) from the checkpoint when not given, with the line that says so; the
-    command line wins, and a checkpoint that does not say where its data is leaves the options as they are."""
+    """`--root_dir` (and `--annotations`) and the shards from the checkpoint when none is given, with the line
+    that says so; the command line wins, and a checkpoint that does not say where its data is leaves the options
+    as they are."""
     options = command.options
-    if options.root_dir is not None or not isinstance(saved, dict) or not isinstance(saved.get("root_dir"), str):
+    saved = saved if isinstance(saved, dict) else {}
+    shards = {name: saved[name] for name in ("train_shards", "val_shards") if isinstance(saved.get(name), str)}
+    if options.root_dir is not None or options.train_shards is not None or not (saved.get("root_dir") or shards):
         return command, None
-    annotations = saved.get("annotations") if options.annotations == "auto" else options.annotations
-    fractions = {
-        name: getattr(options, name) if getattr(options, name) is not None else saved.get(name)
-        for name in ("val_fraction", "test_fraction")
-    }
-    options = replace(
-        options,
-        root_dir=Path(saved["root_dir"]),
-        annotations=annotations if isinstance(annotations, str) else "auto",
-        **{name: value if isinstance(value, float) else None for name, value in fractions.items()},
-    )
-    note = f"Data: {saved['root_dir']} (from the checkpoint; pass --root_dir to use other data)"
+    options = replace(options, **shards)
+    if isinstance(saved.get("root_dir"), str):
+        annotations = saved.get("annotations") if options.annotations == "auto" else options.annotations
+        fractions = {
+            name: getattr(options, name) if getattr(options, name) is not None else saved.get(name)
+            for name in ("val_fraction", "test_fraction")
+        }
+        options = replace(
+            options,
+            root_dir=Path(saved["root_dir"]),
+            annotations=annotations if isinstance(annotations, str) else "auto",
+            **{name: value if isinstance(value, float) else None for name, value in fractions.items()},
+        )
+    where = " and ".join(str(value) for value in (saved.get("root_dir"), *shards.values()) if value)
+    note = f"Data: {where} (from the checkpoint; pass --root_dir or --train_shards to use other data)"
     return CommandLine(options, command.given), note
 
 
@@ -473,17 +500,19 @@ def check_settings(
     (and the checkpoint, when the value came from one)."""
     need = _need(from_checkpoint or {})
     need(
-        options.root_dir is not None,
+        options.root_dir is not None or (options.train_shards and options.val_shards),
         "root_dir",
         "(missing)",
         "give the Flickr8k folder, or use --demo"
-        + (" (the checkpoint does not say where its data is)" if options.resume else ""),
+        + (" (the checkpoint does not say where its data is)" if options.resume else "")
+        + ("; with --train_shards, give --root_dir or --val_shards for validation" if options.train_shards else ""),
     )
     check_run_settings(model_config, settings, world_size, from_checkpoint)
     need(options.num_workers >= 0, "num_workers", options.num_workers, "must not be negative")
     need(options.threads is None or options.threads >= 1, "threads", options.threads, "must be at least 1")
     need(options.log_every >= 1, "log_every", options.log_every, "must be a positive integer")
     _check_data_options(options, need)
+    _check_shard_options(options, need)
     for name in options.report_to:
         need(missing_library(name) is None, "report_to", name, missing_library(name))
     need(
@@ -727,3 +756,29 @@ def _check_data_options(options: RunOptions, need) -> None:
         value = getattr(options, flag)
         need(value is None or 0 < value < 0.5, flag, value, "must be a fraction of the images in (0, 0.5)")
     need(options.folds >= 1, "folds", options.folds, "must be a positive integer (1: the whole split only)")
+
+
+def _check_shard_options(options: RunOptions, need) -> None:
+    need(
+        options.val_shards is None or options.train_shards is not None,
+        "val_shards",
+        options.val_shards,
+        "needs --train_shards (validation from shards goes with training from shards)",
+    )
+    for flag in ("train_shards", "val_shards"):
+        value = getattr(options, flag)
+        need(
+            value is None or value.strip(), flag, repr(value), "give a shard pattern such as 'data/{00000..00099}.tar'"
+        )
+    need(
+        options.shard_cache_gb >= 0 and math.isfinite(options.shard_cache_gb),
+        "shard_cache_gb",
+        options.shard_cache_gb,
+        "must be a number of GB >= 0 (0: no cache, ranged reads)",
+    )
+    need(
+        not (options.train_shards and options.eval_only and options.eval_split == "test" and options.root_dir is None),
+        "eval_split",
+        "test",
+        "the test split comes from --root_dir; give it (shards hold train and val only)",
+    )

@@ -5,10 +5,11 @@ decode-once cache's memory-mapped pixels (`image_cache.py` builds it)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -30,8 +31,9 @@ class ImageSource(Protocol):
         """The image as a uint8 (3, H, W) tensor; raises UnreadableImage when it cannot be read."""
 
 
-def decode_image(path: Path, shorter_side: int | None = None) -> torch.Tensor:
-    """Decode a file to uint8 RGB (3, H, W), optionally resized so its shorter side is `shorter_side`.
+def decode_image(path: Path | BinaryIO, shorter_side: int | None = None) -> torch.Tensor:
+    """Decode a file (or an open binary file: a shard member's bytes) to uint8 RGB (3, H, W), optionally resized
+    so its shorter side is `shorter_side`.
 
     Raises UnreadableImage for every file that cannot be an image of the set, a decompression bomb (a small file
     that claims more pixels than PIL's limit) included."""
@@ -40,7 +42,8 @@ def decode_image(path: Path, shorter_side: int | None = None) -> torch.Tensor:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return _decode(path, shorter_side)
     except (*DECODE_ERRORS, Image.DecompressionBombWarning) as error:
-        raise UnreadableImage(f"{Path(path).name}: {error}") from error
+        name = Path(path).name if isinstance(path, (str, os.PathLike)) else "image bytes"
+        raise UnreadableImage(f"{name}: {error}") from error
 
 
 def _decode(path: Path, shorter_side: int | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from brain_trainer.config import ConfigError
-from brain_trainer.data.annotations import DatasetError, Split
+from brain_trainer.data.annotations import SPLITS, DatasetError, Split
 from brain_trainer.data.augment import TrainAugment
 from brain_trainer.data.datasets import CaptionedImages, UniqueImages
 from brain_trainer.data.image_cache import build_image_cache
@@ -23,6 +23,8 @@ from brain_trainer.data.images import CachedImages, ImageSource, JpegImages
 from brain_trainer.data.layouts import DataSource, read_splits
 from brain_trainer.data.sample_data import write_sample_dataset
 from brain_trainer.data.sampler import ResumableSampler
+from brain_trainer.data.shards_order import ShardSampler
+from brain_trainer.data.shards_run import ShardData, train_dataset, val_split
 from brain_trainer.data.text import CaptionCollator, pretrained_tokenizer, tokenizer_from_json, train_caption_tokenizer
 from brain_trainer.run_log import RunLog
 from brain_trainer.runtime import Runtime
@@ -34,11 +36,19 @@ class Data:
     tokenizer: object
     tokenizer_json: str | None  # the scratch tokenizer, saved with the run
     record: dict  # where the data is and how it is split (`DataSource.record`), saved with the run
+    shards: ShardData | None = None  # --train_shards: training (and with --val_shards, validation) from shards
+
+    def train_samples(self) -> int:
+        return len(self.shards.train) if self.shards else len(self.splits["train"])
+
+    def fingerprint(self) -> dict:
+        """Of the training data: tells whether a resume sees the same data."""
+        return self.shards.train.fingerprint() if self.shards else self.splits["train"].fingerprint()
 
 
 def load_data(
     *,
-    root_dir: Path,
+    root_dir: Path | None,
     annotations: str,
     val_fraction: float | None = None,
     test_fraction: float | None = None,
@@ -48,30 +58,45 @@ def load_data(
     saved_tokenizer: str | None,
     runtime: Runtime,
     log: RunLog,
+    shards: ShardData | None = None,
 ) -> Data:
     """Read the annotations and make the tokenizer (from the checkpoint, trained on captions, or pretrained).
-    The demo data is written by the main process, once; the others wait for it."""
+    The demo data is written by the main process, once; the others wait for it. With shards, training (and with
+    --val_shards, validation) comes from them; --root_dir, when given, holds the other splits."""
     if demo:  # decided on the main process: a collective must not depend on what each process sees on disk
         runtime.on_main(lambda: write_demo_data(root_dir, log))
-    source = DataSource(root_dir, annotations, val_fraction, test_fraction)
+    splits, record = {name: Split(name, Path()) for name in SPLITS}, {}
+    if root_dir is not None:
+        source = DataSource(root_dir, annotations, val_fraction, test_fraction)
+        splits, record = read_files(source, log), source.record()
+    if shards is not None:
+        record = {**record, **shards.record()}
+    if shards is not None and shards.val is not None:
+        splits["val"] = val_split(shards)
+    if text_encoder != "scratch":
+        return Data(splits, pretrained_tokenizer(text_encoder), None, record, shards)
+    if saved_tokenizer is not None:
+        try:
+            return Data(splits, tokenizer_from_json(saved_tokenizer), saved_tokenizer, record, shards)
+        except Exception as error:  # tokenizers raises its own exception type for malformed JSON
+            raise ConfigError(
+                f"the checkpoint's field 'tokenizer' cannot be read ({str(error).splitlines()[0]}); "
+                f"the file is damaged: resume from another checkpoint"
+            ) from None
+    captions = shards.train.tokenizer_captions() if shards else splits["train"].captions
+    tokenizer_json = train_caption_tokenizer(captions, vocab_size).backend_tokenizer.to_str()
+    return Data(splits, tokenizer_from_json(tokenizer_json), tokenizer_json, record, shards)
+
+
+def read_files(source: DataSource, log: RunLog) -> dict[str, Split]:
+    """The splits of a data folder, with its summary line and the skip warning printed."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         splits, summary = read_splits(source)
     log.print(summary)
     for warning in caught:
         log.print(f"⚠ {warning.message}")
-    if text_encoder != "scratch":
-        return Data(splits, pretrained_tokenizer(text_encoder), None, source.record())
-    if saved_tokenizer is not None:
-        try:
-            return Data(splits, tokenizer_from_json(saved_tokenizer), saved_tokenizer, source.record())
-        except Exception as error:  # tokenizers raises its own exception type for malformed JSON
-            raise ConfigError(
-                f"the checkpoint's field 'tokenizer' cannot be read ({str(error).splitlines()[0]}); "
-                f"the file is damaged: resume from another checkpoint"
-            ) from None
-    tokenizer_json = train_caption_tokenizer(splits["train"].captions, vocab_size).backend_tokenizer.to_str()
-    return Data(splits, tokenizer_from_json(tokenizer_json), tokenizer_json, source.record())
+    return splits
 
 
 def write_demo_data(root_dir: Path, log: RunLog) -> None:
@@ -80,12 +105,14 @@ def write_demo_data(root_dir: Path, log: RunLog) -> None:
         write_sample_dataset(root_dir)
 
 
-def check_split_sizes(splits: dict[str, Split], *, batch_size: int, eval_split: str | None, folds: int = 1) -> None:
+def check_split_sizes(
+    splits: dict[str, Split], *, batch_size: int, eval_split: str | None, folds: int = 1, train_samples: int
+) -> None:
     """Enough samples for the run, said at startup: a global batch to train on, two captions and an image to
     evaluate (a contrastive loss needs a negative), an image for each of `eval --folds`."""
-    if len(splits["train"]) < batch_size:
+    if train_samples < batch_size:
         raise DatasetError(
-            f"the train split has {len(splits['train'])} samples, fewer than one batch "
+            f"the train split has {train_samples} samples, fewer than one batch "
             f"(--batch_size {batch_size}); lower --batch_size or add data"
         )
     for name in ["val"] + ([eval_split] if eval_split and eval_split != "val" else []):
@@ -126,6 +153,16 @@ def image_source(
                 f"(recorded as cache_images=False)"
             )
     return JpegImages(split.image_paths()), False
+
+
+def split_images(data: Data, name: str, **cache) -> tuple[ImageSource | None, bool]:
+    """The images of split `name` and whether they come from the cache (`image_source`'s arguments in `cache`):
+    from the shards where they hold the split, none for training from shards (its dataset reads them)."""
+    if data.shards is not None and name == "train":
+        return None, cache["use_cache"]
+    if data.shards is not None and data.shards.val is not None and name == "val":
+        return data.shards.val_images(), cache["use_cache"]
+    return image_source(data.splits[name], **cache)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -179,7 +216,7 @@ def eval_loader(
 @dataclass
 class TrainLoaders:
     train: DataLoader
-    sampler: ResumableSampler
+    sampler: ResumableSampler | ShardSampler
     train_samples: int
     steps_per_epoch: int
 
@@ -188,7 +225,7 @@ def build_loaders(
     data: Data,
     collator: CaptionCollator,
     *,
-    train_images: ImageSource,
+    train_images: ImageSource | None,
     image_size: int,
     hflip: bool,
     batch_size: int,
@@ -196,10 +233,15 @@ def build_loaders(
     num_workers: int,
     runtime: Runtime,
 ) -> TrainLoaders:
-    """The training loader: this process's slice of each global batch."""
+    """The training loader: this process's slice of each global batch (of files, or of shards)."""
     train_split = data.splits["train"]
-    sampler = ResumableSampler(len(train_split), seed, batch_size, runtime.rank, runtime.world_size)
-    dataset = CaptionedImages(train_split, train_images, TrainAugment(image_size, hflip=hflip), seed)
+    if data.shards is not None:
+        dataset, sampler = train_dataset(
+            data.shards, image_size=image_size, hflip=hflip, batch_size=batch_size, seed=seed, runtime=runtime
+        )
+    else:
+        sampler = ResumableSampler(len(train_split), seed, batch_size, runtime.rank, runtime.world_size)
+        dataset = CaptionedImages(train_split, train_images, TrainAugment(image_size, hflip=hflip), seed)
     train = make_loader(
         dataset,
         batch_size=runtime.per_process(batch_size),
@@ -210,4 +252,4 @@ def build_loaders(
         collate_fn=collator,
         drop_last=True,
     )
-    return TrainLoaders(train, sampler, len(train_split), len(train_split) // batch_size)
+    return TrainLoaders(train, sampler, data.train_samples(), data.train_samples() // batch_size)

@@ -237,6 +237,7 @@ WRITERS = {
     "karpathy-coco": _karpathy_writer("dataset_coco.json", ""),
 }
 SAMPLE_LAYOUTS = tuple(WRITERS)  # a layout of the registry (LAYOUTS), or LAYOUT-SHAPE: that layout shaped as a data set
+SHARDS_LAYOUT = "webdataset"  # train and val shards as img2dataset writes them (shards_sample.py)
 
 
 def check_size(width: int, height: int) -> None:
@@ -258,10 +259,11 @@ def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data")
     parser.add_argument("root", type=Path, help="folder to write the data set into (created if absent)")
     parser.add_argument(
         "--layout",
-        choices=SAMPLE_LAYOUTS,
+        choices=(*SAMPLE_LAYOUTS, SHARDS_LAYOUT),
         default="token",
         help="the annotation layout to write: a layout the trainer reads, or karpathy-flickr30k / karpathy-coco "
-        "(Karpathy's JSON named and shaped as for Flickr30k / COCO) (default: token)",
+        "(Karpathy's JSON named and shaped as for Flickr30k / COCO), or webdataset: train and val tar shards "
+        "for --train_shards/--val_shards (default: token)",
     )
     parser.add_argument("--images", type=int, default=600, help="how many images to draw (default: 600)")
     parser.add_argument("--val", type=int, default=100, help="of them, held out for validation (default: 100)")
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data")
             file=sys.stderr,
         )
         return 2
+    if args.layout == SHARDS_LAYOUT:
+        return _write_shards(args)
     try:
         width, height = (int(part) for part in args.size.lower().split("x"))
         check_size(width, height)
@@ -291,4 +295,17 @@ def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data")
         print(f"Error: sample-data {describe(error, error.filename or args.root)}", file=sys.stderr)
         return 2
     print(f"Wrote {args.images} images ({args.layout} layout) to {args.root}")
+    return 0
+
+
+def _write_shards(args: argparse.Namespace) -> int:
+    from brain_trainer.data.shards_sample import write_sample_shards
+
+    try:
+        width, height = (int(part) for part in args.size.lower().split("x"))
+        train, val = write_sample_shards(args.root, args.images, args.val, size=(width, height), seed=args.seed)
+    except ValueError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
+    print(f"Wrote {args.images} images as shards to {args.root}: --train_shards '{train}' --val_shards '{val}'")
     return 0
