@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 import torchvision
@@ -25,6 +25,7 @@ from brain_trainer.runtime.precision import PRECISIONS
 from brain_trainer.tracking import DEFAULT_REPORT_TO, TRACKERS, missing_library
 
 DEMO_ROOT = Path("data/flickr8k_sample")
+LOGDIR_ROOT = "runs_brain_v2"  # TensorBoard's folder of every run's curves, each in a folder of its own
 ANNOTATIONS = ("auto", *LAYOUTS)  # or the path of an annotation file
 MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_LOCK_EXPIRY_S = 366 * 86400  # an object store's lock: an expiry further away is not one this program wrote
@@ -144,6 +145,35 @@ ACCUM_HELP = (
 )
 
 
+# Flags `eval` never reads: left out of its parser (their defaults stay), so its --help is its own and a training
+# flag given to eval is refused instead of ignored.
+TRAINING_ONLY = frozenset(
+    {"epochs", "accum_steps", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "seed", "hflip"}
+    | {"save_every_steps", "keep_last", "compile", "lock_expiry", "overwrite", "sync_saves", "logdir", "log_every"}
+    | {"eval_only", "demo"}
+)
+EVAL_DESCRIPTION = """`brain-trainer eval`: a checkpoint's retrieval on a split, as training evaluates it at epoch ends.
+
+    brain-trainer eval --resume checkpoints_brain_v2/best_brain_v2.pt --eval_split test
+
+The architecture, the tokenizer and the data's location come from the checkpoint (the command line wins)."""
+
+
+class _Flags:
+    """An argument group that leaves out the flags in `skip`, keeping their defaults."""
+
+    def __init__(self, parser: argparse.ArgumentParser, title: str, skip: frozenset = frozenset()):
+        self.parser, self.group, self.skip = parser, parser.add_argument_group(title), skip
+
+    def add_argument(self, *flags: str, **options) -> None:
+        name = options.get("dest", flags[-1].lstrip("-").replace("-", "_"))
+        if name in self.skip:
+            default = options.get("default", False if options.get("action") == "store_true" else None)
+            self.parser.set_defaults(**{name: default})
+        else:
+            self.group.add_argument(*flags, **options)
+
+
 def _report_to(text: str) -> tuple[str, ...]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
@@ -168,8 +198,11 @@ def parse_args(
     """Settings default to None here: None means "not given", so that on resume the checkpoint's value
     applies (see `resolve_settings`)."""
     parser = _Parser(
-        prog=" ".join(program), description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=" ".join(program),
+        description=EVAL_DESCRIPTION if eval_only else description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    group = lambda title: _Flags(parser, title, TRAINING_ONLY if eval_only else frozenset())
 
     def setting(group, name: str, kind=None, **options) -> None:
         help_text = f"{options.pop('help')} (default: {SETTING_DEFAULTS[name]}; on resume: the checkpoint's)"
@@ -178,7 +211,7 @@ def parse_args(
         else:
             group.add_argument(f"--{name}", type=kind, default=None, help=help_text, **options)
 
-    data = parser.add_argument_group("data")
+    data = group("data")
     data.add_argument(
         "--root_dir",
         type=Path,
@@ -225,11 +258,19 @@ def parse_args(
     setting(data, "hflip", bool, help="random horizontal flips (off: captions say left and right)")
     setting(data, "cache_images", bool, help="decode each image once into a memory-mapped cache")
 
-    model = parser.add_argument_group("model")
+    model = group("model")
     setting(model, "image_encoder", str, help="torchvision CNN classifier, e.g. resnet50, resnet18, convnext_tiny")
     setting(model, "image_weights", str, help="DEFAULT, a torchvision weights name, a local .pth file, or none")
     setting(model, "text_encoder", str, help="Hugging Face model name or local folder, or scratch")
-    setting(model, "vocab_size", int, help="WordPiece vocabulary size for --text_encoder scratch")
+    setting(
+        model,
+        "vocab_size",
+        int,
+        help="--text_encoder scratch: the most WordPiece tokens to learn from the training captions (special "
+        "tokens, every character, then whole words by frequency); the size learnt is the checkpoint's "
+        "text_vocab_size (ckpt inspect): smaller when the captions hold fewer distinct words, larger only when "
+        "their characters alone outnumber it",
+    )
     setting(model, "scratch_text_width", int, help="hidden size of the scratch text encoder")
     setting(model, "scratch_text_layers", int, help="layers of the scratch text encoder")
     setting(model, "d_shared", int, help="width of the shared space and the brain core")
@@ -237,7 +278,7 @@ def parse_args(
     setting(model, "brain_heads", int, help="attention heads in the brain core")
     setting(model, "dropout", float, help="dropout in the brain core and scratch text encoder")
 
-    optimisation = parser.add_argument_group("optimisation")
+    optimisation = group("optimisation")
     setting(optimisation, "epochs", int, help="train until this many epochs are done")
     setting(optimisation, "batch_size", int, help="pairs per step over all processes (must divide by their number)")
     setting(optimisation, "accum_steps", int, help=ACCUM_HELP)
@@ -248,7 +289,7 @@ def parse_args(
     setting(optimisation, "grad_clip", float, help="clip the gradient norm at this value (0: no clipping)")
     setting(optimisation, "seed", int, help=f"seed of every random choice in the run, 0 to {MAX_SEED}")
 
-    device = parser.add_argument_group("precision and device")
+    device = group("precision and device")
     setting(
         device,
         "precision",
@@ -272,7 +313,7 @@ def parse_args(
     device.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (slower)")
     device.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
 
-    saving = parser.add_argument_group("checkpointing")
+    saving = group("checkpointing")
     saving.add_argument(
         "--savedir",
         default="checkpoints_brain_v2",
@@ -283,9 +324,13 @@ def parse_args(
         type=_json_object,
         default={},
         help="JSON options for the object store's client, e.g. '{\"endpoint_url\": "
-        '"http://127.0.0.1:9000"}\' (s3fs; AWS_ENDPOINT_URL and AWS_PROFILE work too)',
+        '"http://127.0.0.1:9000"}\' (s3fs; AWS_ENDPOINT_URL and AWS_PROFILE work too; default: none)',
     )
-    saving.add_argument("--resume", help="checkpoint file, a folder holding one, or auto (newest in --savedir)")
+    saving.add_argument(
+        "--resume",
+        help="checkpoint file, a folder holding one, or auto (newest in --savedir); eval needs it, train without it "
+        "starts a fresh run",
+    )
     saving.add_argument(
         "--lock_expiry",
         type=float,
@@ -295,7 +340,9 @@ def parse_args(
         "(default: 120)",
     )
     saving.add_argument(
-        "--overwrite", action="store_true", help="let this run replace the checkpoints another run left in --savedir"
+        "--overwrite",
+        action="store_true",
+        help="let this run replace the checkpoints another run left in --savedir, and hide its curves in --logdir",
     )
     saving.add_argument(
         "--sync_saves",
@@ -308,11 +355,12 @@ def parse_args(
     setting(saving, "save_every_steps", int, help="also save last_brain_v2.pt every N steps (0: epoch ends only)")
     setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
 
-    logging = parser.add_argument_group("logging and evaluation")
+    logging = group("logging and evaluation")
     logging.add_argument(
         "--logdir",
-        default="runs_brain_v2",
-        help="TensorBoard's and metrics.jsonl's folder, local (default: runs_brain_v2)",
+        help=f"TensorBoard's and metrics.jsonl's folder, local (default: {LOGDIR_ROOT}/NAME, NAME the last part "
+        f"of --savedir: each checkpoint folder's curves apart, side by side in tensorboard --logdir {LOGDIR_ROOT}); "
+        "a folder holding another run's events is refused unless --overwrite",
     )
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
     logging.add_argument(
@@ -324,7 +372,12 @@ def parse_args(
     )
     logging.add_argument("--run_name", help="the run's name in MLflow and W&B (default: theirs)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
-    logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
+    logging.add_argument(
+        "--eval_split",
+        choices=("val", "test"),
+        default="val",
+        help="split to evaluate (eval, --eval_only; default: val)",
+    )
     logging.add_argument(
         "--folds",
         type=int,
@@ -340,11 +393,19 @@ def parse_args(
         args.pop(f.name, None)
     if args["demo"] and args["root_dir"] is None:
         args["root_dir"] = DEMO_ROOT
+    args["logdir"] = args["logdir"] or default_logdir(args["savedir"])
     if args["root_dir"] is None and args["annotations"] not in ANNOTATIONS:
         args["root_dir"] = Path(args["annotations"]).parent
     args["argv"] = tuple(sys.argv[1:] if argv is None else argv)
     args["program"] = tuple(program)
     return CommandLine(RunOptions(**args), given)
+
+
+def default_logdir(savedir: str) -> str:
+    """runs_brain_v2/NAME, NAME the checkpoint folder's last part: a run in another folder gets curves of its own
+    (as Lightning's lightning_logs/version_N), and a resume into the same folder finds its own again."""
+    name = PurePosixPath(savedir.rstrip("/")).name if "://" in savedir else os.path.basename(os.path.abspath(savedir))
+    return f"{LOGDIR_ROOT}/{name or 'run'}"
 
 
 def with_saved_data(command: CommandLine, saved: dict | None) -> tuple[CommandLine, str | None]:
