@@ -9,6 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from brain_trainer import load_brain
+from brain_trainer.data.images import UnreadableImage
 from brain_trainer.data.layouts import load_splits
 from brain_trainer.inference import InferenceError
 
@@ -43,5 +44,5 @@ def test_other_inputs_are_one_error_naming_what_it_takes(brain_and_pngs):
     for wrong in (pixels.float() / 255, pixels[:, :1], 7):
         with pytest.raises(InferenceError, match="pass file paths, PIL images or uint8 RGB pixels"):
             brain.embed_images(wrong)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UnreadableImage, match="missing.png"):
         brain.embed_images([pngs[0].with_name("missing.png")])
