@@ -189,29 +189,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"Error: {message} (see --help)\n")
 
 
-def parse_args(
-    argv: list[str] | None = None,
-    description: str = "",
-    program: tuple[str, ...] = ("brain-trainer", "train"),
-    eval_only: bool = False,
-) -> CommandLine:
-    """Settings default to None here: None means "not given", so that on resume the checkpoint's value
-    applies (see `resolve_settings`)."""
-    parser = _Parser(
-        prog=" ".join(program),
-        description=EVAL_DESCRIPTION if eval_only else description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    group = lambda title: _Flags(parser, title, TRAINING_ONLY if eval_only else frozenset())
+def _setting(group: _Flags, name: str, kind=None, **options) -> None:
+    """A setting: saved in the checkpoint, None when not given (so a resume takes the checkpoint's)."""
+    help_text = f"{options.pop('help')} (default: {SETTING_DEFAULTS[name]}; on resume: the checkpoint's)"
+    if kind is bool:
+        group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        group.add_argument(f"--{name}", type=kind, default=None, help=help_text, **options)
 
-    def setting(group, name: str, kind=None, **options) -> None:
-        help_text = f"{options.pop('help')} (default: {SETTING_DEFAULTS[name]}; on resume: the checkpoint's)"
-        if kind is bool:
-            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            group.add_argument(f"--{name}", type=kind, default=None, help=help_text, **options)
 
-    data = group("data")
+def _data_flags(data: _Flags) -> None:
+    """The data: where it is, how it is read and split, the images' and captions' shape."""
     data.add_argument(
         "--root_dir",
         type=Path,
@@ -253,16 +241,18 @@ def parse_args(
         help="remote shards: local cache bound in GB, shared by a machine's processes (0: read each sample's "
         "bytes from the store) (default: 20)",
     )
-    setting(data, "image_size", int, help="image side in pixels")
-    setting(data, "max_text_len", int, help="captions are cut at this many tokens")
-    setting(data, "hflip", bool, help="random horizontal flips (off: captions say left and right)")
-    setting(data, "cache_images", bool, help="decode each image once into a memory-mapped cache")
+    _setting(data, "image_size", int, help="image side in pixels")
+    _setting(data, "max_text_len", int, help="captions are cut at this many tokens")
+    _setting(data, "hflip", bool, help="random horizontal flips (off: captions say left and right)")
+    _setting(data, "cache_images", bool, help="decode each image once into a memory-mapped cache")
 
-    model = group("model")
-    setting(model, "image_encoder", str, help="torchvision CNN classifier, e.g. resnet50, resnet18, convnext_tiny")
-    setting(model, "image_weights", str, help="DEFAULT, a torchvision weights name, a local .pth file, or none")
-    setting(model, "text_encoder", str, help="Hugging Face model name or local folder, or scratch")
-    setting(
+
+def _model_flags(model: _Flags) -> None:
+    """The architecture: the encoders and the shared core."""
+    _setting(model, "image_encoder", str, help="torchvision CNN classifier, e.g. resnet50, resnet18, convnext_tiny")
+    _setting(model, "image_weights", str, help="DEFAULT, a torchvision weights name, a local .pth file, or none")
+    _setting(model, "text_encoder", str, help="Hugging Face model name or local folder, or scratch")
+    _setting(
         model,
         "vocab_size",
         int,
@@ -271,26 +261,30 @@ def parse_args(
         "text_vocab_size (ckpt inspect): smaller when the captions hold fewer distinct words, larger only when "
         "their characters alone outnumber it",
     )
-    setting(model, "scratch_text_width", int, help="hidden size of the scratch text encoder")
-    setting(model, "scratch_text_layers", int, help="layers of the scratch text encoder")
-    setting(model, "d_shared", int, help="width of the shared space and the brain core")
-    setting(model, "brain_layers", int, help="shared transformer layers")
-    setting(model, "brain_heads", int, help="attention heads in the brain core")
-    setting(model, "dropout", float, help="dropout in the brain core and scratch text encoder")
+    _setting(model, "scratch_text_width", int, help="hidden size of the scratch text encoder")
+    _setting(model, "scratch_text_layers", int, help="layers of the scratch text encoder")
+    _setting(model, "d_shared", int, help="width of the shared space and the brain core")
+    _setting(model, "brain_layers", int, help="shared transformer layers")
+    _setting(model, "brain_heads", int, help="attention heads in the brain core")
+    _setting(model, "dropout", float, help="dropout in the brain core and scratch text encoder")
 
-    optimisation = group("optimisation")
-    setting(optimisation, "epochs", int, help="train until this many epochs are done")
-    setting(optimisation, "batch_size", int, help="pairs per step over all processes (must divide by their number)")
-    setting(optimisation, "accum_steps", int, help=ACCUM_HELP)
-    setting(optimisation, "lr", float, help="peak learning rate (AdamW, linear warmup, cosine decay)")
-    setting(optimisation, "weight_decay", float, help="AdamW weight decay on matrices")
-    setting(optimisation, "warmup_steps", int, help="linear warmup steps")
-    setting(optimisation, "min_lr_ratio", float, help="final lr as a fraction of --lr")
-    setting(optimisation, "grad_clip", float, help="clip the gradient norm at this value (0: no clipping)")
-    setting(optimisation, "seed", int, help=f"seed of every random choice in the run, 0 to {MAX_SEED}")
 
-    device = group("precision and device")
-    setting(
+def _optimisation_flags(optimisation: _Flags) -> None:
+    """The optimiser and the schedule."""
+    _setting(optimisation, "epochs", int, help="train until this many epochs are done")
+    _setting(optimisation, "batch_size", int, help="pairs per step over all processes (must divide by their number)")
+    _setting(optimisation, "accum_steps", int, help=ACCUM_HELP)
+    _setting(optimisation, "lr", float, help="peak learning rate (AdamW, linear warmup, cosine decay)")
+    _setting(optimisation, "weight_decay", float, help="AdamW weight decay on matrices")
+    _setting(optimisation, "warmup_steps", int, help="linear warmup steps")
+    _setting(optimisation, "min_lr_ratio", float, help="final lr as a fraction of --lr")
+    _setting(optimisation, "grad_clip", float, help="clip the gradient norm at this value (0: no clipping)")
+    _setting(optimisation, "seed", int, help=f"seed of every random choice in the run, 0 to {MAX_SEED}")
+
+
+def _device_flags(device: _Flags) -> None:
+    """Precision, device and threads."""
+    _setting(
         device,
         "precision",
         str,
@@ -313,7 +307,9 @@ def parse_args(
     device.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (slower)")
     device.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
 
-    saving = group("checkpointing")
+
+def _checkpoint_flags(saving: _Flags) -> None:
+    """Where checkpoints go, when they are written, what a resume may replace."""
     saving.add_argument(
         "--savedir",
         default="checkpoints_brain_v2",
@@ -352,10 +348,12 @@ def parse_args(
     saving.add_argument(
         "--allow_nonfinite", action="store_true", help="load a checkpoint whose weights hold NaN or inf (for forensics)"
     )
-    setting(saving, "save_every_steps", int, help="also save last_brain_v2.pt every N steps (0: epoch ends only)")
-    setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
+    _setting(saving, "save_every_steps", int, help="also save last_brain_v2.pt every N steps (0: epoch ends only)")
+    _setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
 
-    logging = group("logging and evaluation")
+
+def _logging_flags(logging: _Flags) -> None:
+    """Logging, trackers and evaluation."""
     logging.add_argument(
         "--logdir",
         help=f"TensorBoard's and metrics.jsonl's folder, local (default: {LOGDIR_ROOT}/NAME, NAME the last part "
@@ -386,6 +384,29 @@ def parse_args(
         "5,000 test images for the '1K test' figures (default: 1, the whole split only)",
     )
     logging.add_argument("--demo", action="store_true", help=demo_help())
+
+
+def parse_args(
+    argv: list[str] | None = None,
+    description: str = "",
+    program: tuple[str, ...] = ("brain-trainer", "train"),
+    eval_only: bool = False,
+) -> CommandLine:
+    """Settings default to None here: None means "not given", so that on resume the checkpoint's value
+    applies (see `resolve_settings`)."""
+    parser = _Parser(
+        prog=" ".join(program),
+        description=EVAL_DESCRIPTION if eval_only else description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    group = lambda title: _Flags(parser, title, TRAINING_ONLY if eval_only else frozenset())
+
+    _data_flags(group("data"))
+    _model_flags(group("model"))
+    _optimisation_flags(group("optimisation"))
+    _device_flags(group("precision and device"))
+    _checkpoint_flags(group("checkpointing"))
+    _logging_flags(group("logging and evaluation"))
     parser.set_defaults(eval_only=eval_only)  # `brain-trainer eval` is train's --eval_only
     args = vars(parser.parse_args(argv))
     given = {f.name: args.pop(f.name) for f in SETTING_FIELDS if args[f.name] is not None}
@@ -521,6 +542,20 @@ def check_settings(
         options.lock_expiry,
         "must be at least 3 seconds (and at most a year)",
     )
+    _check_folders(options, need)
+    _check_image_encoder(model_config, need)
+    _check_micro_batch(model_config, settings, world_size, need)
+    need(
+        options.device != "cuda" or torch.cuda.is_available(),
+        "device",
+        options.device,
+        "CUDA is not available on this machine; use --device cpu",
+    )
+    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
+
+
+def _check_folders(options: RunOptions, need) -> None:
+    """--savedir and --logdir name folders (or, --savedir only, a store); neither is a file."""
     for flag in ("savedir", "logdir"):
         folder = getattr(options, flag)
         if "://" not in folder or folder.startswith("file://"):
@@ -532,15 +567,6 @@ def check_settings(
         options.logdir,
         "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
     )
-    _check_image_encoder(model_config, need)
-    _check_micro_batch(model_config, settings, world_size, need)
-    need(
-        options.device != "cuda" or torch.cuda.is_available(),
-        "device",
-        options.device,
-        "CUDA is not available on this machine; use --device cpu",
-    )
-    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
 
 
 def _need(from_checkpoint: dict[str, str], overridable: bool = True):
