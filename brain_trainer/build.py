@@ -61,11 +61,11 @@ from brain_trainer.data.shards_run import ShardData, load_shards
 from brain_trainer.data.text import CaptionCollator
 from brain_trainer.evaluation import Evaluator
 from brain_trainer.model_factory import build_model
-from brain_trainer.run_log import RunLog
+from brain_trainer.run_log import RunLog, claim_logdir
 from brain_trainer.runtime import Runtime
 from brain_trainer.runtime.seeding import derive_seed
 from brain_trainer.tracking import TrackedRun
-from brain_trainer.trainer import Trainer, TrainState
+from brain_trainer.trainer import Trainer, TrainState, learning_rate
 
 DECAY_GROUPS = ("decay", "no_decay")  # AdamW's parameter groups, by name
 
@@ -444,6 +444,7 @@ def claim_folders(options: RunOptions, storage: Storage, resume: Resume, log: Ru
     )
     hold(lock.release)
     logdir.prepare("logdir")
+    claim_logdir(Path(logdir.url), savedir=options.savedir, resuming=bool(resume.location), overwrite=options.overwrite)
     return lock
 
 
@@ -487,6 +488,7 @@ def start_training(run: Run, resume: Resume, runtime: Runtime, log: RunLog, hold
         start_epoch=run.state.epoch,
         epochs=run.settings.epochs,
         world_size=runtime.world_size,
+        resumed_lr=learning_rate(run.state.global_step, run.settings, trainer.total_steps) if resume.location else None,
         threads=runtime.threads.line(),
     )
     log.small_split("val", len(run.data.splits["val"].images))

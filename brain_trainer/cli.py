@@ -10,12 +10,13 @@
     brain-trainer export --checkpoint checkpoints_brain_v2/best_brain_v2.pt --out brain_export
     brain-trainer shards index 'data/cc/{00000..00099}.tar'
 
-Each subcommand's own `--help` is its reference.
+Each subcommand's own `--help` is its reference; `brain-trainer --version` prints the version.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from collections.abc import Callable
 
@@ -93,17 +94,30 @@ COMMANDS: dict[str, Callable[[list[str], tuple[str, ...]], int]] = {
 }
 
 
+def version() -> str:
+    """This program's version and the ones a bug report needs, read without importing torch (which is slow)."""
+    from importlib.metadata import version as installed
+
+    from brain_trainer import __version__
+
+    return f"brain-trainer {__version__} (Python {platform.python_version()}, torch {installed('torch')})"
+
+
 def usage(program: tuple[str, ...]) -> str:
     name = " ".join(program)
     lines = [f"usage: {name} COMMAND [options]   ({name} COMMAND --help for each)", "", "commands:"]
     lines += [f"  {command:12} {text}" for command, text in SUBCOMMANDS.items()]
-    return "\n".join(lines + ["", f"With a flag first ({name} --demo), the command is train."])
+    lines += ["", f"With a flag first ({name} --demo), the command is train; {name} --version prints the version."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None, program: tuple[str, ...] = ("brain-trainer",)) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(usage(program))
+        return 0
+    if argv and argv[0] == "--version":
+        print(version())
         return 0
     if not argv:
         print(usage(program), file=sys.stderr)

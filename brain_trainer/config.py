@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 import torchvision
@@ -25,6 +25,7 @@ from brain_trainer.runtime.precision import PRECISIONS
 from brain_trainer.tracking import DEFAULT_REPORT_TO, TRACKERS, missing_library
 
 DEMO_ROOT = Path("data/flickr8k_sample")
+LOGDIR_ROOT = "runs_brain_v2"  # TensorBoard's folder of every run's curves, each in a folder of its own
 ANNOTATIONS = ("auto", *LAYOUTS)  # or the path of an annotation file
 MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_LOCK_EXPIRY_S = 366 * 86400  # an object store's lock: an expiry further away is not one this program wrote
@@ -144,6 +145,35 @@ ACCUM_HELP = (
 )
 
 
+# Flags `eval` never reads: left out of its parser (their defaults stay), so its --help is its own and a training
+# flag given to eval is refused instead of ignored.
+TRAINING_ONLY = frozenset(
+    {"epochs", "accum_steps", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "seed", "hflip"}
+    | {"save_every_steps", "keep_last", "compile", "lock_expiry", "overwrite", "sync_saves", "logdir", "log_every"}
+    | {"eval_only", "demo"}
+)
+EVAL_DESCRIPTION = """`brain-trainer eval`: a checkpoint's retrieval on a split, as training evaluates it at epoch ends.
+
+    brain-trainer eval --resume checkpoints_brain_v2/best_brain_v2.pt --eval_split test
+
+The architecture, the tokenizer and the data's location come from the checkpoint (the command line wins)."""
+
+
+class _Flags:
+    """An argument group that leaves out the flags in `skip`, keeping their defaults."""
+
+    def __init__(self, parser: argparse.ArgumentParser, title: str, skip: frozenset = frozenset()):
+        self.parser, self.group, self.skip = parser, parser.add_argument_group(title), skip
+
+    def add_argument(self, *flags: str, **options) -> None:
+        name = options.get("dest", flags[-1].lstrip("-").replace("-", "_"))
+        if name in self.skip:
+            default = options.get("default", False if options.get("action") == "store_true" else None)
+            self.parser.set_defaults(**{name: default})
+        else:
+            self.group.add_argument(*flags, **options)
+
+
 def _report_to(text: str) -> tuple[str, ...]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
@@ -159,26 +189,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"Error: {message} (see --help)\n")
 
 
-def parse_args(
-    argv: list[str] | None = None,
-    description: str = "",
-    program: tuple[str, ...] = ("brain-trainer", "train"),
-    eval_only: bool = False,
-) -> CommandLine:
-    """Settings default to None here: None means "not given", so that on resume the checkpoint's value
-    applies (see `resolve_settings`)."""
-    parser = _Parser(
-        prog=" ".join(program), description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def _setting(group: _Flags, name: str, kind=None, **options) -> None:
+    """A setting: saved in the checkpoint, None when not given (so a resume takes the checkpoint's)."""
+    help_text = f"{options.pop('help')} (default: {SETTING_DEFAULTS[name]}; on resume: the checkpoint's)"
+    if kind is bool:
+        group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        group.add_argument(f"--{name}", type=kind, default=None, help=help_text, **options)
 
-    def setting(group, name: str, kind=None, **options) -> None:
-        help_text = f"{options.pop('help')} (default: {SETTING_DEFAULTS[name]}; on resume: the checkpoint's)"
-        if kind is bool:
-            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            group.add_argument(f"--{name}", type=kind, default=None, help=help_text, **options)
 
-    data = parser.add_argument_group("data")
+def _data_flags(data: _Flags) -> None:
+    """The data: where it is, how it is read and split, the images' and captions' shape."""
     data.add_argument(
         "--root_dir",
         type=Path,
@@ -220,36 +241,50 @@ def parse_args(
         help="remote shards: local cache bound in GB, shared by a machine's processes (0: read each sample's "
         "bytes from the store) (default: 20)",
     )
-    setting(data, "image_size", int, help="image side in pixels")
-    setting(data, "max_text_len", int, help="captions are cut at this many tokens")
-    setting(data, "hflip", bool, help="random horizontal flips (off: captions say left and right)")
-    setting(data, "cache_images", bool, help="decode each image once into a memory-mapped cache")
+    _setting(data, "image_size", int, help="image side in pixels")
+    _setting(data, "max_text_len", int, help="captions are cut at this many tokens")
+    _setting(data, "hflip", bool, help="random horizontal flips (off: captions say left and right)")
+    _setting(data, "cache_images", bool, help="decode each image once into a memory-mapped cache")
 
-    model = parser.add_argument_group("model")
-    setting(model, "image_encoder", str, help="torchvision CNN classifier, e.g. resnet50, resnet18, convnext_tiny")
-    setting(model, "image_weights", str, help="DEFAULT, a torchvision weights name, a local .pth file, or none")
-    setting(model, "text_encoder", str, help="Hugging Face model name or local folder, or scratch")
-    setting(model, "vocab_size", int, help="WordPiece vocabulary size for --text_encoder scratch")
-    setting(model, "scratch_text_width", int, help="hidden size of the scratch text encoder")
-    setting(model, "scratch_text_layers", int, help="layers of the scratch text encoder")
-    setting(model, "d_shared", int, help="width of the shared space and the brain core")
-    setting(model, "brain_layers", int, help="shared transformer layers")
-    setting(model, "brain_heads", int, help="attention heads in the brain core")
-    setting(model, "dropout", float, help="dropout in the brain core and scratch text encoder")
 
-    optimisation = parser.add_argument_group("optimisation")
-    setting(optimisation, "epochs", int, help="train until this many epochs are done")
-    setting(optimisation, "batch_size", int, help="pairs per step over all processes (must divide by their number)")
-    setting(optimisation, "accum_steps", int, help=ACCUM_HELP)
-    setting(optimisation, "lr", float, help="peak learning rate (AdamW, linear warmup, cosine decay)")
-    setting(optimisation, "weight_decay", float, help="AdamW weight decay on matrices")
-    setting(optimisation, "warmup_steps", int, help="linear warmup steps")
-    setting(optimisation, "min_lr_ratio", float, help="final lr as a fraction of --lr")
-    setting(optimisation, "grad_clip", float, help="clip the gradient norm at this value (0: no clipping)")
-    setting(optimisation, "seed", int, help=f"seed of every random choice in the run, 0 to {MAX_SEED}")
+def _model_flags(model: _Flags) -> None:
+    """The architecture: the encoders and the shared core."""
+    _setting(model, "image_encoder", str, help="torchvision CNN classifier, e.g. resnet50, resnet18, convnext_tiny")
+    _setting(model, "image_weights", str, help="DEFAULT, a torchvision weights name, a local .pth file, or none")
+    _setting(model, "text_encoder", str, help="Hugging Face model name or local folder, or scratch")
+    _setting(
+        model,
+        "vocab_size",
+        int,
+        help="--text_encoder scratch: the most WordPiece tokens to learn from the training captions (special "
+        "tokens, every character, then whole words by frequency); the size learnt is the checkpoint's "
+        "text_vocab_size (ckpt inspect): smaller when the captions hold fewer distinct words, larger only when "
+        "their characters alone outnumber it",
+    )
+    _setting(model, "scratch_text_width", int, help="hidden size of the scratch text encoder")
+    _setting(model, "scratch_text_layers", int, help="layers of the scratch text encoder")
+    _setting(model, "d_shared", int, help="width of the shared space and the brain core")
+    _setting(model, "brain_layers", int, help="shared transformer layers")
+    _setting(model, "brain_heads", int, help="attention heads in the brain core")
+    _setting(model, "dropout", float, help="dropout in the brain core and scratch text encoder")
 
-    device = parser.add_argument_group("precision and device")
-    setting(
+
+def _optimisation_flags(optimisation: _Flags) -> None:
+    """The optimiser and the schedule."""
+    _setting(optimisation, "epochs", int, help="train until this many epochs are done")
+    _setting(optimisation, "batch_size", int, help="pairs per step over all processes (must divide by their number)")
+    _setting(optimisation, "accum_steps", int, help=ACCUM_HELP)
+    _setting(optimisation, "lr", float, help="peak learning rate (AdamW, linear warmup, cosine decay)")
+    _setting(optimisation, "weight_decay", float, help="AdamW weight decay on matrices")
+    _setting(optimisation, "warmup_steps", int, help="linear warmup steps")
+    _setting(optimisation, "min_lr_ratio", float, help="final lr as a fraction of --lr")
+    _setting(optimisation, "grad_clip", float, help="clip the gradient norm at this value (0: no clipping)")
+    _setting(optimisation, "seed", int, help=f"seed of every random choice in the run, 0 to {MAX_SEED}")
+
+
+def _device_flags(device: _Flags) -> None:
+    """Precision, device and threads."""
+    _setting(
         device,
         "precision",
         str,
@@ -272,7 +307,9 @@ def parse_args(
     device.add_argument("--deterministic", action="store_true", help="deterministic CUDA kernels (slower)")
     device.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints stay plain)")
 
-    saving = parser.add_argument_group("checkpointing")
+
+def _checkpoint_flags(saving: _Flags) -> None:
+    """Where checkpoints go, when they are written, what a resume may replace."""
     saving.add_argument(
         "--savedir",
         default="checkpoints_brain_v2",
@@ -283,9 +320,13 @@ def parse_args(
         type=_json_object,
         default={},
         help="JSON options for the object store's client, e.g. '{\"endpoint_url\": "
-        '"http://127.0.0.1:9000"}\' (s3fs; AWS_ENDPOINT_URL and AWS_PROFILE work too)',
+        '"http://127.0.0.1:9000"}\' (s3fs; AWS_ENDPOINT_URL and AWS_PROFILE work too; default: none)',
     )
-    saving.add_argument("--resume", help="checkpoint file, a folder holding one, or auto (newest in --savedir)")
+    saving.add_argument(
+        "--resume",
+        help="checkpoint file, a folder holding one, or auto (newest in --savedir); eval needs it, train without it "
+        "starts a fresh run",
+    )
     saving.add_argument(
         "--lock_expiry",
         type=float,
@@ -295,7 +336,9 @@ def parse_args(
         "(default: 120)",
     )
     saving.add_argument(
-        "--overwrite", action="store_true", help="let this run replace the checkpoints another run left in --savedir"
+        "--overwrite",
+        action="store_true",
+        help="let this run replace the checkpoints another run left in --savedir, and hide its curves in --logdir",
     )
     saving.add_argument(
         "--sync_saves",
@@ -305,14 +348,17 @@ def parse_args(
     saving.add_argument(
         "--allow_nonfinite", action="store_true", help="load a checkpoint whose weights hold NaN or inf (for forensics)"
     )
-    setting(saving, "save_every_steps", int, help="also save last_brain_v2.pt every N steps (0: epoch ends only)")
-    setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
+    _setting(saving, "save_every_steps", int, help="also save last_brain_v2.pt every N steps (0: epoch ends only)")
+    _setting(saving, "keep_last", int, help="keep this many epoch_NNN_brain_v2.pt snapshots")
 
-    logging = parser.add_argument_group("logging and evaluation")
+
+def _logging_flags(logging: _Flags) -> None:
+    """Logging, trackers and evaluation."""
     logging.add_argument(
         "--logdir",
-        default="runs_brain_v2",
-        help="TensorBoard's and metrics.jsonl's folder, local (default: runs_brain_v2)",
+        help=f"TensorBoard's and metrics.jsonl's folder, local (default: {LOGDIR_ROOT}/NAME, NAME the last part "
+        f"of --savedir: each checkpoint folder's curves apart, side by side in tensorboard --logdir {LOGDIR_ROOT}); "
+        "a folder holding another run's events is refused unless --overwrite",
     )
     logging.add_argument("--log_every", type=int, default=50, help="log train scalars every N steps (default: 50)")
     logging.add_argument(
@@ -324,7 +370,12 @@ def parse_args(
     )
     logging.add_argument("--run_name", help="the run's name in MLflow and W&B (default: theirs)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
-    logging.add_argument("--eval_split", choices=("val", "test"), default="val", help="split for --eval_only")
+    logging.add_argument(
+        "--eval_split",
+        choices=("val", "test"),
+        default="val",
+        help="split to evaluate (eval, --eval_only; default: val)",
+    )
     logging.add_argument(
         "--folds",
         type=int,
@@ -333,6 +384,29 @@ def parse_args(
         "5,000 test images for the '1K test' figures (default: 1, the whole split only)",
     )
     logging.add_argument("--demo", action="store_true", help=demo_help())
+
+
+def parse_args(
+    argv: list[str] | None = None,
+    description: str = "",
+    program: tuple[str, ...] = ("brain-trainer", "train"),
+    eval_only: bool = False,
+) -> CommandLine:
+    """Settings default to None here: None means "not given", so that on resume the checkpoint's value
+    applies (see `resolve_settings`)."""
+    parser = _Parser(
+        prog=" ".join(program),
+        description=EVAL_DESCRIPTION if eval_only else description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    group = lambda title: _Flags(parser, title, TRAINING_ONLY if eval_only else frozenset())
+
+    _data_flags(group("data"))
+    _model_flags(group("model"))
+    _optimisation_flags(group("optimisation"))
+    _device_flags(group("precision and device"))
+    _checkpoint_flags(group("checkpointing"))
+    _logging_flags(group("logging and evaluation"))
     parser.set_defaults(eval_only=eval_only)  # `brain-trainer eval` is train's --eval_only
     args = vars(parser.parse_args(argv))
     given = {f.name: args.pop(f.name) for f in SETTING_FIELDS if args[f.name] is not None}
@@ -340,11 +414,19 @@ def parse_args(
         args.pop(f.name, None)
     if args["demo"] and args["root_dir"] is None:
         args["root_dir"] = DEMO_ROOT
+    args["logdir"] = args["logdir"] or default_logdir(args["savedir"])
     if args["root_dir"] is None and args["annotations"] not in ANNOTATIONS:
         args["root_dir"] = Path(args["annotations"]).parent
     args["argv"] = tuple(sys.argv[1:] if argv is None else argv)
     args["program"] = tuple(program)
     return CommandLine(RunOptions(**args), given)
+
+
+def default_logdir(savedir: str) -> str:
+    """runs_brain_v2/NAME, NAME the checkpoint folder's last part: a run in another folder gets curves of its own
+    (as Lightning's lightning_logs/version_N), and a resume into the same folder finds its own again."""
+    name = PurePosixPath(savedir.rstrip("/")).name if "://" in savedir else os.path.basename(os.path.abspath(savedir))
+    return f"{LOGDIR_ROOT}/{name or 'run'}"
 
 
 def with_saved_data(command: CommandLine, saved: dict | None) -> tuple[CommandLine, str | None]:
@@ -460,6 +542,20 @@ def check_settings(
         options.lock_expiry,
         "must be at least 3 seconds (and at most a year)",
     )
+    _check_folders(options, need)
+    _check_image_encoder(model_config, need)
+    _check_micro_batch(model_config, settings, world_size, need)
+    need(
+        options.device != "cuda" or torch.cuda.is_available(),
+        "device",
+        options.device,
+        "CUDA is not available on this machine; use --device cpu",
+    )
+    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
+
+
+def _check_folders(options: RunOptions, need) -> None:
+    """--savedir and --logdir name folders (or, --savedir only, a store); neither is a file."""
     for flag in ("savedir", "logdir"):
         folder = getattr(options, flag)
         if "://" not in folder or folder.startswith("file://"):
@@ -471,15 +567,6 @@ def check_settings(
         options.logdir,
         "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
     )
-    _check_image_encoder(model_config, need)
-    _check_micro_batch(model_config, settings, world_size, need)
-    need(
-        options.device != "cuda" or torch.cuda.is_available(),
-        "device",
-        options.device,
-        "CUDA is not available on this machine; use --device cpu",
-    )
-    need(not options.eval_only or options.resume, "eval_only", "", "needs --resume PATH (the checkpoint to evaluate)")
 
 
 def _need(from_checkpoint: dict[str, str], overridable: bool = True):

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from brain_trainer.checkpointing.storage import is_url
+from brain_trainer.config import ConfigError
 from brain_trainer.evaluation import METRICS, RECALL_AT, chance_recall_at
 from brain_trainer.safe_files import OutputError, describe, refuse_link
 from brain_trainer.tracking import TrackedRun, Trackers, open_trackers  # a tracker's library: only when opened
@@ -45,6 +47,8 @@ def _quiet_event_thread_errors() -> None:
 
 
 SCRIPT = "train_multimodal_brain_flickr8k.py"
+EVENTS = "events.out.tfevents."  # how TensorBoard's event files are named
+OWNER = ".brain_savedir"  # in --logdir: the checkpoint folder of the run whose curves the events are
 
 
 class EventFiles:
@@ -236,8 +240,10 @@ def banner_lines(
     start_epoch: int,
     epochs: int,
     world_size: int,
+    resumed_lr: float | None = None,
     threads: str | None = None,
 ) -> list[str]:
+    """`resumed_lr`: the schedule's lr at the step a resumed run starts from (a fresh run starts in warmup)."""
     many = world_size > 1
     return [
         f"\nTrain samples: {train_samples}",
@@ -246,7 +252,7 @@ def banner_lines(
         *([threads] if threads else []),
         f"Precision: {precision}",
         f"Batch size: {batch_size}" + (f" ({per_process} per process)" if many else ""),
-        f"Learning rate: {lr}",
+        f"Learning rate: {lr}" + (f" (peak); resuming at {resumed_lr:.3g}" if resumed_lr is not None else ""),
         f"Training epochs: {start_epoch} -> {epochs}",
     ]
 
@@ -349,3 +355,29 @@ def resume_command(
             kept.append(token)
     resume = ["--resume", str(checkpoint)] if checkpoint else []
     return shlex.join([*launcher(world_size, program), *kept, *resume])
+
+
+def claim_logdir(folder: Path, *, savedir: str, resuming: bool, overwrite: bool) -> None:
+    """Make `folder` (the --logdir, created and writable) this run's, or refuse with one line. A run's events
+    hide the events already there (TensorBoard drops a folder's steps from a run's `purge_step` on), so only the
+    run of the same --savedir may write over them, or any run with --overwrite; events with no owner recorded
+    (an older version's) count as a resumed run's own. The owner is recorded relative to the folder, so a
+    project moved or copied whole still owns its curves."""
+    refuse_link(folder, "--logdir")  # before the record is written: never into a folder a link redirects
+    owner = savedir.rstrip("/") if is_url(savedir) else os.path.relpath(savedir.removeprefix("file://"), folder)
+    events = [entry.name for entry in os.scandir(folder) if entry.name.startswith(EVENTS)]
+    marker = folder / OWNER
+    recorded = marker.read_text(errors="replace").strip() if marker.is_file() and not marker.is_symlink() else None
+    if events and (recorded != owner if recorded is not None else not resuming) and not overwrite:
+        where = recorded if not recorded or is_url(recorded) else os.path.normpath(folder / recorded)
+        raise ConfigError(
+            f"--logdir {folder} holds the TensorBoard events of "
+            f"{f'the run in --savedir {where}' if where else 'another run'} ({len(events)} event "
+            f"file{'s' * (len(events) > 1)}), which this run's curves would hide; choose another --logdir, "
+            f"or pass --overwrite to hide them"
+        )
+    try:  # never through a link planted at the name (O_NOFOLLOW); a torn record only asks for --overwrite
+        with os.fdopen(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "w") as handle:
+            handle.write(f"{owner}\n")
+    except OSError as error:
+        raise ConfigError(f"--logdir {folder}: cannot write {OWNER} ({error.strerror}); remove what is there") from None

@@ -113,12 +113,14 @@ def convert(source: str, target: str, trust: bool = False) -> None:
 def main(argv: list[str] | None = None, prog: str = "brain-trainer ckpt") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Inspect or convert brain-trainer checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("inspect", help="print what a checkpoint holds and whether --resume accepts it").add_argument(
-        "path"
+    inspecting = "print what a checkpoint holds and whether --resume accepts it"
+    commands.add_parser("inspect", help=inspecting, description=inspecting).add_argument(
+        "path", help="checkpoint file, local or a URL (s3://bucket/run/last_brain_v2.pt)"
     )
-    converter = commands.add_parser("convert", help="wrap a legacy weights file into the current format")
-    converter.add_argument("source")
-    converter.add_argument("target")
+    converting = "wrap a legacy weights file into the current format"
+    converter = commands.add_parser("convert", help=converting, description=converting)
+    converter.add_argument("source", help="the legacy weights file (a state_dict, {'state_dict': ...}, {'model': ...})")
+    converter.add_argument("target", help="the new checkpoint file to write (never an existing one)")
     converter.add_argument(
         "--trust",
         action="store_true",

@@ -143,8 +143,12 @@ def check_fields(checkpoint: dict, path: str) -> None:
         if value is not None and not is_number(value):
             fail(path, name, value, "a finite number or None")
     _check_data_state(checkpoint.get("data_state"), path)
+    run = checkpoint.get("run")
+    if isinstance(run, dict) and "trackers" in run:  # each tracker's run id, by tracker: the one nested dict
+        _check_plain_dict(run["trackers"], path, "run.trackers", (str,))
+        run = {key: value for key, value in run.items() if key != "trackers"}
     for name, kinds in PLAIN_DICTS.items():
-        _check_plain_dict(checkpoint.get(name), path, name, kinds)
+        _check_plain_dict(run if name == "run" else checkpoint.get(name), path, name, kinds)
     _check_rng_states(checkpoint.get("rng_state"), path)
     world_size = checkpoint.get("world_size", 1)
     if not is_int(world_size) or not 1 <= world_size <= 2**20:
@@ -168,7 +172,7 @@ SCALARS = (str, int, float, bool, type(None))
 PLAIN_DICTS = {  # fields holding a dict of names to plain values, and the types each value may have
     "config": SCALARS + (list, tuple),  # an older program's config may hold a list (betas, ...): never read
     "run": (str, int, type(None)),
-    "data": (str, type(None)),
+    "data": (str, float, type(None)),  # where the data is, and the hash split's fractions
     "versions": (str,),
 }
 

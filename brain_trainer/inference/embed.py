@@ -217,7 +217,9 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
         type=positive_int("--batch_size"),
         help="images per forward pass (default: the run's, as its evaluation)",
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N (default: auto)"
+    )
     parser.add_argument(
         "--precision",
         default="auto",

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
 
 from brain_trainer.brain_model import BrainConfig, BrainModel
 from brain_trainer.checkpointing import CheckpointError, is_full_checkpoint, load_for_resume, model_weights
@@ -29,6 +32,7 @@ from brain_trainer.runtime.precision import PRECISIONS, autocast
 EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 EXPORT_TOKENIZER_DIR = "tokenizer"  # a pretrained text encoder's tokenizer, as save_pretrained writes it
 EXPORT_FORMAT = "brain-trainer-export"
+ImageInput = str | Path | Image.Image | torch.Tensor  # what embed_images takes, each or as a list
 
 
 class InferenceError(Exception):
@@ -45,7 +49,7 @@ def file_sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """The evaluation's image preprocessing: file -> uint8 (3, image_size, image_size)."""
+    """The evaluation's image preprocessing: an image -> uint8 (3, image_size, image_size)."""
 
     image_size: int
     decode_side: int | None  # the image cache's shorter side when the run evaluated through it, else None
@@ -53,6 +57,24 @@ class Preprocess:
     def load(self, path: Path) -> torch.Tensor:
         """Raises UnreadableImage when the file cannot be decoded."""
         return eval_transform(self.image_size)(decode_image(path, self.decode_side))
+
+    def pixels(self, image: ImageInput) -> torch.Tensor:
+        """A path (decoded as the evaluation decodes files), a PIL image, or uint8 pixels (3, H, W) or
+        (B, 3, H, W) -> uint8 (3 or B x 3, image_size, image_size); pixels already that size pass unchanged."""
+        if isinstance(image, (str, Path)):
+            return self.load(Path(image))
+        if isinstance(image, Image.Image):
+            image = v2.functional.to_image(ImageOps.exif_transpose(image).convert("RGB"))
+        if not (
+            torch.is_tensor(image) and image.dtype == torch.uint8 and image.dim() in (3, 4) and image.shape[-3] == 3
+        ):
+            kind = f"a {image.dtype} tensor {tuple(image.shape)}" if torch.is_tensor(image) else type(image).__name__
+            raise InferenceError(
+                f"embed_images: got {kind}; pass file paths, PIL images or uint8 RGB pixels (3, H, W) or (B, 3, H, W)"
+            )
+        if self.decode_side is not None:  # the cache's resize, which a file gets in `load`
+            image = v2.functional.resize(image, [self.decode_side], antialias=True)
+        return eval_transform(self.image_size)(image)
 
     @classmethod
     def of_run(cls, config: dict) -> Preprocess:
@@ -100,8 +122,17 @@ class Brain:
         return autocast(self.precision, self.device)()
 
     @torch.no_grad()
-    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, S, S) from `preprocess` -> (B, d) float32 on the device."""
+    def embed_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """Images -> (B, d) float32 L2-normalised rows on the device, preprocessed as the evaluation does: file
+        paths, PIL images or uint8 (3, H, W) tensors (one, or a list), or a uint8 (B, 3, H, W) batch
+        (`preprocess_batch`'s output passes unchanged). Paths get the evaluation's pixels exactly; a PIL image of a
+        JPEG misses the draft decoding a path gets when the run cached its images (its last digits differ).
+        Raises OSError for a file that cannot be decoded, InferenceError for anything else."""
+        images = images if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            return torch.zeros(0, self.width, device=self.device)
+        pixels = [self.preprocess.pixels(image) for image in images]
+        pixels = torch.cat([one.reshape(-1, *one.shape[-3:]) for one in pixels])  # (3, S, S) and (B, 3, S, S) alike
         with self.autocast():
             return self.model.encode_image(images_to_device(pixels, self.device)).float()
 
@@ -118,8 +149,9 @@ class Brain:
         """input_ids and attention_mask (B, L) int64: padded to the longest, cut at the run's max_text_len."""
         return CaptionCollator(self.tokenizer, int(self.model.config.max_text_len)).tokenize(texts)
 
-    def preprocess_batch(self, paths: list[Path]) -> torch.Tensor:
-        return torch.stack([self.preprocess.load(Path(path)) for path in paths])
+    def preprocess_batch(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """File paths, PIL images or uint8 (3, H, W) tensors -> uint8 (B, 3, S, S), the evaluation's pixels."""
+        return torch.stack([self.preprocess.pixels(image) for image in images])
 
 
 def load_brain(source: str | Path, device: str | torch.device = "cpu", precision: str = "auto") -> Brain:

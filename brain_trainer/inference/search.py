@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,9 @@ FORMATS = {
     "tsv": "score<TAB>path per result, best first (rclip's convention; with --captions the caption text in place "
     "of the path); several queries: one block each, in query order, an empty line between blocks",
     "paths": "only the paths (with --captions: the caption texts), one a line, in query order: for piping",
-    "jsonl": 'one JSON object per result: {"query", "query_index" (0-based position in the queries), "rank" '
-    '(1 = best), "score", "path"}; with --captions "caption" and "image" (its image\'s path, or null) '
-    'in place of "path"',
+    "jsonl": 'one JSON object per result: {"query", "query_index" (0-based position in the queries, blank '
+    'lines of --queries not counted), "rank" (1 = best), "score", "path"}; with --captions "caption" and '
+    '"image" (its image\'s path, or null) in place of "path"',
 }
 
 
@@ -120,11 +121,14 @@ def read_queries(path: Path, brain: Brain) -> Queries:
     if not path.is_file():
         raise InferenceError(f"--queries {path}: no such file; give a text file with one query per line")
     try:
-        texts = read_text(path).splitlines()
+        lines = read_text(path).splitlines()
     except DatasetError as error:
         raise InferenceError(f"--queries {error}") from None
+    texts = [line for line in lines if line.strip()]
     if not texts:
         raise InferenceError(f"--queries {path}: holds no queries; give one query per line")
+    if blank := len(lines) - len(texts):  # on stderr: stdout stays the results, for pipes
+        print(f"--queries {path}: skipped {blank} blank line{'s' * (blank > 1)}", file=sys.stderr)
     return text_queries(texts, brain, f"--queries {path}")
 
 
@@ -183,7 +187,9 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
         metavar="PATH",
         help="image queries: image -> images (or -> captions with --captions)",
     )
-    query.add_argument("--queries", type=Path, metavar="FILE", help="text queries, one a line, in one process")
+    query.add_argument(
+        "--queries", type=Path, metavar="FILE", help="text queries, one a line (blank lines skipped), in one process"
+    )
     parser.add_argument("-k", type=positive_int("-k"), default=10, help="results per query (default: 10)")
     parser.add_argument("--captions", action="store_true", help="search the index's captions instead of its images")
     parser.add_argument("--format", choices=tuple(FORMATS), default="tsv", help="output format (default: tsv; below)")
@@ -193,8 +199,14 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
         metavar="OUT.png",
         help="also write a contact sheet: a row per query, its top-k images with their scores",
     )
-    parser.add_argument("--checkpoint", type=Path, help="the index's checkpoint, where it is now (same sha256)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="the index's checkpoint where it is now, same sha256 (default: the path the index names)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N (default: auto)"
+    )
     return parser.parse_args(argv)
 
 

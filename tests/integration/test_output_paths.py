@@ -110,7 +110,12 @@ def test_sample_data_never_writes_through_links_planted_at_its_names(tmp_path, c
     root = tmp_path / "data"
     targets = plant_links(root / "Flickr8k_text", ["Flickr8k.token.txt", "Flickr_8k.trainImages.txt"], tmp_path / "o")
 
-    status, _, err = run_cli(capsys, "sample-data", root, "--images", 6, "--val", 1, "--test", 1, "--size", "32x24")
+    args = ("sample-data", root, "--images", 6, "--val", 1, "--test", 1, "--size", "32x24")
+    status, _, err = run_cli(capsys, *args)
+    assert_one_error_line(status, err, "already holds", "--overwrite")  # the names are taken: refused first
+    assert_untouched(targets)
+
+    status, _, err = run_cli(capsys, *args, "--overwrite")
 
     assert status == 0, err
     assert_untouched(targets)

@@ -15,7 +15,7 @@ import torch
 from helpers import ROOT, assert_one_error_line, run_cli, split_folder
 from PIL import Image
 
-from brain_trainer.inference.grid import STRIP, TILE
+from brain_trainer.inference.grid import GAP, TILE, cell
 
 TABLE_ROW = re.compile(r"^(image -> text|text -> image)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+\d+$")
 
@@ -203,12 +203,15 @@ def test_grid_has_k_tiles_per_query(built, tmp_path, capsys):
         capsys, "search", "--index", built.index, "--text", "red circle", "green square", "-k", 3, "--grid", grid
     )
     assert status == 0, err
+    assert f"Contact sheet written to {grid}: a row per query (2), the query then its top 3" in err
     sheet = np.asarray(Image.open(grid).convert("RGB"))
-    assert sheet.shape == (2 * (TILE + STRIP), (1 + 3) * TILE, 3)  # a query cell, then k tiles, per row
+    assert sheet.shape == (*cell(2, 4)[::-1], 3)  # a query cell, then k tiles, per row
     for row in range(2):
         for column in range(1, 4):
-            tile = sheet[row * (TILE + STRIP) : row * (TILE + STRIP) + TILE, column * TILE : (column + 1) * TILE]
+            left, top = cell(row, column)
+            tile = sheet[top : top + TILE, left : left + TILE]
             assert tile.std() > 0 or tile.mean() < 250  # a drawn image, not the white sheet
+            assert (sheet[top : top + TILE, left - GAP : left] == 255).all()  # white between thumbnails
 
 
 def test_queries_file_and_help(built, capsys):

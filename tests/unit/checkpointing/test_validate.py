@@ -66,9 +66,9 @@ def a_format_3_checkpoint() -> dict:
         config=old["config"],
         tokenizer=old["tokenizer"],
         rng_states=[ck.capture_rng_state(), ck.capture_rng_state()],
-        run={"id": "a", "parent": None, "started_ns": 1},
+        run={"id": "a", "parent": None, "started_ns": 1, "threads": 2, "trackers": {"mlflow": "0f3a", "wandb": "x7"}},
         fingerprint={"samples": 70, "sha256": "0" * 64},
-        data={"root_dir": "/data", "annotations": "token"},
+        data={"root_dir": "/data", "annotations": "token", "val_fraction": 0.1, "test_fraction": None},
     )
 
 
@@ -87,6 +87,13 @@ def test_the_real_checkpoint_passes(tmp_path):
     path = tmp_path / "good.pt"
     torch.save(fresh(), path)
     assert ck.load_for_resume(str(path))["global_step"] == 11
+
+
+@pytest.mark.parametrize("junk", [["id"], {"mlflow": 7}, {"mlflow": {"nested": "x"}}, "0f3a"])
+def test_tracker_run_ids_that_are_not_strings_by_tracker_are_refused(tmp_path, junk):
+    checkpoint = fresh()
+    checkpoint["run"]["trackers"] = junk
+    assert "run.trackers" in refusal(checkpoint, tmp_path)
 
 
 REAL = a_format_3_checkpoint()
