@@ -165,34 +165,10 @@ class RunLog:
         )
 
     # -- reports
-    def banner(
-        self,
-        *,
-        train_samples: int,
-        val_samples: int,
-        device: torch.device,
-        precision: str,
-        batch_size: int,
-        per_process: int,
-        lr: float,
-        start_epoch: int,
-        epochs: int,
-        world_size: int,
-        resumed_lr: float | None = None,
-        threads: str | None = None,
-    ) -> None:
-        """`resumed_lr`: the schedule's lr at the step a resumed run starts from (a fresh run starts in warmup)."""
-        self.print(f"\nTrain samples: {train_samples}")
-        self.print(f"Val samples:   {val_samples}")
-        self.print(f"Device: {device.type}" + (f" ({world_size} processes)" if world_size > 1 else ""))
-        if threads:
-            self.print(threads)
-        self.print(f"Precision: {precision}")
-        self.print(f"Batch size: {batch_size}" + (f" ({per_process} per process)" if world_size > 1 else ""))
-        self.print(
-            f"Learning rate: {lr}" + (f" (peak); resuming at {resumed_lr:.3g}" if resumed_lr is not None else "")
-        )
-        self.print(f"Training epochs: {start_epoch} -> {epochs}")
+    def banner(self, **facts) -> None:
+        """The run's facts before the first step (`banner_lines` names them)."""
+        for line in banner_lines(**facts):
+            self.print(line)
 
     def small_split(self, name: str, images: int) -> None:
         """One ⚠ line when a split is too small for recall@k to mean anything: R@k over k or fewer images is 100."""
@@ -250,6 +226,35 @@ class RunLog:
             if path
             else f"Run the same command again: {resume_command(argv, None, world_size, program)}"
         )
+
+
+def banner_lines(
+    *,
+    train_samples: int,
+    val_samples: int,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    per_process: int,
+    lr: float,
+    start_epoch: int,
+    epochs: int,
+    world_size: int,
+    resumed_lr: float | None = None,
+    threads: str | None = None,
+) -> list[str]:
+    """`resumed_lr`: the schedule's lr at the step a resumed run starts from (a fresh run starts in warmup)."""
+    many = world_size > 1
+    return [
+        f"\nTrain samples: {train_samples}",
+        f"Val samples:   {val_samples}",
+        f"Device: {device.type}" + (f" ({world_size} processes)" if many else ""),
+        *([threads] if threads else []),
+        f"Precision: {precision}",
+        f"Batch size: {batch_size}" + (f" ({per_process} per process)" if many else ""),
+        f"Learning rate: {lr}" + (f" (peak); resuming at {resumed_lr:.3g}" if resumed_lr is not None else ""),
+        f"Training epochs: {start_epoch} -> {epochs}",
+    ]
 
 
 def resume_lines(

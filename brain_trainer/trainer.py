@@ -63,6 +63,15 @@ def learning_rate(step: int, settings: TrainSettings, total_steps: int) -> float
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (settings.lr - floor)
 
 
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """Weights that turned NaN or inf are never saved: TrainingError, so the last good checkpoint is kept."""
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():  # one device sync
+        raise TrainingError(
+            f"the weights hold NaN or inf at step {step}; not saved, so the "
+            f"last good checkpoint is kept; lower --lr or use --precision bf16"
+        )
+
+
 class StepLosses:
     """The losses of the steps since the last read, left on the device. `read` (at log steps, saves, stops and
     epoch ends: a collective, called where all processes are) waits for the device once, means them over the
@@ -316,11 +325,7 @@ class Trainer(OptimizationStep):
         the run before this save), and weights that turned NaN or inf are never saved."""
         self.losses.read()
         self.progress.sum_skips()
-        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():  # one device sync
-            raise TrainingError(
-                f"the weights hold NaN or inf at step {self.state.global_step}; not saved, so the "
-                f"last good checkpoint is kept; lower --lr or use --precision bf16"
-            )
+        check_finite_weights(self.model, self.state.global_step)
 
     def save(self, epoch_end: tuple[int, float] | None = None) -> Saved:
         """Save where the run stands (at an epoch end: the finished epoch and its val loss, for the best)."""

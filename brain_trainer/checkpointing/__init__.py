@@ -14,6 +14,7 @@ loading, restoring a run, and the `ckpt` command. Its public names are re-export
     cli.py          brain-trainer ckpt inspect | convert
 """
 
+from brain_trainer.checkpointing.base import ReadError
 from brain_trainer.checkpointing.checkpointer import Checkpointer, RunRecord, Saved, SavePolicy
 from brain_trainer.checkpointing.folder import (
     Discovery,
@@ -43,7 +44,7 @@ from brain_trainer.checkpointing.format import (
     train_state_fields,
     train_state_of,
 )
-from brain_trainer.checkpointing.loading import ReadError, load_checkpoint, load_for_resume, read_checkpoint
+from brain_trainer.checkpointing.loading import load_checkpoint, load_for_resume, read_checkpoint
 from brain_trainer.checkpointing.restore import (
     WeightsReport,
     load_model_weights,

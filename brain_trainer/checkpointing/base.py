@@ -1,7 +1,7 @@
 """What every storage of checkpoints is: the `Storage` and `Lock` protocols (string names, never `Path`s, so a
-URL is never mangled), `is_url`, and the lock's name. It imports no storage; the local folder
-(`checkpointing/local.py`) and object stores (`checkpointing/object_store.py`) implement it, and
-`checkpointing/storage.py` picks one for a path or URL.
+URL is never mangled), `is_url`, the lock's name, and `ReadError` (every storage and the loader raise it). It
+imports no storage; the local folder (`checkpointing/local.py`) and object stores (`checkpointing/object_store.py`)
+implement it, and `checkpointing/storage.py` picks one for a path or URL.
 
 What every storage promises:
 - `write` makes a name appear whole or not at all: a crash at any instant leaves the previous object;
@@ -17,8 +17,16 @@ import contextlib
 from collections.abc import Callable
 from typing import BinaryIO, Protocol
 
+from brain_trainer.checkpointing.format import CheckpointError
+
 LOCK_NAME = ".brain_run.lock"
 Save = Callable[[BinaryIO], None]
+
+
+class ReadError(CheckpointError):
+    """The bytes could not be read (an I/O error, no memory for them, a store that did not answer, a download
+    that could not be kept): nothing is known about the file itself, so nothing is set aside for this; the run
+    stops with the line (exit 2). Both the local folder and object stores raise it."""
 
 
 class Lock(Protocol):

@@ -11,18 +11,17 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from brain_trainer.checkpointing.base import Lock, Storage, is_url
+from brain_trainer.checkpointing.base import Lock, ReadError, Storage, is_url
 from brain_trainer.checkpointing.format import (
     BEST,
     LAST,
     SNAPSHOT,
     CheckpointError,
-    StoreError,
     global_step_or,
     recency,
     summary_recency,
 )
-from brain_trainer.checkpointing.loading import ReadError, read_checkpoint
+from brain_trainer.checkpointing.loading import read_checkpoint
 from brain_trainer.checkpointing.storage import locate
 
 Log = Callable[[str], None]
@@ -63,7 +62,7 @@ def find_latest_checkpoint(storage: Storage, log: Log = print) -> Discovery:
             key = summary_recency(storage.summary(name) or {}, name) or recency(
                 read_checkpoint(storage, name, mmap=True), name
             )
-        except (ReadError, StoreError):
+        except ReadError:
             raise  # the reading or the store failed, not the file: nothing is moved aside, the run stops with the line
         except CheckpointError as error:
             log(f"⚠ Skipping {error}")

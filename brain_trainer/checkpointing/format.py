@@ -25,11 +25,6 @@ class CheckpointError(Exception):
     what to do."""
 
 
-class StoreError(CheckpointError):
-    """The storage failed (no answer, a download that could not be kept, a full disk), not the file: never a
-    reason to take a checkpoint for unreadable or to move it aside."""
-
-
 def snapshot_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}_brain_v2.pt"
 

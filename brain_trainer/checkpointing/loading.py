@@ -15,7 +15,7 @@ import zipfile
 
 import torch
 
-from brain_trainer.checkpointing.base import Storage
+from brain_trainer.checkpointing.base import ReadError, Storage
 from brain_trainer.checkpointing.format import (
     CheckpointError,
     first,
@@ -87,11 +87,6 @@ def _unsafe_globals(path: str) -> list[str] | None:
     if not pickles or any(found is None for found in names):
         return None
     return list(dict.fromkeys(name for found in names for name in found if name not in allowed))
-
-
-class ReadError(CheckpointError):
-    """The storage could not read a file (an I/O error, or no memory for it): nothing is known about the file
-    itself, so `--resume auto` never moves it aside for this; the run stops with the line (exit 2)."""
 
 
 # What torch's loader and the zip reader raise for a truncated or foreign file (a text file is a KeyError on the

@@ -28,8 +28,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
-from brain_trainer.checkpointing.base import LOCK_NAME, Save
-from brain_trainer.checkpointing.format import CheckpointError, StoreError
+from brain_trainer.checkpointing.base import LOCK_NAME, ReadError, Save
+from brain_trainer.checkpointing.format import CheckpointError
 from brain_trainer.config import MAX_LOCK_EXPIRY_S
 
 LOCK_EXPIRY_S = 120.0  # a killed run's prefix is free again this long after its last renewal
@@ -314,6 +314,68 @@ class ObjectLock:
                 self.storage.fs.rm_file(self.path)
 
 
+class ObjectUploads:
+    """An object store's upload path: a write streams into an upload of the final key, a publish is a
+    server-side copy, and each completes only after the run's lock is confirmed (`ObjectLock.confirm`)."""
+
+    def __init__(self, storage: ObjectStorage):
+        self.storage, self.fs = storage, storage.fs
+
+    def write(self, name: str, save: Save, summary: dict[str, str] | None = None) -> None:
+        """Stream into a (multipart) upload of the final key; it becomes visible only when complete, and a
+        failure aborts it, so the previous object under that name stays as it was. `summary` becomes the
+        object's user metadata (server-side copies keep it)."""
+        self._check_lock()
+        try:
+            handle = self.fs.open(self.storage.key(name), "wb", block_size=UPLOAD_BLOCK, Metadata=dict(summary or {}))
+            patience = getattr(self.fs, "config_kwargs", {}).get("read_timeout", STORE_TIMEOUTS["read_timeout"])
+            bound_upload(handle, patience=patience, confirm=self._confirm_lock)
+            try:
+                save(handle)
+                handle.close()  # completes the upload (after the lock is confirmed): the object appears whole
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    handle.discard()  # abort the multipart upload: nothing appears under the name
+                handle.closed = True  # and never complete it later (fsspec closes files it collects)
+                raise
+        except CheckpointError:
+            raise
+        except Exception as error:
+            raise CheckpointError(
+                f"could not write {self.storage.location(name)}: {_reason(error)}; the previous {name} "
+                f"(if any) is intact, since a store shows no partial upload; resume with "
+                f"--resume auto once the store answers"
+            ) from None
+
+    def _check_lock(self) -> None:
+        if self.storage._lock is not None:
+            self.storage._lock.check()
+
+    def _confirm_lock(self) -> None:
+        if self.storage._lock is not None:
+            self.storage._lock.confirm()
+
+    def copy(self, source: str, target: str) -> None:
+        bucket, source_key = self.storage.bucket_key(self.storage.key(source))
+        target_key = self.storage.bucket_key(self.storage.key(target))[1]
+        try:
+            copy_keeping_metadata(self.fs, bucket, source_key, target_key, self._confirm_lock)
+        finally:
+            self.fs.invalidate_cache(self.storage.key(target))
+
+    def publish(self, source: str, target: str) -> None:
+        self._check_lock()
+        try:
+            self.copy(source, target)  # server-side, and atomic at the target
+        except CheckpointError:
+            raise
+        except Exception as error:
+            raise CheckpointError(
+                f"could not publish {self.storage.location(target)} from {source}: {_reason(error)}; "
+                f"{source} is written; resume with --resume auto once the store answers"
+            ) from None
+
+
 class ObjectStorage:
     """A prefix in an object store, by URL (`s3://bucket/run`)."""
 
@@ -324,6 +386,7 @@ class ObjectStorage:
         self.lock_expiry = lock_expiry
         self.notes: list[str] = []  # lines for the run log (a lock taken over)
         self._lock: ObjectLock | None = None
+        self.uploads = ObjectUploads(self)
 
     def key(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -346,8 +409,8 @@ class ObjectStorage:
                     f"{self.url}: bucket '{self.bucket}' does not exist; create it, or fix the --savedir/--resume URL"
                 ) from None
             raise
-        except Exception as error:  # the store failed, not the object: StoreError never sets anything aside
-            raise StoreError(f"{self.url}: could not {what} ({_reason(error)})") from None
+        except Exception as error:  # the store failed, not the object: ReadError never sets anything aside
+            raise ReadError(f"{self.url}: could not {what} ({_reason(error)})") from None
 
     @property
     def bucket(self) -> str:
@@ -398,55 +461,10 @@ class ObjectStorage:
         return "file" if info["type"] == "file" else "folder"
 
     def write(self, name: str, save: Save, summary: dict[str, str] | None = None) -> None:
-        """Stream into a (multipart) upload of the final key; it becomes visible only when complete, and a
-        failure aborts it, so the previous object under that name stays as it was. `summary` becomes the
-        object's user metadata (server-side copies keep it)."""
-        if self._lock is not None:
-            self._lock.check()
-        try:
-            handle = self.fs.open(self.key(name), "wb", block_size=UPLOAD_BLOCK, Metadata=dict(summary or {}))
-            patience = getattr(self.fs, "config_kwargs", {}).get("read_timeout", STORE_TIMEOUTS["read_timeout"])
-            bound_upload(handle, patience=patience, confirm=self._confirm_lock)
-            try:
-                save(handle)
-                handle.close()  # completes the upload (after the lock is confirmed): the object appears whole
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    handle.discard()  # abort the multipart upload: nothing appears under the name
-                handle.closed = True  # and never complete it later (fsspec closes files it collects)
-                raise
-        except CheckpointError:
-            raise
-        except Exception as error:
-            raise CheckpointError(
-                f"could not write {self.location(name)}: {_reason(error)}; the previous {name} "
-                f"(if any) is intact, since a store shows no partial upload; resume with "
-                f"--resume auto once the store answers"
-            ) from None
-
-    def _confirm_lock(self) -> None:
-        if self._lock is not None:
-            self._lock.confirm()
-
-    def _copy(self, source: str, target: str) -> None:
-        bucket, source_key = self.bucket_key(self.key(source))
-        try:
-            copy_keeping_metadata(self.fs, bucket, source_key, self.bucket_key(self.key(target))[1], self._confirm_lock)
-        finally:
-            self.fs.invalidate_cache(self.key(target))
+        self.uploads.write(name, save, summary)
 
     def publish(self, source: str, target: str) -> None:
-        if self._lock is not None:
-            self._lock.check()
-        try:
-            self._copy(source, target)  # server-side, and atomic at the target
-        except CheckpointError:
-            raise
-        except Exception as error:
-            raise CheckpointError(
-                f"could not publish {self.location(target)} from {source}: {_reason(error)}; "
-                f"{source} is written; resume with --resume auto once the store answers"
-            ) from None
+        self.uploads.publish(source, target)
 
     def summary(self, name: str) -> dict[str, str] | None:
         try:
@@ -458,7 +476,7 @@ class ObjectStorage:
         self._call("remove an object", self.fs.rm_file, self.key(name))
 
     def move_aside(self, name: str, new_name: str) -> None:
-        self._call("copy an object aside", self._copy, name, new_name)
+        self._call("copy an object aside", self.uploads.copy, name, new_name)
         self.remove(name)  # only once the copy exists
 
     def modified_ns(self, name: str) -> int:
@@ -485,13 +503,13 @@ class ObjectStorage:
         try:
             scratch = tempfile.TemporaryDirectory(prefix="brain-ckpt-")
         except OSError as error:  # TMPDIR missing or unwritable: the object is not at fault
-            raise StoreError(
+            raise ReadError(
                 f"could not download {self.location(name)}: {tempfile.gettempdir()} cannot be written "
                 f"({error.strerror or error}); point TMPDIR at a writable disk"
             ) from None
         with scratch as folder:
             path = os.path.join(folder, name)
-            # a full TMPDIR fails here, as the store's error (StoreError): nothing is taken for unreadable
+            # a full TMPDIR fails here, as the store's error (ReadError): nothing is taken for unreadable
             self._call(f"download {self.location(name)} into {folder}", self.fs.get_file, self.key(name), path)
             yield path
 

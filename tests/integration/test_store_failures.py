@@ -22,7 +22,7 @@ from brain_trainer.checkpointing import (
     open_storage,
     save_checkpoint,
 )
-from brain_trainer.checkpointing.format import StoreError
+from brain_trainer.checkpointing.base import ReadError
 from brain_trainer.testing import S3Server, local_s3_server, s3_env
 
 MIB = 2**20
@@ -120,7 +120,7 @@ def test_a_download_into_a_full_tmpdir_is_an_io_error_and_nothing_is_moved_aside
         if not mounted:
             pytest.skip("mounting a small tmpfs needs root")  # CI runs as root
         monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-        with pytest.raises(StoreError, match="could not download .*No space left on device"):
+        with pytest.raises(ReadError, match="could not download .*No space left on device"):
             find_latest_checkpoint(storage, log=lambda line: pytest.fail(f"taken for unreadable: {line}"))
     assert list(s3.objects(url)) == [LAST], "nothing moved aside"
 
