@@ -14,7 +14,6 @@ import threading
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -24,9 +23,6 @@ from brain_trainer.config import ConfigError
 from brain_trainer.evaluation import METRICS, RECALL_AT, chance_recall_at
 from brain_trainer.safe_files import OutputError, describe, refuse_link
 from brain_trainer.tracking import TrackedRun, Trackers, open_trackers  # a tracker's library: only when opened
-
-if TYPE_CHECKING:
-    pass
 
 RULE = "=" * 60
 
