@@ -61,20 +61,83 @@ def minimum_cache_bytes(shards: list[ShardInfo], window: int) -> int:
     return 3 * window * max(shard.size for shard in shards)
 
 
+class ShardCache:
+    """A machine's bounded local copy of remote shards, shared by its processes and loader workers (file locks):
+    least recently used shards are evicted, the windows being read (`keep`) never."""
+
+    def __init__(self, folder: Path, capacity: int, shards: list[ShardInfo], *, get):
+        self.folder, self.capacity, self.shards = folder, capacity, shards
+        self.get = get  # (ShardInfo, partial path) -> None: the download itself, counted by the reader
+        self.keep: set[int] = set()  # shards of the windows being read: never evicted
+
+    def path(self, shard: int) -> Path:
+        info = self.shards[shard]
+        digest = hashlib.sha256(f"{info.url}\t{info.size}\t{info.version}".encode()).hexdigest()[:24]
+        return self.folder / f"{digest}.tar"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """The cache folder's own lock: looking, reserving, publishing and evicting happen one at a time over every
+        process and worker sharing the folder (a download itself runs outside it)."""
+        with open(self.folder / ".cache.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def ensure(self, shard: int, open_it: bool) -> int | None:
+        """Make sure the shard is in the cache (one download per machine: a second asker waits on the shard's
+        lock, then finds it); an open descriptor of it when `open_it` (opened under the cache's lock, so an
+        eviction cannot come between; a removed file stays readable through it)."""
+        info, target = self.shards[shard], self.path(shard)
+        partial = target.with_suffix(f".part-{os.getpid()}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(target.with_suffix(".lock"), "a") as shard_lock:
+            fcntl.flock(shard_lock, fcntl.LOCK_EX)
+            with self.lock():
+                if target.exists():
+                    os.utime(target)  # recently used
+                    return os.open(target, os.O_RDONLY) if open_it else None
+                self._make_room(partial, info.size)
+            self.get(info, partial)
+            with self.lock():
+                os.replace(partial, target)
+                return os.open(target, os.O_RDONLY) if open_it else None
+
+    def _make_room(self, partial: Path, size: int) -> None:
+        """Evict least recently used shards until `size` more bytes fit the bound and reserve them (`partial`, that
+        long, counts in every other eviction); called under the cache's lock. The windows being read are kept."""
+        keep = {self.path(shard).name for shard in self.keep}
+        cached, total = [], 0
+        for path in self.folder.iterdir():
+            if ".part-" in path.name and not _alive(int(path.name.rpartition("-")[2])):
+                path.unlink(missing_ok=True)  # a download whose process was killed
+            elif path.suffix == ".tar" or ".part-" in path.name:
+                stat = path.stat()
+                total += stat.st_size
+                cached += [(stat.st_mtime_ns, stat.st_size, path)] if path.suffix == ".tar" else []
+        for _, cached_size, path in sorted(cached):
+            if total + size <= self.capacity:
+                break
+            if path.name not in keep:
+                path.unlink()
+                total -= cached_size
+        with open(partial, "wb") as reserved:
+            reserved.truncate(size)
+
+
 class ShardReader:
     """Image bytes by (shard, offset, size); counts the bytes it read from the shards' storage."""
 
     def __init__(self, shards: list[ShardInfo], *, storage_options: dict, cache_dir: Path, cache_bytes: int):
         self.shards, self.storage_options = shards, storage_options
         self.remote = is_remote(shards[0].url)
-        self.cache_dir, self.cache_bytes = Path(cache_dir), cache_bytes
+        self.cache_bytes = cache_bytes
+        self.cache = ShardCache(Path(cache_dir), cache_bytes, shards, get=self._get)
         self.bytes_read = 0  # from the shards' storage: a disk's reads, a store's downloads or ranges
         self._counting = threading.Lock()  # fetching threads add to it too
         self._files: OrderedDict[int, int] = OrderedDict()  # shard -> open descriptor
         self._fs = None  # opened lazily: each loader worker makes its own client
         self._pool: ThreadPoolExecutor | None = None
         self._fetching: dict[int, Future] = {}
-        self.keep: set[int] = set()  # shards of the windows being read: never evicted
 
     def __getstate__(self) -> dict:  # loader workers get no open files, client or threads
         return {
@@ -94,11 +157,6 @@ class ShardReader:
         if self._fs is None:
             self._fs = filesystem(self.shards[0].url, self.storage_options)[0]
         return self._fs
-
-    def cached_path(self, shard: int) -> Path:
-        info = self.shards[shard]
-        digest = hashlib.sha256(f"{info.url}\t{info.size}\t{info.version}".encode()).hexdigest()[:24]
-        return self.cache_dir / f"{digest}.tar"
 
     def read(self, shard: int, offset: int, size: int) -> bytes:
         if self.remote and not self.cache_bytes:
@@ -141,41 +199,14 @@ class ShardReader:
         self._pool = self._pool or ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="shard-fetch")
         for shard in shards:
             if shard not in self._fetching or self._fetching[shard].done():
-                self._fetching[shard] = self._pool.submit(self._download, int(shard), False)
+                self._fetching[shard] = self._pool.submit(self.cache.ensure, int(shard), False)
 
     def fetch(self, shard: int) -> int:
         """An open descriptor of the shard's local copy, downloaded now unless it is cached (or fetched ahead)."""
         pending = self._fetching.pop(shard, None)
         if pending is not None:
             pending.result()  # its error, if the download failed
-        return self._download(shard, True)
-
-    @contextlib.contextmanager
-    def _cache_lock(self):
-        """The cache folder's own lock: looking, reserving, publishing and evicting happen one at a time over every
-        process and worker sharing the folder (a download itself runs outside it)."""
-        with open(self.cache_dir / ".cache.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-
-    def _download(self, shard: int, open_it: bool) -> int | None:
-        """Make sure the shard is in the cache (one download per machine: a second asker waits on the shard's
-        lock, then finds it); an open descriptor of it when `open_it` (opened under the cache's lock, so an
-        eviction cannot come between; a removed file stays readable through it)."""
-        info, target = self.shards[shard], self.cached_path(shard)
-        partial = target.with_suffix(f".part-{os.getpid()}")
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with open(target.with_suffix(".lock"), "a") as shard_lock:
-            fcntl.flock(shard_lock, fcntl.LOCK_EX)
-            with self._cache_lock():
-                if target.exists():
-                    os.utime(target)  # recently used
-                    return os.open(target, os.O_RDONLY) if open_it else None
-                self._make_room(partial, info.size)
-            self._get(info, partial)
-            with self._cache_lock():
-                os.replace(partial, target)
-                return os.open(target, os.O_RDONLY) if open_it else None
+        return self.cache.ensure(shard, True)
 
     def _get(self, info: ShardInfo, partial: Path) -> None:
         try:
@@ -191,27 +222,6 @@ class ShardReader:
                 f"{info.url}: is {info.size} bytes in the index but {size} now; the shard changed during the "
                 f"run: restart it (the index is rebuilt) or restore the shard"
             )
-
-    def _make_room(self, partial: Path, size: int) -> None:
-        """Evict least recently used shards until `size` more bytes fit the bound and reserve them (`partial`, that
-        long, counts in every other eviction); called under the cache's lock. The windows being read are kept."""
-        keep = {self.cached_path(shard).name for shard in self.keep}
-        cached, total = [], 0
-        for path in self.cache_dir.iterdir():
-            if ".part-" in path.name and not _alive(int(path.name.rpartition("-")[2])):
-                path.unlink(missing_ok=True)  # a download whose process was killed
-            elif path.suffix == ".tar" or ".part-" in path.name:
-                stat = path.stat()
-                total += stat.st_size
-                cached += [(stat.st_mtime_ns, stat.st_size, path)] if path.suffix == ".tar" else []
-        for _, cached_size, path in sorted(cached):
-            if total + size <= self.cache_bytes:
-                break
-            if path.name not in keep:
-                path.unlink()
-                total -= cached_size
-        with open(partial, "wb") as reserved:
-            reserved.truncate(size)
 
     def close(self) -> None:
         """Close the files and join the fetching threads."""
@@ -259,7 +269,7 @@ class ShardDataset(Dataset):
     def _entering(self, epoch: int, window: int) -> None:
         windows = self.order.windows(epoch)
         ahead = windows[window + 1] if window + 1 < len(windows) else []
-        self.reader.keep = {int(s) for s in [*windows[window], *ahead]}
+        self.reader.cache.keep = {int(s) for s in [*windows[window], *ahead]}
         self.reader.prefetch(ahead)
         self._window = (epoch, window)
 

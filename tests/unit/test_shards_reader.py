@@ -73,7 +73,7 @@ def test_the_shard_cache_stays_within_its_bound_and_downloads_each_shard_once_pe
     largest = 0
     for key in epoch_keys(data):
         data[key]
-        with data.reader._cache_lock():  # a fetching thread may be evicting: look between its moves
+        with data.reader.cache.lock():  # a fetching thread may be evicting: look between its moves
             largest = max(largest, sum(path.stat().st_size for path in (tmp_path / "cache").glob("*.tar")))
     data.reader.close()
     total = sum((tmp_path / "src" / f"{n}.tar").stat().st_size for n in range(8))
