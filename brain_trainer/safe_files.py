@@ -23,6 +23,17 @@ class OutputError(Exception):
     """An output path that cannot be written: one line naming it, the reason and the fix."""
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs: a temporary named after a dead writer may be removed."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from brain_trainer.checkpointing.base import LOCK_NAME, Save
 from brain_trainer.checkpointing.format import CheckpointError
+from brain_trainer.safe_files import pid_alive
 
 TEMPORARY = re.compile(r"^\.(.+_brain_v2\.pt)\.tmp-(\d+)$")
 
@@ -33,16 +34,6 @@ def _remove_quietly(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError:
         pass  # the write error is what the user needs to hear about
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _create_exclusively(path: Path) -> int:
@@ -240,7 +231,7 @@ class LocalStorage:
         stale = [
             name
             for name in self.names()
-            if (match := TEMPORARY.match(name)) and int(match[2]) != os.getpid() and not _pid_alive(int(match[2]))
+            if (match := TEMPORARY.match(name)) and int(match[2]) != os.getpid() and not pid_alive(int(match[2]))
         ]
         for name in stale:
             _remove_quietly(self.folder / name)

@@ -31,6 +31,7 @@ from brain_trainer.data.images import UnreadableImage, decode_image
 from brain_trainer.data.shards import ShardError, ShardIndex, ShardInfo, filesystem, is_remote, reason
 from brain_trainer.data.shards_order import ShardOrder
 from brain_trainer.runtime.seeding import derive_seed
+from brain_trainer.safe_files import pid_alive
 
 OPEN_FILES = 32  # local shard files kept open per reader
 DOWNLOAD_THREADS = 2  # shards fetched ahead at once, per reader
@@ -43,16 +44,6 @@ def decode_sample(data: bytes, name: str) -> torch.Tensor:
         return decode_image(io.BytesIO(data))
     except UnreadableImage as error:
         raise UnreadableImage(f"{name}: {error.__cause__}") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def minimum_cache_bytes(shards: list[ShardInfo], window: int) -> int:
@@ -108,7 +99,7 @@ class ShardCache:
         keep = {self.path(shard).name for shard in self.keep}
         cached, total = [], 0
         for path in self.folder.iterdir():
-            if ".part-" in path.name and not _alive(int(path.name.rpartition("-")[2])):
+            if ".part-" in path.name and not pid_alive(int(path.name.rpartition("-")[2])):
                 path.unlink(missing_ok=True)  # a download whose process was killed
             elif path.suffix == ".tar" or ".part-" in path.name:
                 stat = path.stat()
