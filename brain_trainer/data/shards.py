@@ -61,7 +61,10 @@ def expand_pattern(pattern: str, flag: str = "--train_shards") -> list[str]:
         from webdataset.shardlists import expand_urls
     except ImportError:
         raise ShardError(f"{flag}: reading shards needs webdataset: pip install 'brain-trainer[shards]'") from None
-    urls = [url for url in expand_urls(pattern) if url]
+    try:
+        urls = [url for url in expand_urls(pattern) if url]
+    except ValueError as error:  # braceexpand's UnbalancedBracesError and a range it cannot read
+        raise ShardError(f"{flag} {pattern!r}: {error}; give e.g. 'data/cc/{{00000..00099}}.tar'") from None
     if not urls:
         raise ShardError(f"{flag} {pattern!r}: names no shard; give e.g. 'data/cc/{{00000..00099}}.tar'")
     return urls

@@ -26,6 +26,12 @@ def test_a_pattern_naming_no_shard_is_one_line():
         expand_pattern("")
 
 
+@pytest.mark.parametrize("pattern", ["data/train-{00000..0000.tar", "x{0..1"])
+def test_a_pattern_with_unbalanced_braces_is_one_line_naming_the_flag(pattern):
+    with pytest.raises(ShardError, match=r"^--val_shards .*: Unbalanced braces"):
+        expand_pattern(pattern, "--val_shards")
+
+
 def test_each_caption_is_a_sample_and_captions_come_from_json_txt_or_json_caption(tmp_path):
     write_tar(
         tmp_path / "0.tar",

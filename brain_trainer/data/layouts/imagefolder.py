@@ -75,7 +75,7 @@ def _jsonl_rows(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            row = f"not JSON ({error.msg})"
+            row = f"<not JSON: {error.msg}>"
         rows.append((f"line {number}", row))
         columns.update(dict.fromkeys(row if isinstance(row, dict) else ()))
     return rows, list(columns)
