@@ -137,16 +137,19 @@ class Brain:
             return self.model.encode_image(images_to_device(pixels, self.device)).float()
 
     @torch.no_grad()
-    def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        """Captions -> (len, d) float32 on the device, tokenised as the evaluation tokenises them."""
+    def embed_texts(self, texts: str | list[str]) -> torch.Tensor:
+        """A caption or a list of them -> (len, d) float32 on the device, tokenised as the evaluation tokenises them."""
         tokens = self.tokens(texts)
         with self.autocast():
             return self.model.encode_text(
                 tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
             ).float()
 
-    def tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokens(self, texts: str | list[str]) -> dict[str, torch.Tensor]:
         """input_ids and attention_mask (B, L) int64: padded to the longest, cut at the run's max_text_len."""
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(text, str) for text in texts):
+            raise InferenceError(f"embed_texts: pass a caption or a list of captions (strings), not {texts!r:.60}")
         return CaptionCollator(self.tokenizer, int(self.model.config.max_text_len)).tokenize(texts)
 
     def preprocess_batch(self, images: Sequence[ImageInput]) -> torch.Tensor:

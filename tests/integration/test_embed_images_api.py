@@ -46,3 +46,13 @@ def test_other_inputs_are_one_error_naming_what_it_takes(brain_and_pngs):
             brain.embed_images(wrong)
     with pytest.raises(UnreadableImage, match="missing.png"):
         brain.embed_images([pngs[0].with_name("missing.png")])
+
+
+def test_embed_texts_takes_a_caption_or_a_list_of_them_and_nothing_else(brain_and_pngs):
+    brain, _ = brain_and_pngs
+    pair = brain.embed_texts(["a dog runs", "two people"])
+    assert pair.shape == (2, brain.width)
+    assert torch.allclose(brain.embed_texts("a dog runs"), pair[:1], atol=1e-6)
+    for wrong in (42, None, [], ["a dog", 7]):
+        with pytest.raises(InferenceError, match="pass a caption or a list of captions"):
+            brain.embed_texts(wrong)
