@@ -166,11 +166,14 @@ class RunLog:
         for line in banner_lines(**facts):
             self.print(line)
 
-    def small_split(self, name: str, images: int) -> None:
-        """One ⚠ line when a split is too small for recall@k to mean anything: R@k over k or fewer images is 100."""
-        if images <= max(RECALL_AT):
+    def small_split(self, name: str, images: int, folds: int = 1) -> None:
+        """One ⚠ line when a split (or each of its `folds`) is too small for recall@k to mean anything: R@k over k
+        or fewer images is 100."""
+        scored = images // folds
+        if scored <= max(RECALL_AT):
+            where = f"The {name} split has" if folds == 1 else f"--folds {folds}: each fold of the {name} split has"
             self.print(
-                f"⚠ The {name} split has {images} images: text -> image R@k is 100 for every k >= {images} "
+                f"⚠ {where} {scored} images: text -> image R@k is 100 for every k >= {scored} "
                 f"whatever the model, and the others are near it; use at least {4 * max(RECALL_AT)} images "
                 f"for recall that means something"
             )

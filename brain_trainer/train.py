@@ -59,7 +59,7 @@ def fit(assembled: AssembledRun, runtime: Runtime, log: RunLog, *, started: floa
 
 
 def evaluate_only(evaluator: Evaluator, options: RunOptions, runtime: Runtime, log: RunLog) -> int:
-    log.small_split(options.eval_split, len(evaluator.split.images))
+    log.small_split(options.eval_split, len(evaluator.split.images), options.folds)  # each fold is scored alone
     metrics = evaluator()
     if metrics is None:
         return stopped_early(runtime, log, "during evaluation", options)

@@ -44,3 +44,15 @@ def test_an_epoch_without_a_step_says_so_instead_of_nan(capsys):
     metrics = {"loss": 1.0, **{f"{d}_R@{k}": 50.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}}
     RunLog().epoch_end(epoch=3, epochs=4, train_loss=None, metrics=metrics, improved=False, seconds=1)
     assert "Epoch 3/4: train loss n/a (no step this epoch), val loss 1.0000" in capsys.readouterr().out
+
+
+def test_a_split_or_fold_too_small_for_recall_at_10_is_one_warning(capsys):
+    log = RunLog()
+    log.small_split("test", 5000, folds=5)  # COCO's 1K test: 1,000 images a fold
+    log.small_split("val", 100)
+    assert capsys.readouterr().out == ""
+    log.small_split("test", 25, folds=5)
+    log.small_split("val", 8)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("⚠ --folds 5: each fold of the test split has 5 images: text -> image R@k is 100")
+    assert lines[1].startswith("⚠ The val split has 8 images")
