@@ -267,7 +267,12 @@ def main(argv: list[str] | None = None, prog: str = "brain-trainer sample-data")
     )
     parser.add_argument("--images", type=int, default=600, help="how many images to draw (default: 600)")
     parser.add_argument("--val", type=int, default=100, help="of them, held out for validation (default: 100)")
-    parser.add_argument("--test", type=int, default=50, help="of them, held out for testing (default: 50)")
+    parser.add_argument(
+        "--test",
+        type=int,
+        default=50,
+        help="of them, held out for testing (default: 50; webdataset writes no test shard: they join train)",
+    )
     parser.add_argument("--size", default="320x240", help="image size WIDTHxHEIGHT in pixels (default: 320x240)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawn scenes and captions (default: 0)")
     parser.add_argument(
