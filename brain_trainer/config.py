@@ -82,7 +82,7 @@ class RunOptions:
     allow_nonfinite: bool
     logdir: str
     log_every: int
-    report_to: tuple[str, ...]  # the trackers, in order (docs: README, Tracking)
+    report_to: tuple[str, ...]  # the trackers, in order (docs/tracking.md)
     run_name: str | None
     eval_only: bool
     eval_split: str
@@ -203,7 +203,7 @@ def _data_flags(data: _Flags) -> None:
     data.add_argument(
         "--root_dir",
         type=Path,
-        help=f"data folder ({', '.join(LAYOUTS)} layout; README: Other data); on resume and in eval: the "
+        help=f"data folder ({', '.join(LAYOUTS)} layout; docs/data.md); on resume and in eval: the "
         f"checkpoint's (default with --annotations FILE: the file's folder)",
     )
     data.add_argument(
@@ -231,7 +231,7 @@ def _data_flags(data: _Flags) -> None:
         "--train_shards",
         help="train on WebDataset shards instead of ROOT_DIR's train split: a brace pattern such as "
         "'data/cc/{00000..00099}.tar' or 's3://bucket/cc/{00000..41455}.tar', several joined with '::' "
-        "(README: Data at scale); on resume: the checkpoint's",
+        "(docs/data.md); on resume: the checkpoint's",
     )
     data.add_argument("--val_shards", help="validate on WebDataset shards (default: ROOT_DIR's val split)")
     data.add_argument(
@@ -366,7 +366,7 @@ def _logging_flags(logging: _Flags) -> None:
         type=_report_to,
         default=DEFAULT_REPORT_TO,
         help=f"where the scalars go, a comma list of {', '.join(TRACKERS)}, or none (default: "
-        f"{','.join(DEFAULT_REPORT_TO)}); mlflow and wandb take their own environment variables (README: Tracking)",
+        f"{','.join(DEFAULT_REPORT_TO)}); mlflow and wandb take their own environment variables (docs/tracking.md)",
     )
     logging.add_argument("--run_name", help="the run's name in MLflow and W&B (default: theirs)")
     logging.add_argument("--eval_only", action="store_true", help="evaluate the --resume checkpoint and exit")
@@ -565,7 +565,7 @@ def _check_folders(options: RunOptions, need) -> None:
         "://" not in options.logdir or options.logdir.startswith("file://"),
         "logdir",
         options.logdir,
-        "TensorBoard writes to a local folder; sync it to the store yourself (see README: cloud machines)",
+        "TensorBoard writes to a local folder; sync it to the store yourself (see docs/scaling.md)",
     )
 
 

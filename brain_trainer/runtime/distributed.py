@@ -37,7 +37,7 @@ def process_group_env() -> dict[str, int] | None:
             if name not in os.environ:
                 raise LaunchError(
                     f"{name} is not set: under srun, export MASTER_ADDR (the first node's host name) "
-                    f"and MASTER_PORT in the batch script (see the README's SLURM example)"
+                    f"and MASTER_PORT in the batch script (see docs/scaling.md's SLURM example)"
                 )
         return {
             "rank": int(os.environ["SLURM_PROCID"]),

@@ -1,5 +1,5 @@
-"""`load_brain(...).embed_images` as the README shows it: file paths, PIL images and uint8 pixels give the same
-rows as the evaluation's preprocessing, and anything else is one InferenceError naming what it takes."""
+"""`load_brain(...).embed_images` as docs/inference.md shows it: file paths, PIL images and uint8 pixels give the
+same rows as the evaluation's preprocessing, and anything else is one InferenceError naming what it takes."""
 
 from __future__ import annotations
 
